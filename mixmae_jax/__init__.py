@@ -1,0 +1,1 @@
+"""mixmae-jax: MixMIM/MixMAE masked image modelling for hierarchical ViTs in JAX/Flax."""
