@@ -1,0 +1,117 @@
+"""MixMIM / MixMAE: mixed-token input, source-restricted attention, dual reconstruction.
+
+Two images of a device-local batch (i and n-1-i) are mixed token by token with a mask on the
+final-stage grid; the encoder attends only within each source image; the decoder reconstructs
+both images from the one encoding (the tokens of the other image replaced by the mask token);
+each patch is predicted by the branch in which it was hidden.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from mixmae_jax.methods import mixing
+from mixmae_jax.models import layers as L
+from mixmae_jax.models.decoder import MaskedDecoder
+from mixmae_jax.models.swin import SwinEncoder
+
+
+class MixMIMModel(nnx.Module):
+    """Pretraining model: `encoder` (official `patch_embed`, `layers`, `norm`) + `decoder`."""
+
+    def __init__(self, cfg, *, dtype=None, rngs: nnx.Rngs):
+        self.encoder = SwinEncoder(cfg, dtype=dtype, rngs=rngs)
+        enc = self.encoder
+        self.decoder = MaskedDecoder(enc.out_dim, cfg.decoder_dim, cfg.decoder_depth,
+                                     cfg.decoder_num_heads, enc.final_grid,
+                                     enc.stride**2 * cfg.in_chans, mlp_ratio=cfg.mlp_ratio,
+                                     dtype=dtype, rngs=rngs)
+
+    def encode_mixed(self, images, mask, num_groups: int, rng=None, return_stages=False):
+        """Mix each image with its partner (mask: (B, L_final), 1 = partner) and encode."""
+        enc = self.encoder
+        b = images.shape[0]
+        tokens = enc.embed(images)
+        fg = enc.final_grid
+        token_mask = L.upsample_grid(mask.reshape(b, fg, fg), enc.grid // fg)
+        mixed = mixing.mix(tokens, mixing.partner(tokens, num_groups), token_mask)
+        return enc.encode(mixed, source_ids=token_mask.astype(jnp.int32), rng=rng,
+                          return_stages=return_stages)
+
+    def reconstruct(self, z, mask):
+        """Both branches in one decoder pass: (2B, L, stride*stride*3).
+
+        Branch 1 (rows :B) hides the partner's tokens (m = 1) and predicts image i there;
+        branch 2 (rows B:) hides the own tokens (m = 0) and predicts the partner there.
+        """
+        hidden = jnp.concatenate([mask, 1.0 - mask], axis=0)
+        return self.decoder(jnp.concatenate([z, z], axis=0), hidden)
+
+    def __call__(self, images, mask, num_groups: int, rng=None):
+        return self.reconstruct(self.encode_mixed(images, mask, num_groups, rng), mask)
+
+
+def patch_targets(images, patch: int, norm_pix: bool):
+    """Per-patch targets; norm_pix uses the unbiased variance + 1e-6 like the official code."""
+    target = L.patchify(images.astype(jnp.float32), patch)
+    if norm_pix:
+        mean = target.mean(axis=-1, keepdims=True)
+        var = target.var(axis=-1, ddof=1, keepdims=True)
+        target = (target - mean) / jnp.sqrt(var + 1e-6)
+    return target
+
+
+def dual_reconstruction_loss(images, rec, mask, num_groups: int, patch: int, norm_pix: bool):
+    """Loss and the per-branch losses for logging.
+
+    rec: (2B, L, P) from `MixMIMModel.reconstruct`. The official loss stitches
+    pred[i] = rec1[i] * m + rec2[partner(i)] * (1 - m) and takes the plain mean over every
+    element (each patch counted once). Branch losses average the squared error over the patches
+    that branch predicts (m = 1 for branch 1, m = 0 for branch 2).
+    """
+    b = images.shape[0]
+    target = patch_targets(images, patch, norm_pix)
+    rec1, rec2 = rec[:b], rec[b:]
+    m = mask[..., None]
+    pred = rec1 * m + mixing.partner(rec2, num_groups) * (1.0 - m)
+    loss = jnp.mean((pred - target) ** 2)
+    err1 = jnp.mean((rec1 - target) ** 2, axis=-1)
+    err2 = jnp.mean((rec2 - mixing.partner(target, num_groups)) ** 2, axis=-1)
+    branch1 = jnp.sum(err1 * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    branch2 = jnp.sum(err2 * (1.0 - mask)) / jnp.maximum(jnp.sum(1.0 - mask), 1.0)
+    return loss, {"loss_branch1": branch1, "loss_branch2": branch2}
+
+
+class Method:
+    """What the trainer needs from a pretraining method: a model, a plan, a loss."""
+
+    name = "mixmim"
+
+    def __init__(self, config):
+        self.model_cfg = config.model
+        self.cfg = config.method
+        self.dtype = jnp.dtype(config.get("compute_dtype", "float32"))
+
+    def build_model(self, rngs: nnx.Rngs) -> MixMIMModel:
+        dtype = None if self.dtype == jnp.float32 else self.dtype
+        return MixMIMModel(self.model_cfg, dtype=dtype, rngs=rngs)
+
+    def num_cells(self) -> int:
+        m = self.model_cfg
+        final = m.img_size // (m.patch_size * 2 ** (len(m.depths) - 1))
+        return final * final
+
+    def make_plan(self, rng, batch_size: int, num_groups: int):
+        """Everything random about a batch except drop path: here, the mixing mask."""
+        return {"mask": mixing.draw_mask(rng, batch_size, num_groups, self.num_cells(),
+                                         self.cfg.mask_ratio, self.cfg.range_mask_ratio,
+                                         self.cfg.mask_per_sample)}
+
+    def loss(self, model: MixMIMModel, images, plan, num_groups: int, rng=None):
+        """images: normalised float (B, H, W, 3). Returns (loss, aux metrics)."""
+        mask = plan["mask"]
+        rec = model(images, mask, num_groups, rng)
+        loss, aux = dual_reconstruction_loss(images, rec, mask, num_groups,
+                                             model.encoder.stride, self.cfg.norm_pix_loss)
+        return loss, aux

@@ -1,0 +1,63 @@
+"""Lightweight ViT decoder for masked reconstruction (MAE/MixMIM style).
+
+Parameters sit under `decoder` and map onto the official flat names (`decoder_embed`,
+`decoder_blocks.{k}`, `decoder_norm`, `decoder_pred`, `mask_token`) through the converter's rename
+table. The sin-cos position table is a constant.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from mixmae_jax.models import layers as L
+
+
+class Attention(nnx.Module):
+    """timm ViT Attention: fused qkv, scale applied to the logits, then proj."""
+
+    def __init__(self, dim: int, num_heads: int, *, dtype=None, rngs: nnx.Rngs):
+        self.num_heads = num_heads
+        self.qkv = L.dense(dim, 3 * dim, dtype=dtype, rngs=rngs)
+        self.proj = L.dense(dim, dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.proj(L.attend(self.qkv(x), self.num_heads, scale_queries=False))
+
+
+class Block(nnx.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, *, dtype=None,
+                 rngs: nnx.Rngs):
+        self.norm1 = L.layer_norm(dim, rngs=rngs)
+        self.attn = Attention(dim, num_heads, dtype=dtype, rngs=rngs)
+        self.norm2 = L.layer_norm(dim, rngs=rngs)
+        self.mlp = L.Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        x = x + self.attn(self.norm1(x)).astype(jnp.float32)
+        return x + self.mlp(self.norm2(x)).astype(jnp.float32)
+
+
+class MaskedDecoder(nnx.Module):
+    """embed -> fill hidden positions with the mask token -> + sin-cos PE -> blocks -> pred."""
+
+    def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, grid: int,
+                 out_dim: int, *, mlp_ratio: float = 4.0, dtype=None, rngs: nnx.Rngs):
+        self.dim, self.grid = dim, grid
+        self.mask_token = nnx.Param(L.table_init(rngs.params(), (1, 1, dim), jnp.float32))
+        self.embed = L.dense(in_dim, dim, dtype=dtype, rngs=rngs)
+        self.blocks = nnx.List([Block(dim, num_heads, mlp_ratio, dtype=dtype, rngs=rngs)
+                                for _ in range(depth)])
+        self.norm = L.layer_norm(dim, rngs=rngs)
+        self.pred = L.dense(dim, out_dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, tokens, hidden):
+        """tokens: (N, L, in_dim); hidden: (N, L) with 1 where the mask token replaces a token."""
+        x = self.embed(tokens).astype(jnp.float32)
+        h = hidden[..., None].astype(jnp.float32)
+        # Same arithmetic as the official `x * (1 - m) + mask_token * m` (bit-for-bit parity).
+        x = x * (1.0 - h) + self.mask_token[...] * h
+        x = x + L.sincos_pos_embed_2d(self.dim, self.grid, self.grid)
+        for block in self.blocks:
+            x = block(x)
+        return self.pred(self.norm(x)).astype(jnp.float32)

@@ -1,0 +1,194 @@
+"""Swin-style hierarchical encoder (MixMIM's: large windows, no shift, sin-cos APE).
+
+Parameter paths mirror the official PyTorch keys (`patch_embed.proj`, `layers.{s}.blocks.{j}.attn.qkv`,
+`layers.{s}.downsample.reduction`, `norm`) so conversion is a rename plus transposes.
+
+Attention can be restricted by per-token integer source ids: a token attends only to tokens with
+the same id inside its window. MixMIM uses ids {0, 1} (own image / partner image); the mechanism
+is general over k sources. Shifted windows are an option for the Swin baselines.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mixmae_jax.models import layers as L
+
+
+class WindowAttention(nnx.Module):
+    def __init__(self, dim: int, num_heads: int, window: int, *, qkv_bias: bool = True,
+                 dtype=None, rngs: nnx.Rngs):
+        self.num_heads = num_heads
+        self.window = window
+        self.qkv = L.dense(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.proj = L.dense(dim, dim, dtype=dtype, rngs=rngs)
+        self.relative_position_bias_table = nnx.Param(
+            L.table_init(rngs.params(), ((2 * window - 1) ** 2, num_heads), jnp.float32))
+
+    def __call__(self, x, labels=None):
+        """x: (windows, w*w, C); labels: (windows, w*w) ints or None."""
+        n = self.window * self.window
+        index = L.relative_position_index(self.window).reshape(-1)
+        bias = jnp.take(self.relative_position_bias_table[...], index, axis=0)
+        bias = bias.reshape(n, n, self.num_heads).transpose(2, 0, 1)
+        out = L.attend(self.qkv(x), self.num_heads, scale_queries=True, bias=bias, labels=labels)
+        return self.proj(out)
+
+
+def _shift_regions(h: int, w: int, window: int, shift: int) -> np.ndarray:
+    """Swin's region ids for a cyclically shifted map: tokens attend within their region."""
+    regions = np.zeros((h, w), np.int32)
+    cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+    label = 0
+    for hs in cuts:
+        for ws in cuts:
+            regions[hs, ws] = label
+            label += 1
+    return regions
+
+
+class SwinBlock(nnx.Module):
+    """Pre-norm block: x + attn(norm1(x)), then x + mlp(norm2(x)); no layer scale."""
+
+    def __init__(self, dim: int, num_heads: int, window: int, resolution: tuple[int, int], *,
+                 shift: int = 0, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop_path: float = 0.0, dtype=None, rngs: nnx.Rngs):
+        if min(resolution) <= window:  # official: the window shrinks to a small feature map
+            window, shift = min(resolution), 0
+        self.window, self.shift, self.drop_path = window, shift, drop_path
+        self.norm1 = L.layer_norm(dim, rngs=rngs)
+        self.attn = WindowAttention(dim, num_heads, window, qkv_bias=qkv_bias, dtype=dtype,
+                                    rngs=rngs)
+        self.norm2 = L.layer_norm(dim, rngs=rngs)
+        self.mlp = L.Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, source_ids=None, rng=None):
+        """x: (B, H, W, C) float32; source_ids: (B, H, W) ints or None."""
+        b, h, w, c = x.shape
+        rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
+        y = self.norm1(x)
+        labels = source_ids
+        if self.shift:
+            y = jnp.roll(y, (-self.shift, -self.shift), axis=(1, 2))
+            regions = jnp.asarray(_shift_regions(h, w, self.window, self.shift))
+            if labels is None:
+                labels = jnp.broadcast_to(regions, (b, h, w))
+            else:  # same source AND same shifted region
+                labels = jnp.roll(labels, (-self.shift, -self.shift), axis=(1, 2)) * 9 + regions
+        windows = L.window_partition(y, self.window)
+        win_labels = None if labels is None else L.window_partition(labels, self.window)
+        y = L.window_reverse(self.attn(windows, win_labels), self.window, h, w)
+        if self.shift:
+            y = jnp.roll(y, (self.shift, self.shift), axis=(1, 2))
+        x = x + L.drop_path(y.astype(jnp.float32), self.drop_path, rngs[0])
+        y = self.mlp(self.norm2(x))
+        return x + L.drop_path(y.astype(jnp.float32), self.drop_path, rngs[1])
+
+
+class PatchMerging(nnx.Module):
+    """2x2 merge in timm's channel order, LayerNorm(4C), bias-free Linear(4C -> 2C)."""
+
+    def __init__(self, dim: int, *, dtype=None, rngs: nnx.Rngs):
+        self.norm = L.layer_norm(4 * dim, rngs=rngs)
+        self.reduction = L.dense(4 * dim, 2 * dim, use_bias=False, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        x = jnp.concatenate(
+            [x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], axis=-1)
+        return self.reduction(self.norm(x)).astype(jnp.float32)
+
+
+class PatchEmbed(nnx.Module):
+    """Conv(k=s=patch) stem followed by LayerNorm, on NHWC images."""
+
+    def __init__(self, patch: int, in_chans: int, dim: int, *, dtype=None, rngs: nnx.Rngs):
+        fan_in = in_chans * patch * patch
+        self.proj = nnx.Conv(in_chans, dim, (patch, patch), strides=patch, padding="VALID",
+                             dtype=dtype, param_dtype=jnp.float32, kernel_init=L.conv_kernel_init,
+                             bias_init=L.conv_bias_init(fan_in), rngs=rngs)
+        self.norm = L.layer_norm(dim, rngs=rngs)
+
+    def __call__(self, images):
+        return self.norm(self.proj(images))
+
+
+class SwinStage(nnx.Module):
+    def __init__(self, blocks: list[SwinBlock], downsample: PatchMerging | None):
+        self.blocks = nnx.List(blocks)
+        self.downsample = downsample
+
+
+class SwinEncoder(nnx.Module):
+    """MixMIM encoder. `embed` and `encode` are split because MixMIM mixes in between."""
+
+    def __init__(self, cfg, *, dtype=None, rngs: nnx.Rngs):
+        depths, heads, windows = tuple(cfg.depths), tuple(cfg.num_heads), tuple(cfg.window_sizes)
+        self.patch_size = cfg.patch_size
+        self.grid = cfg.img_size // cfg.patch_size
+        self.embed_dim = cfg.embed_dim
+        self.num_stages = len(depths)
+        self.remat = bool(cfg.get("remat", False))
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim, dtype=dtype,
+                                      rngs=rngs)
+        rates = np.linspace(0.0, cfg.drop_path_rate, sum(depths)).tolist()
+        stages, dim, res, k = [], cfg.embed_dim, self.grid, 0
+        for s, (depth, nh, win) in enumerate(zip(depths, heads, windows)):
+            blocks = []
+            for j in range(depth):
+                shift = win // 2 if (cfg.get("shift_windows", False) and j % 2 == 1) else 0
+                blocks.append(SwinBlock(dim, nh, win, (res, res), shift=shift,
+                                        mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
+                                        drop_path=rates[k], dtype=dtype, rngs=rngs))
+                k += 1
+            last = s == self.num_stages - 1
+            stages.append(SwinStage(blocks, None if last else PatchMerging(dim, dtype=dtype,
+                                                                           rngs=rngs)))
+            if not last:
+                dim, res = dim * 2, res // 2
+        self.layers = nnx.List(stages)
+        self.norm = L.layer_norm(dim, rngs=rngs)
+        self.out_dim, self.final_grid = dim, res
+
+    @property
+    def stride(self) -> int:
+        """Pixels per final-stage token (32 for the official 4-stage, patch-4 models)."""
+        return self.patch_size * 2 ** (self.num_stages - 1)
+
+    def embed(self, images):
+        """(B, H, W, 3) normalised images -> (B, H/p, W/p, C) tokens after the stem's LayerNorm."""
+        return self.patch_embed(images)
+
+    def encode(self, tokens, source_ids=None, rng=None, return_stages: bool = False):
+        """Tokens (B, G, G, C) -> final normalised tokens (B, L, C_last).
+
+        source_ids: (B, G, G) ints on the stage-1 grid or None (unrestricted attention). Each
+        2x2 merge group lies inside one source region, so later stages take every second id.
+        With return_stages, also returns [input + APE, output of each stage] for parity tests.
+        """
+        ape = L.sincos_pos_embed_2d(self.embed_dim, self.grid, self.grid)
+        x = tokens.astype(jnp.float32) + ape.reshape(self.grid, self.grid, self.embed_dim)
+        stages = [x]
+        k = 0
+        for stage in self.layers:
+            for block in stage.blocks:
+                block_rng = None if rng is None else jax.random.fold_in(rng, k)
+                if self.remat:
+                    x = nnx.remat(lambda blk, x, ids, r: blk(x, ids, r))(block, x, source_ids,
+                                                                         block_rng)
+                else:
+                    x = block(x, source_ids, block_rng)
+                k += 1
+            if stage.downsample is not None:
+                x = stage.downsample(x)
+                if source_ids is not None:
+                    source_ids = source_ids[:, ::2, ::2]
+            stages.append(x)
+        b, h, w, c = x.shape
+        out = self.norm(x.reshape(b, h * w, c))
+        return (out, stages) if return_stages else out
+
+    def __call__(self, images, source_ids=None, rng=None):
+        return self.encode(self.embed(images), source_ids, rng)
