@@ -77,7 +77,7 @@ def drop_path(x, rate: float, rng):
 # ---------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
     """MAE 2-D sin-cos table, (grid_h * grid_w, dim) float32, row-major tokens.
 
@@ -98,7 +98,7 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
     return table
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def relative_position_index(window: int) -> np.ndarray:
     """(w*w, w*w) int64 index into the [(2w-1)^2, heads] bias table (Swin formula)."""
     coords = np.stack(np.meshgrid(np.arange(window), np.arange(window), indexing="ij"))

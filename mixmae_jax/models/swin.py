@@ -1,7 +1,8 @@
 """Swin-style hierarchical encoder (MixMIM's: large windows, no shift, sin-cos APE).
 
-Parameter paths mirror the official PyTorch keys (`patch_embed.proj`, `layers.{s}.blocks.{j}.attn.qkv`,
-`layers.{s}.downsample.reduction`, `norm`) so conversion is a rename plus transposes.
+Parameter paths mirror the official PyTorch keys (`patch_embed.proj`,
+`layers.{s}.blocks.{j}.attn.qkv`, `layers.{s}.downsample.reduction`, `norm`), so conversion is a
+rename plus transposes.
 
 Attention can be restricted by per-token integer source ids: a token attends only to tokens with
 the same id inside its window. MixMIM uses ids {0, 1} (own image / partner image); the mechanism
