@@ -1,0 +1,200 @@
+"""Console entry points: mixmae-pretrain, mixmae-convert, mixmae-visualize, mixmae-bench.
+
+Errors a user can fix (bad config, bad files, incompatible resume) print one `error: ...` line and
+exit with status 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+
+
+def _fail(e: Exception) -> None:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# mixmae-pretrain (absl flags: `--config file.py[:arg]` and `--config.key=value` overrides)
+# ---------------------------------------------------------------------------------------------
+
+
+def _pretrain(argv):
+    from absl import flags
+
+    from mixmae_jax.train import distributed
+
+    del argv
+    f = flags.FLAGS
+    distributed.maybe_initialize_distributed(f.coordinator_address, f.num_processes,
+                                             f.process_id)
+    from mixmae_jax.train import trainer
+
+    try:
+        trainer.train(f.config, f.workdir)
+    except USER_ERRORS as e:
+        _fail(e)
+
+
+def pretrain_main():
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py[:arg].",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Checkpoints, metrics and config snapshot (local or "
+                        "gs://). An existing run there is resumed.")
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process "
+                        "GPU runs without SLURM; TPU pods and SLURM are detected).")
+    flags.DEFINE_integer("num_processes", None, "Number of processes (with coordinator).")
+    flags.DEFINE_integer("process_id", None, "This process's index (with coordinator).")
+    flags.mark_flags_as_required(["config", "workdir"])
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    app.run(_pretrain)
+
+
+# ---------------------------------------------------------------------------------------------
+# mixmae-convert
+# ---------------------------------------------------------------------------------------------
+
+
+def _to_torch(args) -> None:
+    from mixmae_jax.convert import to_torch
+    from mixmae_jax.train.trainer import restore_params
+
+    config, params, step = restore_params(args.workdir, args.step)
+    state_dict = to_torch.params_to_state_dict(params, config.model, format=args.format,
+                                               num_classes=args.num_classes)
+    to_torch.save_torch_checkpoint(state_dict, args.out)
+    print(f"Wrote {args.out}: {len(state_dict)} entries ({args.format} layout) from step {step} "
+          f"of {args.workdir}")
+
+
+def _from_torch(args) -> None:
+    from mixmae_jax import config as config_lib
+    from mixmae_jax.convert import from_torch
+    from mixmae_jax.train import checkpoint as ckpt_lib
+    from mixmae_jax.train import step as step_lib
+    from mixmae_jax.train import trainer
+
+    config = config_lib.load_config(args.config)
+    if os.path.isdir(os.path.join(args.workdir, ckpt_lib.CHECKPOINT_DIR)) and os.listdir(
+            os.path.join(args.workdir, ckpt_lib.CHECKPOINT_DIR)):
+        raise FileExistsError(f"--workdir {args.workdir} already holds checkpoints; "
+                              "choose an empty workdir")
+    state_dict = from_torch.load_torch_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle)
+    import jax
+    import ml_collections
+
+    from mixmae_jax.train import sharding
+
+    mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1}),
+                              jax.local_devices()[:1])
+    method, tx, _, _, init_fn, _, _ = trainer.build_state_fns(config, mesh, steps_per_epoch=1)
+    _, template = step_lib.graphdef_and_abstract_params(method)
+    params, report = from_torch.state_dict_to_params(state_dict, config.model, template)
+    state = init_fn()
+    state = dict(state, params=jax.tree.map(jax.numpy.asarray, params),
+                 opt_state=tx.init(params))
+    ckpt = ckpt_lib.Checkpointer(args.workdir, save_every=0, keep=0, config=config)
+    try:
+        ckpt.save(0, state, force=True)
+    finally:
+        ckpt.close()
+    for line in report:
+        print(f"  {line}")
+    print(f"Wrote step 0 to {args.workdir}: resume with `mixmae-pretrain --config {args.config} "
+          f"--workdir {args.workdir}`")
+
+
+def convert_main(argv=None):
+    p = argparse.ArgumentParser(prog="mixmae-convert", description="Convert checkpoints between "
+                                "mixmae-jax (Orbax) and the official PyTorch MixMIM layout.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("to-torch", help="Orbax workdir -> {'model': state_dict} .pth")
+    t.add_argument("--workdir", required=True)
+    t.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
+    t.add_argument("--out", required=True)
+    t.add_argument("--format", choices=("pretrain", "finetune"), default="pretrain",
+                   help="pretrain: models_mixmim (456 entries for B); finetune: "
+                   "models_mixmim_ft encoder + fresh head (354 for B)")
+    t.add_argument("--num-classes", type=int, default=1000)
+    f = sub.add_parser("from-torch", help="official .pth -> a workdir mixmae-pretrain resumes")
+    f.add_argument("--checkpoint", required=True)
+    f.add_argument("--config", required=True, help="config file[:arg] describing the model")
+    f.add_argument("--workdir", required=True)
+    f.add_argument("--trust-pickle", action="store_true",
+                   help="allow files that pickle more than tensors (the released official "
+                   "checkpoints pickle `args`); only for files from a trusted source")
+    args = p.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        (_to_torch if args.command == "to-torch" else _from_torch)(args)
+    except USER_ERRORS as e:
+        _fail(e)
+
+
+# ---------------------------------------------------------------------------------------------
+# mixmae-visualize
+# ---------------------------------------------------------------------------------------------
+
+
+def visualize_main(argv=None):
+    p = argparse.ArgumentParser(prog="mixmae-visualize", description="Mix images pairwise (i "
+                                "with B-1-i), reconstruct both, and write a grid PNG.")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--step", type=int, default=None)
+    p.add_argument("--images", nargs="+", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--mask", default=None, help=".npy 0/1 array on the final-stage grid, "
+                   "1 = token from the partner (default: drawn from --seed)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        _visualize(args)
+    except USER_ERRORS as e:
+        _fail(e)
+
+
+def _visualize(args) -> None:
+    import jax
+    import numpy as np
+
+    from mixmae_jax import visualize
+    from mixmae_jax.methods import get_method, mixing
+    from mixmae_jax.train import step as step_lib
+    from mixmae_jax.train.trainer import restore_params
+
+    config, params, step = restore_params(args.workdir, args.step)
+    method = get_method(config)
+    graphdef, _ = step_lib.graphdef_and_abstract_params(method)
+    images = visualize.load_images(args.images, config.model.img_size)
+    cells = method.num_cells()
+    grid = int(round(cells**0.5))
+    if args.mask:
+        mask = visualize.load_mask(args.mask, grid)
+    else:
+        mask = np.asarray(mixing.draw_mask(jax.random.PRNGKey(args.seed), 1, 1, cells,
+                                           config.method.mask_ratio))[0]
+    loss, columns, aux = visualize.reconstruct(lambda p: step_lib.bind(graphdef, p), params,
+                                               images, mask, config.method.norm_pix_loss)
+    visualize.save_grid(columns, args.out)
+    print(f"Wrote {args.out}: {len(images)} rows (original | mixed | branch 1 | branch 2), "
+          f"step {step}, mask {int(mask.sum())}/{cells} cells from the partner")
+    print(f"loss_branch1: {aux['loss_branch1']:.6f}  loss_branch2: {aux['loss_branch2']:.6f}")
+    print(f"loss: {loss:.6f}")
+
+
+# ---------------------------------------------------------------------------------------------
+# mixmae-bench
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_main(argv=None):
+    from mixmae_jax import bench
+
+    sys.exit(bench.main(argv))

@@ -1,0 +1,132 @@
+"""Train state and the pure train step.
+
+State is a plain dict pytree: {"params", "opt_state", "step", "rng", "first_bad_step"}. The model
+is an NNX module split once into a static graphdef and its params (a pure nested dict, the form
+that Orbax, the sharding rules and the converter all work on); the step merges them back inside
+`jax.jit`, which costs nothing at run time.
+
+Randomness: the step's key is fold_in(state["rng"], step), so masks and drop path depend only on
+the seed and the step: a resumed run replays the same masks as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from mixmae_jax import imaging
+
+
+def graphdef_and_abstract_params(method):
+    """The model's static structure and abstract params, without allocating anything."""
+    abstract = nnx.eval_shape(lambda: method.build_model(nnx.Rngs(0)))
+    graphdef, params = nnx.split(abstract, nnx.Param)
+    return graphdef, params.to_pure_dict()
+
+
+def init_params(method, rng):
+    """Freshly initialised params (pure dict) from a key; call under jit for sharded init."""
+    model = method.build_model(nnx.Rngs(params=rng))
+    return nnx.split(model, nnx.Param)[1].to_pure_dict()
+
+
+def bind(graphdef, params):
+    """An NNX model from the static graphdef and a params dict (inside or outside jit)."""
+    return nnx.merge(graphdef, nnx.State(params))
+
+
+def make_init_fn(method, tx, seed: int):
+    """() -> a fresh train state; jit it with out_shardings so the state is born sharded."""
+
+    def init():
+        root = jax.random.PRNGKey(seed)
+        params = init_params(method, jax.random.fold_in(root, 0))
+        return {
+            "params": params,
+            "opt_state": tx.init(params),
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.fold_in(root, 1),
+            # First step whose loss or gradient was not finite (-1: none). From that step on,
+            # updates are dropped, so the state still holds the last good parameters.
+            "first_bad_step": jnp.full((), -1, jnp.int32),
+        }
+
+    return init
+
+
+def _tree_where(pred, new, old):
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(pred, n, o), new, old)
+
+
+def make_train_step(config, method, graphdef, tx, lr_schedule, num_groups: int):
+    """(state, batch) -> (state, metrics). batch = {"image": uint8 (B, H, W, 3)}.
+
+    num_groups: data-parallel device count; each device's slice of the batch is mixed and masked
+    on its own, as the official per-GPU code (see methods/mixing.py). Gradient accumulation
+    splits every device's slice into `optim.grad_accum_steps` micro-batches (a scan), so the
+    update equals the one for the whole global batch.
+    """
+    accum = int(config.optim.grad_accum_steps)
+
+    def loss_fn(params, images, plan, rng):
+        return method.loss(bind(graphdef, params), images, plan, num_groups, rng)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def loss_and_grads(params, images, plan_key, rng):
+        b = images.shape[0]
+        if accum == 1:
+            plan = method.make_plan(plan_key, b, num_groups)
+            return grad_fn(params, images, plan, rng)
+        # (G * n) -> (accum, G * n / accum): micro-batch m takes rows m of each device's chunk,
+        # so every micro-batch stays spread over (and local to) the devices.
+        micro = b // accum
+        x = images.reshape(num_groups, accum, b // num_groups // accum, *images.shape[1:])
+        x = jnp.swapaxes(x, 0, 1).reshape(accum, micro, *images.shape[1:])
+
+        def body(carry, inputs):
+            xm, m = inputs
+            plan = method.make_plan(jax.random.fold_in(plan_key, m), micro, num_groups)
+            out = grad_fn(params, xm, plan, jax.random.fold_in(rng, m))
+            return jax.tree_util.tree_map(jnp.add, carry, out), None
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like,
+                                       jax.eval_shape(grad_fn, params, x[0],
+                                                      method.make_plan(plan_key, micro,
+                                                                       num_groups), rng))
+        total, _ = jax.lax.scan(body, zeros, (x, jnp.arange(accum)))
+        return jax.tree_util.tree_map(lambda t: t / accum, total)
+
+    def train_step(state, batch):
+        step = state["step"]
+        key = jax.random.fold_in(state["rng"], step)
+        plan_key, drop_key = jax.random.split(key)
+        images = imaging.normalize(batch["image"])
+        (loss, aux), grads = loss_and_grads(state["params"], images, plan_key, drop_key)
+
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        ok = finite & (state["first_bad_step"] < 0)
+        first_bad = jnp.where((state["first_bad_step"] < 0) & ~finite, step,
+                              state["first_bad_step"])
+        new_state = {
+            "params": _tree_where(ok, params, state["params"]),
+            "opt_state": _tree_where(ok, opt_state, state["opt_state"]),
+            "step": step + 1,
+            "rng": state["rng"],
+            "first_bad_step": first_bad,
+        }
+        metrics = {
+            "loss": loss,
+            **aux,
+            "lr": lr_schedule(step),
+            "grad_norm": grad_norm,
+            "param_norm": optax.global_norm(new_state["params"]),
+        }
+        return new_state, metrics
+
+    return train_step

@@ -1,0 +1,188 @@
+"""The pretraining loop, readable top to bottom.
+
+    mesh -> validate config -> checkpoint dir (config snapshot, resume step) -> input pipeline
+    -> method, optimizer, sharded state (fresh or restored) -> jitted step -> loop
+       (progress line, metrics, async checkpoints, NaN guard, SIGTERM) -> final checkpoint
+
+The loop never waits on the device except at logging and checkpoint steps.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+
+from mixmae_jax import config as config_lib
+from mixmae_jax.methods import get_method
+from mixmae_jax.train import checkpoint as ckpt_lib
+from mixmae_jax.train import metrics as metrics_lib
+from mixmae_jax.train import optim, sharding
+from mixmae_jax.train import step as step_lib
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or gradient became NaN/inf; the last good state is kept in the checkpoints."""
+
+
+def build_state_fns(config, mesh, steps_per_epoch: int):
+    """Method, optimizer, graphdef, init function and the state's abstract tree and shardings."""
+    method = get_method(config)
+    tx, lr_schedule = optim.make_optimizer(config, steps_per_epoch)
+    graphdef, _ = step_lib.graphdef_and_abstract_params(method)
+    init_fn = step_lib.make_init_fn(method, tx, config.seed)
+    abstract = jax.eval_shape(init_fn)
+    shardings = sharding.state_shardings(abstract, mesh, tuple(config.sharding_rules))
+    return method, tx, lr_schedule, graphdef, init_fn, abstract, shardings
+
+
+def load_config_snapshot(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run was started with (config.json beside its checkpoints)."""
+    path = epath.Path(workdir) / ckpt_lib.CONFIG_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no config snapshot; is {workdir!r} a mixmae workdir?")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def restore_params(workdir: str, step: int | None = None):
+    """(config, params, step) of a run's checkpoint, on this host's devices (for tools)."""
+    config = load_config_snapshot(workdir)
+    mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1}),
+                              jax.local_devices()[:1])
+    *_, abstract, shardings = build_state_fns(config, mesh, steps_per_epoch=1)
+    ckpt = ckpt_lib.Checkpointer(workdir, save_every=0, keep=0)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {workdir}")
+        state = ckpt.restore(step, sharding.abstract_with_shardings(abstract, shardings))
+    finally:
+        ckpt.close()
+    return config, state["params"], int(step)
+
+
+def _device_prefetch(iterator, size: int, batch_sharding):
+    """Keeps `size` global batches already on their way to the devices."""
+    queue = collections.deque()
+
+    def put(local):
+        return {k: jax.make_array_from_process_local_data(batch_sharding, v)
+                for k, v in local.items()}
+
+    for local in iterator:
+        queue.append(put(local))
+        if len(queue) > size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
+
+
+def train(config, workdir: str, *, print_fn=print) -> dict:
+    """Pretrains until config's total steps (resuming from `workdir`); returns final metrics."""
+    from mixmae_jax.data import input_pipeline  # imports TensorFlow
+
+    # ----- Devices and config ----------------------------------------------------------------
+    mesh = sharding.make_mesh(config.mesh)
+    num_devices = mesh.devices.size
+    config_lib.validate(config, num_devices=num_devices, process_count=jax.process_count())
+    is_primary = jax.process_index() == 0
+
+    # ----- Checkpoints: config snapshot and resume step --------------------------------------
+    ckpt = ckpt_lib.Checkpointer(workdir, save_every=config.checkpoint_every,
+                                 keep=config.keep_checkpoints, config=config)
+    latest = ckpt.latest_step()
+    start_step = latest or 0
+
+    # ----- Input pipeline (refuses bad batch sizes / tiny datasets before compiling) ---------
+    data = input_pipeline.create_train_iterator(
+        config.data, global_batch_size=config.batch_size, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        start_step=start_step)
+    steps_per_epoch = data.steps_per_epoch
+    total_steps = optim.total_steps(config, steps_per_epoch)
+
+    # ----- Model, optimizer and state --------------------------------------------------------
+    method, tx, lr_schedule, graphdef, init_fn, abstract, state_sh = build_state_fns(
+        config, mesh, steps_per_epoch)
+    if latest is not None:
+        state = ckpt.restore(start_step, sharding.abstract_with_shardings(abstract, state_sh))
+        print_fn(f"Resumed from step {start_step} in {workdir}")
+    else:
+        state = jax.jit(init_fn, out_shardings=state_sh)()
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract["params"]))
+
+    # ----- The jitted step -------------------------------------------------------------------
+    batch_sh = sharding.batch_sharding(mesh)
+    train_step = jax.jit(
+        step_lib.make_train_step(config, method, graphdef, tx, lr_schedule, num_devices),
+        in_shardings=(state_sh, {"image": batch_sh}),
+        out_shardings=(state_sh, sharding.replicated(mesh)),
+        donate_argnums=(0,))
+    print_fn(f"MixMIM pretraining: {num_params / 1e6:.2f}M params, {num_devices} devices, "
+             f"global batch {config.batch_size}, {steps_per_epoch} steps/epoch, "
+             f"steps {start_step} -> {total_steps}")
+
+    # ----- Loop ------------------------------------------------------------------------------
+    writer = metrics_lib.MetricWriter(workdir, is_primary=is_primary)
+    progress = metrics_lib.ProgressLine(total_steps, config.batch_size,
+                                        print_fn=print_fn if is_primary else lambda s: None)
+    averager = metrics_lib.MetricAverager()
+    preempt = ckpt_lib.install_preemption_handler()
+    batches = _device_prefetch(data, max(int(config.data.prefetch), 1), batch_sh)
+    last = {}
+    step = start_step
+    t_log, n_log = time.perf_counter(), 0
+    try:
+        while step < total_steps:
+            state, metrics = train_step(state, next(batches))
+            step += 1
+            averager.add(metrics)
+            n_log += 1
+            if step == start_step + 1:  # compiled: start the clocks now, not before compiling
+                jax.block_until_ready(metrics)
+                progress.update(step)
+                t_log, n_log = time.perf_counter(), 0
+            at_log = step % config.log_every == 0 or step == total_steps
+            at_save = step % config.checkpoint_every == 0 or step == total_steps
+            stop = preempt.should_stop(step)
+            if at_log or at_save or stop:
+                _raise_if_nonfinite(state, ckpt)  # syncs; never saves a poisoned state
+            if at_log:
+                last = averager.result()
+                dt = time.perf_counter() - t_log
+                last["images_per_sec"] = n_log * config.batch_size / max(dt, 1e-9)
+                if config.data.skip_corrupt:
+                    last["corrupt_images"] = float(data.corrupt_count())
+                writer.write(step, last)
+                progress.update(step, {k: last[k] for k in ("loss", "lr") if k in last})
+                t_log, n_log = time.perf_counter(), 0
+            if at_save or stop:
+                ckpt.save(step, state, force=stop or step == total_steps)
+            if stop:
+                print_fn(f"Preempted: saved step {step}, exiting cleanly")
+                break
+    finally:
+        preempt.uninstall()
+        writer.close()
+        ckpt.close()
+    return {"step": step, **last}
+
+
+def _raise_if_nonfinite(state, ckpt) -> None:
+    bad = int(jax.device_get(state["first_bad_step"]))
+    if bad < 0:
+        return
+    # The step dropped every update from `bad` on, so the params are those after step bad - 1.
+    good = dict(state, step=jnp.asarray(bad, jnp.int32), first_bad_step=jnp.asarray(-1, jnp.int32))
+    saved = bad > 0 and ckpt.save(bad, good, force=True)
+    ckpt.wait()
+    where = f"; the last good state is saved as step {bad}" if saved else ""
+    raise NonFiniteLossError(f"loss or gradient is not finite at step {bad + 1}{where}. "
+                             "Lower optim.base_lr, enable optim.clip_grad_norm, or check the data.")
+
