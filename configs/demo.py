@@ -7,8 +7,6 @@ final grid (8 of 16 cells mixed), a 2-block decoder predicting 16x16x3 patches.
 Expect the reconstruction loss to fall clearly within the run (see README for measured figures).
 """
 
-import ml_collections
-
 from mixmae_jax.config import base_config
 
 
@@ -18,8 +16,7 @@ def get_config(arg=None):
     c.model.update(img_size=64, embed_dim=64, depths=(2, 2, 2), num_heads=(2, 4, 8),
                    window_sizes=(8, 8, 4), decoder_dim=128, decoder_depth=2,
                    decoder_num_heads=4)
-    c.data = ml_collections.ConfigDict(dict(c.data.to_dict(), source="embedded", image_size=64,
-                                            shuffle_buffer=2048))
+    c.data.update(source="embedded", image_size=64, shuffle_buffer=2048)
     c.batch_size = 32
     c.total_steps = 600
     c.optim.update(base_lr=1.5e-4 * 8, warmup_epochs=1)

@@ -24,14 +24,15 @@ def _fail(e: Exception) -> None:
 
 
 def _pretrain(argv):
-    from absl import flags
+    from absl import flags, logging
 
     from mixmae_jax.train import distributed
 
     del argv
     f = flags.FLAGS
     distributed.maybe_initialize_distributed(f.coordinator_address, f.num_processes,
-                                             f.process_id)
+                                             f.process_id, auto=f.jax_distributed)
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     from mixmae_jax.train import trainer
 
     try:
@@ -52,6 +53,8 @@ def pretrain_main():
                         "GPU runs without SLURM; TPU pods and SLURM are detected).")
     flags.DEFINE_integer("num_processes", None, "Number of processes (with coordinator).")
     flags.DEFINE_integer("process_id", None, "This process's index (with coordinator).")
+    flags.DEFINE_bool("jax_distributed", False, "Call jax.distributed.initialize() without "
+                      "arguments (Cloud TPU pods; SLURM and explicit coordinators are detected).")
     flags.mark_flags_as_required(["config", "workdir"])
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     app.run(_pretrain)

@@ -10,6 +10,7 @@ import importlib.util
 import os
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 class ConfigError(ValueError):
@@ -179,9 +180,10 @@ def base_config() -> ml_collections.ConfigDict:
             source="tfds",  # "tfds" | "folder" | "embedded"
             name="imagenet2012",  # tfds dataset name (source="tfds")
             split="train",
-            data_dir=None,  # tfds data dir (None: tfds default / TFDS_DATA_DIR)
-            manual_dir=None,  # tfds manual download dir (imagenet2012 needs one)
-            folder=None,  # image folder (source="folder"): class sub-folders or flat
+            # Optional strings are typed placeholders so `--config.data.folder=...` works.
+            data_dir=placeholder(str),  # tfds data dir (None: tfds default / TFDS_DATA_DIR)
+            manual_dir=placeholder(str),  # tfds manual download dir (imagenet2012 needs one)
+            folder=placeholder(str),  # image folder (source="folder"): class sub-folders or flat
             image_size=224,
             crop_scale=(0.2, 1.0),  # RandomResizedCrop area range, bicubic
             hflip=True,

@@ -34,7 +34,7 @@ def init_params(method, rng):
 
 def bind(graphdef, params):
     """An NNX model from the static graphdef and a params dict (inside or outside jit)."""
-    return nnx.merge(graphdef, nnx.State(params))
+    return nnx.merge(graphdef, params)
 
 
 def make_init_fn(method, tx, seed: int):
@@ -106,7 +106,7 @@ def make_train_step(config, method, graphdef, tx, lr_schedule, num_groups: int):
         images = imaging.normalize(batch["image"])
         (loss, aux), grads = loss_and_grads(state["params"], images, plan_key, drop_key)
 
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -125,7 +125,7 @@ def make_train_step(config, method, graphdef, tx, lr_schedule, num_groups: int):
             **aux,
             "lr": lr_schedule(step),
             "grad_norm": grad_norm,
-            "param_norm": optax.global_norm(new_state["params"]),
+            "param_norm": optax.tree.norm(new_state["params"]),
         }
         return new_state, metrics
 

@@ -83,8 +83,12 @@ def _device_prefetch(iterator, size: int, batch_sharding):
         yield queue.popleft()
 
 
-def train(config, workdir: str, *, print_fn=print) -> dict:
-    """Pretrains until config's total steps (resuming from `workdir`); returns final metrics."""
+def train(config, workdir: str, *, print_fn=print, stop_at: int | None = None) -> dict:
+    """Pretrains until config's total steps (resuming from `workdir`); returns final metrics.
+
+    stop_at: end this invocation early at that step with a checkpoint, as an interruption would
+    (the schedule still runs to the total); a later call resumes.
+    """
     from mixmae_jax.data import input_pipeline  # imports TensorFlow
 
     # ----- Devices and config ----------------------------------------------------------------
@@ -150,7 +154,7 @@ def train(config, workdir: str, *, print_fn=print) -> dict:
                 t_log, n_log = time.perf_counter(), 0
             at_log = step % config.log_every == 0 or step == total_steps
             at_save = step % config.checkpoint_every == 0 or step == total_steps
-            stop = preempt.should_stop(step)
+            stop = preempt.should_stop(step) or step == stop_at
             if at_log or at_save or stop:
                 _raise_if_nonfinite(state, ckpt)  # syncs; never saves a poisoned state
             if at_log:
@@ -165,7 +169,8 @@ def train(config, workdir: str, *, print_fn=print) -> dict:
             if at_save or stop:
                 ckpt.save(step, state, force=stop or step == total_steps)
             if stop:
-                print_fn(f"Preempted: saved step {step}, exiting cleanly")
+                why = "Stopped as asked" if step == stop_at else "Preempted"
+                print_fn(f"{why}: saved step {step}, exiting cleanly")
                 break
     finally:
         preempt.uninstall()

@@ -1,0 +1,265 @@
+"""Checkpoints: a thin wrapper over Orbax's (v0) CheckpointManager, a config snapshot, SIGTERM.
+
+Layout of a workdir:
+
+    config.json                 snapshot of the run config (checked on resume)
+    checkpoints/<step>/state    the train state pytree (Orbax, tensorstore arrays)
+    checkpoints/<step>/data     optional JSON input-pipeline position
+
+Saves are asynchronous: `save` returns once it holds the arrays (so a train step may donate them
+next; tested), a background thread writes them, and the next save, `wait()` or `close()` waits.
+Orbax writes each step into `<step>.orbax-checkpoint-tmp-*` and renames it when complete, so an
+interrupted save is never listed as a step. Such leftovers are not deleted automatically
+(Orbax's `cleanup_tmp_directories` would also delete the save in progress of a run when a tool
+opens its workdir); remove them by hand if the disk space matters.
+
+Restores go into an abstract tree of `jax.ShapeDtypeStruct`s carrying shardings, so a run can
+resume on a different mesh (see `sharding.state_shardings` / `abstract_with_shardings`).
+
+Preemption, in the train loop (`install_preemption_handler` before the loop):
+
+    preempt = install_preemption_handler()
+    for step in ...:
+        state, metrics = train_step(state, batch)
+        ckpt.save(step + 1, state)                      # every `save_every` steps
+        if preempt.should_stop(step + 1):
+            ckpt.save(step + 1, state, force=True)
+            break
+    ckpt.close()                                        # waits for the async write
+
+On a single process SIGTERM only raises a flag; the step finishes, the state is saved and the
+loop ends cleanly. With several processes JAX's preemption service (started by
+`jax.distributed.initialize`) catches SIGTERM itself and `should_stop` asks it for the step all
+processes agree on, so every process saves the same step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
+
+CONFIG_NAME = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+
+# Resuming with a different value under these keys would silently train a different model or
+# optimiser (or fail to restore the state), so it is refused. Other keys (run length, logging and
+# checkpoint cadence, mesh, sharding rules, data location and prefetch, ...) may change.
+PROTECTED_CONFIG_KEYS = ("model", "method", "optim", "batch_size")
+SAFE_PROTECTED_KEYS = ("model.remat",)  # recomputation only: same numbers, less memory
+
+
+class ConfigMismatchError(ValueError):
+    """The config differs from the stored snapshot in keys that make resuming unsafe."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Config snapshot
+# ---------------------------------------------------------------------------------------------
+
+
+def config_to_dict(config: Any) -> dict:
+    """JSON-normalised dict of a ConfigDict (tuples become lists, as they do in the snapshot)."""
+    if hasattr(config, "to_json_best_effort"):
+        return json.loads(config.to_json_best_effort(sort_keys=True))
+    return json.loads(json.dumps(dict(config), sort_keys=True, default=str))
+
+
+def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_changes(old: Mapping, new: Mapping) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (old, new)} for every leaf that differs, was added or was removed."""
+    missing = "<absent>"
+    a, b = _flatten(old), _flatten(new)
+    return {
+        k: (a.get(k, missing), b.get(k, missing))
+        for k in sorted(a.keys() | b.keys())
+        if a.get(k, missing) != b.get(k, missing)
+    }
+
+
+def _is_protected(key: str) -> bool:
+    def under(prefix):
+        return key == prefix or key.startswith(prefix + ".")
+
+    return any(map(under, PROTECTED_CONFIG_KEYS)) and not any(map(under, SAFE_PROTECTED_KEYS))
+
+
+def check_config_compatible(old: Mapping, new: Mapping, where: str = CONFIG_NAME) -> dict:
+    """Raise ConfigMismatchError naming each unsafe change; return all changes otherwise."""
+    changes = config_changes(old, new)
+    bad = {k: v for k, v in changes.items() if _is_protected(k)}
+    if bad:
+        lines = "\n".join(f"  {k}: {o!r} -> {n!r}" for k, (o, n) in bad.items())
+        raise ConfigMismatchError(
+            f"Refusing to resume: the config differs from the snapshot in {where} in "
+            f"{len(bad)} key(s) that change the model, method or optimiser:\n{lines}\n"
+            f"Use a new workdir, or delete {where} to resume anyway."
+        )
+    return changes
+
+
+def _write_atomic(path: epath.Path, text: str) -> None:
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_text(text)
+    tmp.replace(path)  # readers see the old file or the new one, never a partial one
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpointer
+# ---------------------------------------------------------------------------------------------
+
+
+class Checkpointer:
+    """Async Orbax checkpoints of the train state every `save_every` steps, the last `keep` kept.
+
+    Every process must call `save`/`restore` (they synchronise); only process 0 writes
+    config.json. `save_every <= 0` saves only when forced; `keep <= 0` keeps everything.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, *, save_every: int, keep: int, config=None):
+        self.workdir = epath.Path(workdir)
+        self.directory = self.workdir / CHECKPOINT_DIR
+        policies = [ocp.checkpoint_managers.PreemptionCheckpointingPolicy()]
+        if save_every > 0:
+            policies.append(ocp.checkpoint_managers.FixedIntervalPolicy(save_every))
+        options = ocp.CheckpointManagerOptions(
+            save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(policies),
+            preservation_policy=ocp.checkpoint_managers.LatestN(keep if keep > 0 else None),
+            enable_async_checkpointing=True,
+            cleanup_tmp_directories=False,  # see the module docstring
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, item_names=("state", "data"), options=options
+        )
+        if config is not None:
+            try:
+                self._snapshot_config(config)
+            except Exception:
+                self._manager.close()
+                raise
+
+    def _snapshot_config(self, config: Any) -> None:
+        path = self.workdir / CONFIG_NAME
+        new = config_to_dict(config)
+        if self.latest_step() is not None and path.exists():
+            changes = check_config_compatible(json.loads(path.read_text()), new, os.fspath(path))
+            for k, (old_value, new_value) in changes.items():
+                logging.warning("Resuming with config change %s: %r -> %r", k, old_value, new_value)
+        if jax.process_index() == 0:
+            _write_atomic(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, *, force: bool = False, data_state=None) -> bool:
+        """Start saving `state` (and the JSON-able `data_state`) at `step` if due; True if so.
+
+        Due means: a multiple of `save_every`, a preemption sync point, or `force`. A step that
+        is already saved is never written twice.
+        """
+        step = int(step)
+        if step in self._manager.all_steps():
+            return False
+        items = {"state": ocp.args.StandardSave(state)}
+        if data_state is not None:
+            items["data"] = ocp.args.JsonSave(data_state)
+        return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def restore(self, step: int | None, abstract_state: Any) -> Any:
+        """The state saved at `step` (None: the latest), placed as `abstract_state`'s shardings."""
+        step = self._resolve(step)
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        return self._manager.restore(step, args=args)["state"]
+
+    def restore_data(self, step: int | None = None) -> Any:
+        """The `data_state` saved with `step` (None: the latest), or None if none was saved."""
+        step = self._resolve(step)
+        if not (self.directory / str(step) / "data").exists():
+            return None
+        return self._manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))[
+            "data"
+        ]
+
+    def _resolve(self, step: int | None) -> int:
+        step = self.latest_step() if step is None else int(step)
+        if step is None or step not in self._manager.all_steps():
+            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}")
+        return step
+
+    def wait(self) -> None:
+        """Block until the last asynchronous save is on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Preemption
+# ---------------------------------------------------------------------------------------------
+
+
+class PreemptionHandler:
+    """SIGTERM sets `requested`; `should_stop(step)` is what the train loop asks every step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous: Any = None
+        # With several processes, JAX's preemption service owns SIGTERM and picks a common step;
+        # replacing its C++ handler with ours would break that, so we only install ours otherwise.
+        # (Several processes with that service disabled each see only their own SIGTERM: they
+        # may stop at different steps, so keep the service on for multi-host runs.)
+        self._use_jax_sync = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
+
+    def _on_signal(self, signum, frame) -> None:
+        del frame
+        logging.warning("Signal %d: will save a checkpoint and stop after this step", signum)
+        self.requested = True
+
+    def install(self) -> PreemptionHandler:
+        if self._use_jax_sync:
+            return self
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+        except ValueError:  # not the main thread
+            logging.warning("SIGTERM handler not installed (not in the main thread)")
+        return self
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def should_stop(self, step: int) -> bool:
+        """True when the loop should save `step` and exit. Call it on every process every step."""
+        if self._use_jax_sync and multihost_utils.reached_preemption_sync_point(int(step)):
+            self.requested = True
+        return self.requested
+
+
+def install_preemption_handler() -> PreemptionHandler:
+    """Catch SIGTERM (preemption notice) from now on; see the module docstring for the loop."""
+    return PreemptionHandler().install()

@@ -1,0 +1,300 @@
+"""Checkpoints: bit-exact round trip, keep-K, interrupted saves, config snapshot, preemption, mesh
+changes between save and restore."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mixmae_jax.config import base_config
+from mixmae_jax.train import checkpoint, optim, sharding
+
+
+def _config():
+    c = base_config()
+    c.epochs, c.optim.warmup_epochs = 2, 1
+    return c
+
+
+def _state(seed=0):
+    """A train state with non-trivial params and Adam moments (one update applied)."""
+    rng = np.random.default_rng(seed)
+    params = {
+        "encoder": {
+            "layers": {
+                0: {
+                    "blocks": {
+                        1: {
+                            "attn": {
+                                "qkv": {
+                                    "kernel": rng.normal(size=(8, 24)),
+                                    "bias": rng.normal(size=24),
+                                },
+                                "relative_position_bias_table": rng.normal(size=(9, 2)),
+                            }
+                        }
+                    }
+                }
+            }
+        },
+        "decoder": {"mask_token": rng.normal(size=(1, 1, 8))},
+    }
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    tx, _ = optim.make_optimizer(_config(), 4)
+    opt_state = tx.init(params)
+    grads = jax.tree.map(lambda x: x * 0.1 + 1.0, params)
+    for _ in range(3):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    return {
+        "params": params,
+        "opt_state": opt_state,
+        "step": jnp.int32(7),
+        "rng": jax.random.PRNGKey(seed),
+    }
+
+
+def _abstract(state):
+    mesh = sharding.make_mesh(_config().mesh)
+    return sharding.abstract_with_shardings(state, sharding.state_shardings(state, mesh))
+
+
+def _assert_same(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert np.asarray(x).dtype == np.asarray(y).dtype
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_save_restore_is_bit_exact(tmp_path):
+    state = _state()
+    ckpt = checkpoint.Checkpointer(tmp_path, save_every=10, keep=3, config=_config())
+    assert ckpt.latest_step() is None
+    assert ckpt.save(7, state, force=True, data_state={"epoch": 1, "position": 123})
+    ckpt.close()
+
+    ckpt = checkpoint.Checkpointer(tmp_path, save_every=10, keep=3, config=_config())
+    assert ckpt.latest_step() == 7
+    restored = ckpt.restore(None, _abstract(state))
+    _assert_same(restored, state)
+    assert ckpt.restore_data() == {"epoch": 1, "position": 123}
+    with pytest.raises(FileNotFoundError, match="step 8"):
+        ckpt.restore(8, _abstract(state))
+    ckpt.close()
+
+
+def test_interval_keep_and_forced_saves(tmp_path):
+    state = _state()
+    ckpt = checkpoint.Checkpointer(tmp_path, save_every=2, keep=2)
+    saved = [s for s in range(7) if ckpt.save(s, state)]
+    assert saved == [0, 2, 4, 6]
+    assert ckpt.save(7, state, force=True)  # e.g. on preemption
+    assert not ckpt.save(7, state, force=True)  # never written twice
+    ckpt.wait()
+    assert ckpt.all_steps() == [6, 7]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["6", "7"]
+    assert ckpt.restore_data(7) is None
+    ckpt.close()
+
+
+def test_async_save_survives_buffer_donation(tmp_path):
+    # The train step donates the state it was given; an async save of that state must still write
+    # the values it was given. (On CPU, JAX skips the donation while the save holds the buffers;
+    # on accelerators Orbax has copied them to the host before `save` returns.)
+    step = jax.jit(lambda s: jax.tree.map(lambda x: x + 1, s), donate_argnums=0)
+    state = step(_state())
+    expected = jax.tree.map(np.array, state)
+    ckpt = checkpoint.Checkpointer(tmp_path, save_every=1, keep=2)
+    assert ckpt.save(1, state)
+    for _ in range(3):
+        state = step(state)
+    jax.block_until_ready(state)
+    ckpt.wait()
+    _assert_same(ckpt.restore(1, _abstract(expected)), expected)
+    ckpt.close()
+
+
+def test_interrupted_save_is_never_the_latest(tmp_path):
+    state = _state()
+    ckpt = checkpoint.Checkpointer(tmp_path, save_every=1, keep=5)
+    ckpt.save(3, state)
+    ckpt.close()
+    # A save killed half-way leaves Orbax's temporary directory behind, here even with content.
+    ckpt_dir = tmp_path / "checkpoints"
+    shutil.copytree(ckpt_dir / "3", ckpt_dir / "9.orbax-checkpoint-tmp-1795000000")
+
+    ckpt = checkpoint.Checkpointer(tmp_path, save_every=1, keep=5)
+    assert ckpt.latest_step() == 3 and ckpt.all_steps() == [3]
+    _assert_same(ckpt.restore(None, _abstract(state)), state)
+    # The resumed run saves that step again, beside the leftover.
+    later = jax.tree.map(lambda x: x + 1, state)
+    assert ckpt.save(9, later)
+    ckpt.wait()
+    assert ckpt.all_steps() == [3, 9]
+    _assert_same(ckpt.restore(None, _abstract(state)), later)
+    ckpt.close()
+
+
+def test_config_snapshot_refuses_incompatible_changes(tmp_path):
+    cfg = _config()
+    ckpt = checkpoint.Checkpointer(tmp_path, save_every=1, keep=1, config=cfg)
+    stored = json.loads((tmp_path / "config.json").read_text())
+    assert stored["optim"]["b2"] == 0.95 and stored["model"]["depths"] == [2, 2, 18, 2]
+    ckpt.save(1, _state())
+    ckpt.close()
+
+    bad = _config()
+    bad.optim.base_lr = 3e-4
+    bad.model.depths = (2, 2, 6, 2)
+    bad.log_every = 7  # compatible, not reported as a problem
+    with pytest.raises(checkpoint.ConfigMismatchError) as err:
+        checkpoint.Checkpointer(tmp_path, save_every=1, keep=1, config=bad)
+    msg = str(err.value)
+    assert "optim.base_lr: 0.00015 -> 0.0003" in msg
+    assert "model.depths: [2, 2, 18, 2] -> [2, 2, 6, 2]" in msg
+    assert "log_every" not in msg and "2 key(s)" in msg
+    assert json.loads((tmp_path / "config.json").read_text()) == stored  # left untouched
+
+    ok = _config()
+    ok.total_steps, ok.epochs, ok.log_every, ok.checkpoint_every = 500, 800, 7, 100
+    ok.mesh.fsdp, ok.sharding_rules = 4, (("FSDP_DEFAULT", "fsdp"),)
+    ok.data.prefetch, ok.data.skip_corrupt, ok.model.remat = 4, True, True
+    checkpoint.Checkpointer(tmp_path, save_every=1, keep=1, config=ok).close()
+    assert json.loads((tmp_path / "config.json").read_text())["epochs"] == 800
+
+
+def test_config_without_checkpoint_may_change(tmp_path):
+    checkpoint.Checkpointer(tmp_path, save_every=1, keep=1, config=_config()).close()
+    other = _config()
+    other.batch_size = 64  # nothing saved yet: a fresh start, not a resume
+    checkpoint.Checkpointer(tmp_path, save_every=1, keep=1, config=other).close()
+    assert json.loads((tmp_path / "config.json").read_text())["batch_size"] == 64
+    assert not [f for f in os.listdir(tmp_path) if "tmp" in f]
+
+
+def test_sigterm_requests_a_save_and_stop(tmp_path):
+    handler = checkpoint.install_preemption_handler()
+    try:
+        assert not handler.should_stop(0)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert handler.requested and handler.should_stop(1)
+    finally:
+        handler.uninstall()
+    assert signal.getsignal(signal.SIGTERM) is not handler._on_signal
+
+
+# Orbax #3406: CheckpointManager.save asks JAX's preemption service for a sync point and raised
+# when that service is disabled. Checked with a real (one-process) distributed runtime.
+_PREEMPTION_SERVICE_OFF = """
+import socket, sys
+import jax
+jax.config.update("jax_enable_preemption_service", False)
+with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+jax.distributed.initialize(f"localhost:{port}", num_processes=1, process_id=0)
+import jax.numpy as jnp
+from mixmae_jax.train import checkpoint
+ckpt = checkpoint.Checkpointer(sys.argv[1], save_every=2, keep=1)
+assert [s for s in range(3) if ckpt.save(s, {"w": jnp.ones(3)})] == [0, 2]
+handler = checkpoint.install_preemption_handler()
+assert not handler.should_stop(3)
+ckpt.close()
+print("OK")
+"""
+
+_RESHARD = """
+import sys
+import jax, jax.numpy as jnp, numpy as np, optax
+from jax.sharding import PartitionSpec as P
+from mixmae_jax.train import checkpoint, sharding
+
+M = lambda data, fsdp: type("M", (), {"data": data, "fsdp": fsdp})
+workdir = sys.argv[1]
+rng = np.random.default_rng(0)
+params = {"encoder": {"layers": {0: {"qkv": {"kernel": rng.normal(size=(256, 768)),
+                                             "bias": rng.normal(size=768)}}}},
+          "decoder": {"mask_token": rng.normal(size=(1, 1, 256))}}
+params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+tx = optax.adamw(1e-3, weight_decay=0.05)
+opt_state = tx.update(params, tx.init(params), params)[1]
+state = {"params": params, "opt_state": opt_state, "step": jnp.int32(5),
+         "rng": jax.random.PRNGKey(3)}
+host = jax.tree.map(np.asarray, state)
+
+def place(mesh, rules=()):
+    return sharding.abstract_with_shardings(state, sharding.state_shardings(state, mesh, rules))
+
+def check(restored):
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(host)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+# Save from an 8-device data-parallel mesh.
+data8 = sharding.make_mesh(M(-1, 1))
+on8 = jax.device_put(state, jax.tree.map(lambda a: a.sharding, place(data8)))
+ckpt = checkpoint.Checkpointer(workdir, save_every=1, keep=3)
+assert ckpt.save(5, on8)
+ckpt.close()
+
+# Restore onto one device.
+ckpt = checkpoint.Checkpointer(workdir, save_every=1, keep=3)
+one = sharding.make_mesh(M(-1, 1), devices=jax.devices()[:1])
+restored = ckpt.restore(None, place(one))
+check(restored)
+assert restored["params"]["decoder"]["mask_token"].sharding.device_set == {jax.devices()[0]}
+
+# Restore onto a 2 x 4 data x fsdp mesh with the FSDP rules.
+fsdp = sharding.make_mesh(M(2, 4))
+restored = ckpt.restore(5, place(fsdp, sharding.FSDP_RULES))
+check(restored)
+kernel = restored["params"]["encoder"]["layers"][0]["qkv"]["kernel"]
+assert kernel.sharding.spec == P(None, "fsdp"), kernel.sharding
+assert {s.data.shape for s in kernel.addressable_shards} == {(256, 192)}
+assert restored["opt_state"][0].nu["encoder"]["layers"][0]["qkv"]["kernel"].sharding.spec == (
+    P(None, "fsdp"))
+assert restored["params"]["encoder"]["layers"][0]["qkv"]["bias"].sharding.is_fully_replicated
+
+# And the FSDP-sharded state saves and comes back on the data mesh.
+assert ckpt.save(6, restored, force=True)
+ckpt.wait()
+check(ckpt.restore(6, place(data8)))
+ckpt.close()
+print("OK")
+"""
+
+
+def _run(script: str, *args: str, devices: int = 1) -> str:
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script), *args],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc.stdout
+
+
+def test_save_with_jax_preemption_service_disabled(tmp_path):
+    assert _run(_PREEMPTION_SERVICE_OFF, str(tmp_path)).strip().endswith("OK")
+
+
+def test_restore_onto_a_different_mesh(tmp_path):
+    assert _run(_RESHARD, str(tmp_path), devices=8).strip().endswith("OK")
