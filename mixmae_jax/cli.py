@@ -81,7 +81,6 @@ def _from_torch(args) -> None:
     from mixmae_jax import config as config_lib
     from mixmae_jax.convert import from_torch
     from mixmae_jax.train import checkpoint as ckpt_lib
-    from mixmae_jax.train import step as step_lib
     from mixmae_jax.train import trainer
 
     config = config_lib.load_config(args.config)
@@ -97,12 +96,15 @@ def _from_torch(args) -> None:
 
     mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1}),
                               jax.local_devices()[:1])
-    method, tx, _, _, init_fn, _, _ = trainer.build_state_fns(config, mesh, steps_per_epoch=1)
-    _, template = step_lib.graphdef_and_abstract_params(method)
-    params, report = from_torch.state_dict_to_params(state_dict, config.model, template)
+    _, tx, _, _, init_fn, _, _ = trainer.build_state_fns(config, mesh, steps_per_epoch=1)
+    # A concrete fresh state: parts the file lacks (e.g. the decoder, when importing a finetune
+    # checkpoint into a pretraining config) keep their fresh initialisation.
     state = init_fn()
-    state = dict(state, params=jax.tree.map(jax.numpy.asarray, params),
-                 opt_state=tx.init(params))
+    params, report = from_torch.state_dict_to_params(
+        state_dict, config.model, jax.device_get(state["params"]),
+        allow_ape_mismatch=args.allow_ape_mismatch)
+    params = jax.tree.map(jax.numpy.asarray, params)
+    state = dict(state, params=params, opt_state=tx.init(params))
     ckpt = ckpt_lib.Checkpointer(args.workdir, save_every=0, keep=0, config=config)
     try:
         ckpt.save(0, state, force=True)
@@ -133,6 +135,9 @@ def convert_main(argv=None):
     f.add_argument("--trust-pickle", action="store_true",
                    help="allow files that pickle more than tensors (the released official "
                    "checkpoints pickle `args`); only for files from a trusted source")
+    f.add_argument("--allow-ape-mismatch", action="store_true",
+                   help="accept a file whose absolute position table is not the sin-cos table "
+                   "(e.g. a 384 finetune file with a resized table); mixmae-jax uses sin-cos")
     args = p.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:

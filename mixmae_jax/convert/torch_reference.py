@@ -3,7 +3,7 @@
 Written from the method spec (``reference/mixmim.md``), not copied from the official code. Two
 models, with exactly the official ``state_dict`` layout (key names, order, shapes, dtypes):
 
-* ``MixMIMPretrainTorch``  -- ``models_mixmim.MixMIM``: encoder + decoder + dual reconstruction loss.
+* ``MixMIMPretrainTorch`` -- ``models_mixmim.MixMIM``: encoder, decoder, dual reconstruction loss.
 * ``MixMIMFinetuneTorch``  -- ``models_mixmim_ft.MixMIM``: encoder + mean pool + linear head.
 
 Both are generalised over the number of stages (tiny test configs): the encoder stride is

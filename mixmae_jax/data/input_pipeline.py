@@ -1,0 +1,392 @@
+"""Training input pipeline: TFDS, an image folder or the embedded demo set -> uint8 batches.
+
+One tf.data pipeline for every source:
+
+    source: this process's share of (key, encoded image or path) records
+      -> epoch e in an order drawn from a seed derived from (seed, process, e); each example
+         numbered with its stream position p = e * n + i
+      -> skip to the resume position             (cheap: nothing is decoded yet)
+      -> decode + RandomResizedCrop + flip, keyed by (seed, process, p)
+      -> batch (drop remainder) -> prefetch
+
+TFDS shares are read as a few contiguous chunks, randomly interleaved each epoch, then through a
+shuffle buffer (`data.shuffle_buffer`); folder shares (paths only) are fully shuffled per epoch.
+
+Every random choice is a function of the seed and the stream position, so the batches are
+deterministic and the stream restarts exactly at any step: `start_step=k` yields what an
+uninterrupted run yields from its k-th batch on, without decoding anything before it.
+
+Each process reads a disjoint 1/process_count share of equal size (a few trailing examples are
+dropped so all processes agree on epoch length). Images stay uint8; the device normalises.
+"""
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from mixmae_jax.data import augment
+from mixmae_jax.data.tf_setup import tf
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+_ALG = "philox"
+# A TFDS share larger than the shuffle buffer is read as up to this many contiguous chunks,
+# drawn from in a fresh random interleave each epoch: sequential reads, but a global mix.
+_MAX_CHUNKS = 16
+
+
+class CorruptImageError(ValueError):
+    """An image in the training data cannot be read or decoded."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A source, reduced to what the pipeline needs: this process's share in per-epoch order.
+
+    epoch: stateless seed (int64 [2]) -> one epoch of (key, data) string pairs, `size` of them,
+      in an order that depends only on the seed. `key` names the example in error messages;
+      `data` is the encoded image, or its path when `data_is_path`.
+    size: examples per epoch in this process's share; the same for every process.
+    name: names the dataset in error messages.
+    """
+
+    epoch: Callable[[tf.Tensor], tf.data.Dataset]
+    size: int
+    name: str
+    data_is_path: bool
+
+
+# ------------------------------------------------------------------------------------------------
+# Sources
+# ------------------------------------------------------------------------------------------------
+
+
+def tfds_source(
+    builder: tfds.core.DatasetBuilder,
+    split: str,
+    *,
+    shuffle_buffer: int,
+    cache: bool = False,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Source:
+    """This process's share of a prepared TFDS image dataset, images left encoded."""
+    name = f"tfds dataset {builder.name!r} split {split!r}"
+    if "image" not in builder.info.features:
+        raise ValueError(f"{name} has no 'image' feature")
+
+    def read(part):
+        ds = builder.as_dataset(
+            split=part,
+            shuffle_files=False,  # order must depend on nothing but our seeds
+            decoders={"image": tfds.decode.SkipDecoding()},  # decoding is fused with the crop
+            read_config=tfds.ReadConfig(add_tfds_id=True),  # names a bad record in errors
+        )
+        size = int(ds.cardinality())
+        if size < 0:  # unknown cardinality: trust the metadata
+            size = builder.info.splits[part].num_examples
+        ds = ds.map(lambda ex: (ex["tfds_id"], ex["image"]))
+        return (ds.cache() if cache else ds), size
+
+    # Equal, disjoint, contiguous shares per process, each cut into k equal chunks; one chunk
+    # when the shuffle buffer holds the whole share (the buffer alone then shuffles it fully).
+    whole = read(split)
+    k = max(1, min(_MAX_CHUNKS, whole[1] // (process_count * max(shuffle_buffer, 1))))
+    if process_count * k == 1:
+        chunks, sizes = zip(whole)
+    else:
+        parts = tfds.even_splits(split, n=process_count * k, drop_remainder=True)
+        chunks, sizes = zip(*map(read, parts[process_index * k : (process_index + 1) * k]))
+    size = sum(sizes)
+    buffer = max(1, min(shuffle_buffer, size))
+
+    def epoch(seed):
+        if k == 1:
+            ds = chunks[0]
+        else:
+            # Which chunk each next example comes from: every chunk exactly size_c times.
+            choice = tf.random.experimental.stateless_shuffle(
+                tf.repeat(tf.range(k, dtype=tf.int64), sizes), seed, alg=_ALG
+            )
+            ds = tf.data.Dataset.choose_from_datasets(
+                list(chunks), tf.data.Dataset.from_tensor_slices(choice)
+            )
+        return ds.shuffle(buffer, seed=seed[0])
+
+    return Source(epoch, size, name, data_is_path=False)
+
+
+def list_images(folder: str) -> list[str]:
+    """All image files under `folder` (class sub-folders or flat), sorted, by extension."""
+    paths = [
+        f"{root.rstrip('/')}/{f}"
+        for root, _, files in tf.io.gfile.walk(folder)
+        for f in files
+        if f.lower().endswith(IMAGE_EXTENSIONS)
+    ]
+    return sorted(paths)
+
+
+def folder_source(folder: str, *, process_index: int = 0, process_count: int = 1) -> Source:
+    """This process's share of an image folder: every process_count-th path, equal counts."""
+    name = f"image folder {folder!r}"
+    if not folder or not tf.io.gfile.isdir(folder):
+        raise ValueError(f"data.folder={folder!r} is not a directory")
+    paths = list_images(folder)
+    if not paths:
+        raise ValueError(f"{name} holds no {'/'.join(IMAGE_EXTENSIONS)} files")
+    size = len(paths) // process_count
+    # Strided, so class-sorted folders spread every class over all processes.
+    local = paths[process_index::process_count][:size]
+    ds = tf.data.Dataset.from_tensor_slices((local, local))
+
+    def epoch(seed):
+        return ds.shuffle(max(size, 1), seed=seed[0])  # paths are tiny: shuffle the whole epoch
+
+    return Source(epoch, size, name, data_is_path=True)
+
+
+def source_from_config(data_cfg, *, process_index: int = 0, process_count: int = 1) -> Source:
+    """The source named by `data_cfg.source`: "tfds", "folder" or "embedded"."""
+    share = dict(process_index=process_index, process_count=process_count)
+    if data_cfg.source in ("tfds", "embedded"):
+        if data_cfg.source == "tfds":
+            builder = tfds.builder(data_cfg.name, data_dir=data_cfg.data_dir)
+            # No-op when prepared; imagenet2012 and friends are prepared from manual_dir.
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(manual_dir=data_cfg.manual_dir)
+            )
+        else:
+            from mixmae_jax.data import embedded
+
+            builder = embedded.prepare(data_cfg.data_dir)
+        return tfds_source(
+            builder,
+            data_cfg.split,
+            shuffle_buffer=data_cfg.shuffle_buffer,
+            cache=data_cfg.cache,
+            **share,
+        )
+    if data_cfg.source == "folder":
+        return folder_source(data_cfg.folder, **share)
+    raise ValueError(f"data.source={data_cfg.source!r}: expected 'tfds', 'folder' or 'embedded'")
+
+
+# ------------------------------------------------------------------------------------------------
+# The training stream
+# ------------------------------------------------------------------------------------------------
+
+
+class TrainIterator(Iterator):
+    """Endless iterator of {"image": uint8 [local_batch, S, S, 3]} for one process.
+
+    Unreadable images stop iteration with a CorruptImageError naming the file, or with
+    skip_corrupt are dropped and counted (`corrupt_count()`). Skipped images shift the stream, so
+    a run that skipped some resumes at position start_step * local_batch, a few images off.
+
+    Attributes:
+      num_examples: examples per epoch over all processes.
+      steps_per_epoch: num_examples // global_batch_size.
+      local_batch_size: global_batch_size // process_count.
+      step: the step of the next batch.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        *,
+        global_batch_size: int,
+        image_size: int,
+        seed: int,
+        crop_scale=(0.2, 1.0),
+        hflip: bool = True,
+        skip_corrupt: bool = False,
+        process_index: int = 0,
+        process_count: int = 1,
+        start_step: int = 0,
+    ):
+        check_batch_size(global_batch_size, process_count)
+        self.local_batch_size = global_batch_size // process_count
+        if source.size < self.local_batch_size:
+            raise ValueError(
+                f"{source.name} has {source.size * process_count} usable images, fewer than "
+                f"one global batch (batch_size={global_batch_size}); lower batch_size"
+            )
+        self.source = source
+        self.num_examples = source.size * process_count
+        self.steps_per_epoch = self.num_examples // global_batch_size
+        self.step = start_step
+        self._image_size = image_size
+        self._crop_scale = tuple(crop_scale)
+        self._hflip = hflip
+        self._skip_corrupt = skip_corrupt
+        self._start_position = start_step * self.local_batch_size
+        self._consumed = 0  # stream positions consumed (yielded or skipped) so far
+        self._yielded = 0
+        # Independent stateless key streams: (seed, 2 * process + 0) orders, (..+1) augments.
+        self._order_key = tf.constant([seed, 2 * process_index], tf.int64)
+        self._augment_key = tf.constant([seed, 2 * process_index + 1], tf.int64)
+        self._iterator = self._build().as_numpy_iterator()
+
+    # -- the tf.data graph ----------------------------------------------------------------------
+
+    def _positions(self, start: int) -> tf.data.Dataset:
+        """(position, key, data) from stream position `start` on, endless, nothing decoded."""
+        n = self.source.size
+
+        def epoch(e):
+            seed = tf.random.experimental.stateless_fold_in(self._order_key, e, alg=_ALG)
+            ordered = self.source.epoch(seed)
+            return ordered.enumerate().map(lambda i, kd: (e * n + i, kd[0], kd[1]))
+
+        start_epoch, offset = divmod(start, n)
+        return (
+            tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch).skip(offset)
+        )
+
+    def _decode(self, position, key, data):
+        del key
+        if self.source.data_is_path:
+            data = tf.io.read_file(data)
+        seed = tf.random.experimental.stateless_fold_in(self._augment_key, position, alg=_ALG)
+        image = augment.random_resized_crop_flip(
+            data, seed, self._image_size, self._crop_scale, self._hflip
+        )
+        return {"image": image, "position": position}
+
+    def _decode_or_flag(self, position, key, data):
+        """One-element dataset: the decoded example with ok=True, or a placeholder, ok=False.
+
+        `ignore_errors` is scoped to this one example's decode, so errors elsewhere in the
+        pipeline still surface.
+        """
+        one = tf.data.Dataset.from_tensors((position, key, data))
+        decoded = one.map(self._decode).ignore_errors().map(lambda ex: {**ex, "ok": True})
+        s = self._image_size
+        placeholder = {"image": tf.zeros([s, s, 3], tf.uint8), "position": position, "ok": False}
+        return decoded.concatenate(tf.data.Dataset.from_tensors(placeholder)).take(1)
+
+    def _build(self) -> tf.data.Dataset:
+        auto = tf.data.AUTOTUNE
+        ds = self._positions(self._start_position)
+        if self._skip_corrupt:
+            # Slower per image than a plain map (a small dataset per example), so only on request.
+            ds = ds.interleave(
+                self._decode_or_flag,
+                cycle_length=auto,
+                num_parallel_calls=auto,
+                deterministic=True,
+            )
+            ds = ds.filter(lambda ex: ex["ok"])
+        else:
+            ds = ds.map(self._decode, num_parallel_calls=auto)
+        ds = ds.batch(self.local_batch_size, drop_remainder=True, num_parallel_calls=auto)
+        options = tf.data.Options()
+        options.deterministic = True
+        return ds.with_options(options).prefetch(auto)
+
+    # -- iteration ------------------------------------------------------------------------------
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        try:
+            batch = next(self._iterator)
+        except tf.errors.OpError as e:  # surfaces inside iteration, without the file's name
+            raise self._explain(e) from e
+        positions = batch.pop("position")
+        batch.pop("ok", None)
+        self._consumed = int(positions[-1]) + 1 - self._start_position
+        self._yielded += len(positions)
+        self.step += 1
+        return batch
+
+    def corrupt_count(self) -> int:
+        """Images skipped as unreadable so far (always 0 unless skip_corrupt)."""
+        return self._consumed - self._yielded
+
+    def _explain(self, error: Exception) -> Exception:
+        """Finds the example that broke the batch at `self.step` and names it.
+
+        Without skipping, that batch covers exactly positions [step * B, (step + 1) * B), so
+        decoding them one by one finds the culprit; this only runs after a failure.
+        """
+        b = self.local_batch_size
+        for position, key, data in self._positions(self.step * b).take(b):
+            try:
+                self._decode(position, key, data)
+            except tf.errors.OpError as e:
+                return CorruptImageError(
+                    f"{self.source.name}: cannot read or decode image {key.numpy().decode()!r} "
+                    f"({type(e).__name__}: {e.message.strip()}). Set data.skip_corrupt=True to "
+                    "skip unreadable images."
+                )
+        return RuntimeError(
+            f"{self.source.name}: input pipeline failed at step {self.step}: {error}"
+        )
+
+
+def check_batch_size(global_batch_size: int, process_count: int) -> None:
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise ValueError(
+            f"batch_size={global_batch_size} must be a positive multiple of the process count "
+            f"({process_count})"
+        )
+
+
+def create_train_iterator(
+    data_cfg,
+    *,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    start_step: int = 0,
+) -> TrainIterator:
+    """The training stream of `data_cfg` (config `c.data`) for one process.
+
+    Raises ValueError (naming batch_size and the dataset) when the global batch does not divide
+    over the processes or the dataset holds less than one global batch.
+    """
+    check_batch_size(global_batch_size, process_count)  # before touching any data
+    source = source_from_config(data_cfg, process_index=process_index, process_count=process_count)
+    return TrainIterator(
+        source,
+        global_batch_size=global_batch_size,
+        image_size=data_cfg.image_size,
+        seed=seed,
+        crop_scale=data_cfg.crop_scale,
+        hflip=data_cfg.hflip,
+        skip_corrupt=data_cfg.skip_corrupt,
+        process_index=process_index,
+        process_count=process_count,
+        start_step=start_step,
+    )
+
+
+def benchmark_input(
+    data_cfg,
+    global_batch_size: int,
+    *,
+    seconds: float | None = None,
+    num_batches: int | None = None,
+    seed: int = 0,
+) -> float:
+    """Input-only throughput of this host's pipeline, in images per second.
+
+    Times `num_batches` batches, or as many as fit in `seconds` (default 10 s), after one warm-up
+    batch (which pays for start-up and filling the shuffle buffer).
+    """
+    it = create_train_iterator(data_cfg, global_batch_size=global_batch_size, seed=seed)
+    next(it)
+    if num_batches is None and seconds is None:
+        seconds = 10.0
+    count, start = 0, time.perf_counter()
+    while True:
+        next(it)
+        count += 1
+        elapsed = time.perf_counter() - start
+        if (num_batches is not None and count >= num_batches) or (
+            seconds is not None and elapsed >= seconds
+        ):
+            return count * it.local_batch_size / elapsed

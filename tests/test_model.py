@@ -1,0 +1,271 @@
+"""Exact invariants of the Flax MixMIM model (no torch model involved).
+
+Cross-source attention has exactly zero effect; an all-zero mask gives the finetuning encoder;
+mask draws, pairing, constant tables and parameter counts match the official code.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mixmae_jax.config import model_config
+from mixmae_jax.convert import keymap as K
+from mixmae_jax.methods import mixing
+from mixmae_jax.methods.mixmim import MixMIMModel
+from mixmae_jax.models import layers as L
+from mixmae_jax.models.classifier import SwinClassifier
+from mixmae_jax.models.swin import SwinEncoder
+from mixmae_jax.train.step import bind
+
+# Grid 16 -> 8 -> 4, windows 8/8/4: a stage-0 window (8x8 tokens) spans four 4x4-token mask cells,
+# so windows hold tokens of both images. Final grid 4x4 (16 cells), stride 16.
+TINY = dict(img_size=64, patch_size=4, embed_dim=16, depths=(1, 1, 2), num_heads=(1, 2, 4),
+            window_sizes=(8, 8, 4), decoder_dim=32, decoder_depth=1, decoder_num_heads=2)
+# LLVM -O0 for these small graphs: same HLO and fp semantics, ~3x faster CPU compiles.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def tiny_cfg():
+    cfg = model_config("B", 224)
+    cfg.update(TINY)
+    return cfg
+
+
+def random_params(abstract, seed):
+    """Random params with init-like scales and non-trivial norms/biases (numpy float32)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for path, leaf in K.flatten(abstract).items():
+        noise = rng.standard_normal(tuple(leaf.shape), dtype=np.float32)
+        if path.endswith(".scale"):
+            out[path] = 1.0 + 0.2 * noise
+        elif path.endswith(".bias"):
+            out[path] = 0.1 * noise
+        elif path.endswith(".kernel"):
+            out[path] = noise * np.float32(np.sqrt(2.0 / (np.prod(leaf.shape[:-1]) +
+                                                          leaf.shape[-1])))
+        else:
+            out[path] = 0.5 * noise
+    return K.unflatten({k: v.astype(np.float32) for k, v in out.items()})
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = tiny_cfg()
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: MixMIMModel(cfg, rngs=nnx.Rngs(0))),
+                                   nnx.Param)
+    params = random_params(abstract.to_pure_dict(), seed=0)
+
+    def encode(params, images, mask):
+        return bind(graphdef, params).encode_mixed(images, mask, 1)
+
+    encode = jax.jit(encode, compiler_options=FAST_COMPILE)
+    images = np.random.default_rng(1).standard_normal((4, 64, 64, 3), dtype=np.float32)
+    cells = np.zeros(16, np.float32)
+    cells[np.random.default_rng(2).permutation(16)[:8]] = 1.0
+    return dict(cfg=cfg, params=params, encode=encode, images=images, cells=cells.reshape(4, 4),
+                mask=np.tile(cells, (4, 1)))
+
+
+def pixel_region(cells, value, stride=16):
+    """(H, W) bool: pixels of the final-grid cells whose mask equals `value`."""
+    return np.kron(cells == value, np.ones((stride, stride), bool))
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixing: the other source has no influence at all.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_partner_pixels_hidden_from_a_sample_have_exactly_no_effect(tiny):
+    images, mask, cells = tiny["images"], tiny["mask"], tiny["cells"]
+    z = np.asarray(tiny["encode"](tiny["params"], images, mask))
+    noise = 3.0 * np.random.default_rng(3).standard_normal(images.shape[1:], dtype=np.float32)
+    b = images.shape[0]
+    for i in range(b):
+        p = b - 1 - i  # partner of sample i (num_groups=1)
+        # Sample i takes its own image where m = 0: the partner's pixels there are hidden from it.
+        hidden = images.copy()
+        hidden[p] += np.where(pixel_region(cells, 0)[..., None], noise, 0.0)
+        z_hidden = np.asarray(tiny["encode"](tiny["params"], hidden, mask))
+        assert np.array_equal(z_hidden[i], z[i]), f"sample {i} saw hidden partner pixels"
+        assert not np.array_equal(z_hidden[p], z[p])  # the partner itself did change
+
+        # Partner pixels sample i does see (m = 1) change only its m = 1 tokens.
+        visible = images.copy()
+        visible[p] += np.where(pixel_region(cells, 1)[..., None], noise, 0.0)
+        z_visible = np.asarray(tiny["encode"](tiny["params"], visible, mask))
+        own = cells.reshape(-1) == 0
+        assert np.array_equal(z_visible[i][own], z[i][own])
+        assert not np.array_equal(z_visible[i][~own], z[i][~own])
+
+
+def test_all_zero_mask_equals_the_finetuning_encoder(tiny):
+    cfg, params, images = tiny["cfg"], tiny["params"], tiny["images"]
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: SwinClassifier(cfg, 10,
+                                                                         rngs=nnx.Rngs(0))),
+                                   nnx.Param)
+    cls_params = {"encoder": params["encoder"],
+                  "head": random_params(abstract.to_pure_dict(), 1)["head"]}
+    feats = jax.jit(lambda p, x: bind(graphdef, p).forward_features(x),
+                    compiler_options=FAST_COMPILE)(cls_params, images)
+    z = tiny["encode"](params, images, np.zeros_like(tiny["mask"]))
+    diff = float(jnp.max(jnp.abs(z - feats)))
+    print(f"\nall-zero mask vs forward_features: max |diff| = {diff:.3g} "
+          f"({'bit-identical' if diff == 0.0 else 'not bit-identical'})")
+    assert diff <= 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# Mask draws and pairing.
+# ---------------------------------------------------------------------------------------------
+
+
+draw_mask = jax.jit(mixing.draw_mask, static_argnums=(1, 2, 3, 4, 5, 6),
+                    compiler_options=FAST_COMPILE)
+
+
+@pytest.mark.parametrize("cells,ratio", [(49, 0.5), (16, 0.5), (49, 0.75), (64, 0.3), (10, 0.25),
+                                         (144, 0.5)])
+def test_draw_mask_counts_and_groups(cells, ratio):
+    batch, groups = 12, 3
+    for per_sample in (False, True):
+        m = np.asarray(draw_mask(jax.random.key(cells), batch, groups, cells, ratio,
+                                 per_sample=per_sample))
+        assert m.shape == (batch, cells) and m.dtype == np.float32
+        assert set(np.unique(m)) <= {0.0, 1.0}
+        assert (m.sum(axis=1) == int(cells * ratio)).all(), m.sum(axis=1)  # official int(L * r)
+        g = m.reshape(groups, batch // groups, cells)
+        if per_sample:
+            assert len({row.tobytes() for row in m}) > 1
+        else:  # the official shared mask: one per device-local group, identical rows inside
+            assert (g == g[:, :1]).all()
+            if math.comb(cells, int(cells * ratio)) > 10**6:  # groups draw their own masks
+                assert len({grp[0].tobytes() for grp in g}) == groups
+
+
+def test_draw_mask_with_a_ratio_range():
+    m = np.asarray(draw_mask(jax.random.key(0), 8, 2, 49, 0.5, range_mask_ratio=0.25))
+    counts = m.sum(axis=1)
+    assert ((counts >= int(49 * 0.5)) & (counts <= int(49 * 0.75))).all()
+    assert (m.reshape(2, 4, 49) == m.reshape(2, 4, 49)[:, :1]).all()
+
+
+def test_partner_reverses_within_each_group_only():
+    b, groups = 12, 3
+    x = np.arange(b)
+    got = np.asarray(mixing.partner(jnp.asarray(x), groups))
+    n = b // groups
+    for i in range(b):
+        g, j = divmod(i, n)
+        assert got[i] == g * n + (n - 1 - j)
+        assert got[i] // n == g  # never across groups
+    assert np.array_equal(np.asarray(mixing.partner(jnp.asarray(x), 1)), x[::-1])
+    with pytest.raises(ValueError):
+        mixing.partner(jnp.asarray(x), 5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Constant tables.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("w", [2, 7, 14])
+def test_relative_position_index_brute_force(w):
+    n = w * w
+    want = np.zeros((n, n), np.int64)
+    for i in range(n):
+        for j in range(n):
+            (yi, xi), (yj, xj) = divmod(i, w), divmod(j, w)
+            want[i, j] = (yi - yj + w - 1) * (2 * w - 1) + (xi - xj + w - 1)
+    got = L.relative_position_index(w)
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, want)
+
+
+def test_sincos_table_spot_checks():
+    dim, grid = 128, 56  # MixMIM-B absolute_pos_embed
+    table = L.sincos_pos_embed_2d(dim, grid, grid)
+    assert table.shape == (grid * grid, dim) and table.dtype == np.float32
+    q = dim // 4
+    for r, c, k in [(0, 0, 0), (0, 5, 3), (7, 2, 1), (55, 13, 31), (30, 55, 17), (55, 55, 0)]:
+        w = 10000.0 ** (-k / q)
+        row = table[r * grid + c].astype(np.float64)
+        assert row[k] == pytest.approx(math.sin(c * w), abs=1e-7)  # column (x) first
+        assert row[q + k] == pytest.approx(math.cos(c * w), abs=1e-7)
+        assert row[2 * q + k] == pytest.approx(math.sin(r * w), abs=1e-7)  # then row (y)
+        assert row[3 * q + k] == pytest.approx(math.cos(r * w), abs=1e-7)
+    dec = L.sincos_pos_embed_2d(512, 7, 7)  # decoder_pos_embed
+    assert dec.shape == (49, 512) and dec[8, 0] == np.float32(math.sin(1.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter counts against the official totals (frozen sin-cos tables included).
+# ---------------------------------------------------------------------------------------------
+
+PRETRAIN_TOTALS = {"B": 114_665_784, "L": 223_468_244, "H": 684_709_594}
+FINETUNE_TOTALS = {("B", 224): 88_344_352, ("L", 224): 197_396_668, ("H", 224): 659_262_658,
+                   ("B", 384): 89_577_440, ("L", 384): 199_246_300}
+
+
+def _numel(tree) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _tables(cfg, pretrain: bool) -> int:
+    """The frozen sin-cos parameters of the official model (the int64 buffers are not params)."""
+    return sum(v.size for k, v in K.constant_entries(cfg, pretrain=pretrain).items()
+               if not k.endswith("relative_position_index"))
+
+
+@pytest.fixture(scope="module")
+def abstract_pretrain():
+    """Abstract MixMIMModel params per size (nnx.eval_shape: nothing is allocated)."""
+    cache = {}
+
+    def get(variant):
+        if variant not in cache:
+            cfg = model_config(variant, 224)
+            model = nnx.eval_shape(lambda: MixMIMModel(cfg, rngs=nnx.Rngs(0)))
+            cache[variant] = nnx.split(model, nnx.Param)[1].to_pure_dict()
+        return cache[variant]
+
+    return get
+
+
+@pytest.mark.parametrize("variant", ["B", "L", "H"])
+def test_pretraining_parameter_counts(abstract_pretrain, variant):
+    params = abstract_pretrain(variant)
+    total = _numel(params) + _tables(model_config(variant, 224), pretrain=True)
+    assert total == PRETRAIN_TOTALS[variant]
+
+
+@pytest.mark.parametrize("variant", ["B", "L", "H"])
+def test_finetuning_parameter_counts_224(abstract_pretrain, variant):
+    # SwinClassifier = the same SwinEncoder + a Linear(C_final -> 1000) head; the class itself is
+    # counted directly at 384 below.
+    encoder = abstract_pretrain(variant)["encoder"]
+    cfg = model_config(variant, 224)
+    head = (cfg.embed_dim * 8 + 1) * 1000
+    assert _numel(encoder) + head + _tables(cfg, pretrain=False) == FINETUNE_TOTALS[(variant, 224)]
+
+
+@pytest.mark.parametrize("variant", ["B", "L"])
+def test_finetuning_parameter_counts_384(variant):
+    cfg = model_config(variant, 384)
+    model = nnx.eval_shape(lambda: SwinClassifier(cfg, 1000, rngs=nnx.Rngs(0)))
+    params = nnx.split(model, nnx.Param)[1].to_pure_dict()
+    assert set(params) == {"encoder", "head"}
+    assert _numel(params) + _tables(cfg, pretrain=False) == FINETUNE_TOTALS[(variant, 384)]
+
+
+def test_encoder_is_the_same_module_in_both_models():
+    cfg = tiny_cfg()
+    pre = nnx.split(nnx.eval_shape(lambda: MixMIMModel(cfg, rngs=nnx.Rngs(0))), nnx.Param)[1]
+    enc = nnx.split(nnx.eval_shape(lambda: SwinEncoder(cfg, rngs=nnx.Rngs(0))), nnx.Param)[1]
+    shapes = jax.tree_util.tree_map(lambda x: x.shape, pre.to_pure_dict()["encoder"])
+    assert shapes == jax.tree_util.tree_map(lambda x: x.shape, enc.to_pure_dict())
