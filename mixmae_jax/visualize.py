@@ -12,6 +12,8 @@ the true patch's mean and variance (the usual MAE visualisation).
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,9 +96,14 @@ def _unnormalize(pred, target):
     return pred * jnp.sqrt(var + 1e-6) + mean
 
 
-def save_grid(columns: dict, path: str, pad: int = 2) -> None:
-    """One row per image, columns in the dict's order, white padding; written atomically."""
+def save_grid(columns: dict, path: str, pad: int = 2, min_size: int = 128) -> None:
+    """One row per image, columns in the dict's order, white padding; written atomically.
+
+    Images smaller than `min_size` are enlarged by pixel repetition so patches stay visible.
+    """
     cols = list(columns.values())
+    factor = max(1, -(-min_size // cols[0].shape[1]))
+    cols = [np.repeat(np.repeat(c, factor, axis=1), factor, axis=2) for c in cols]
     b, h, w, _ = cols[0].shape
     grid = np.full((b * (h + pad) + pad, len(cols) * (w + pad) + pad, 3), 255, np.uint8)
     for i in range(b):
@@ -105,6 +112,4 @@ def save_grid(columns: dict, path: str, pad: int = 2) -> None:
             grid[y:y + h, x:x + w] = col[i]
     tmp = f"{path}.tmp"
     Image.fromarray(grid).save(tmp, format="PNG")
-    import os
-
     os.replace(tmp, path)

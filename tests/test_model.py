@@ -269,3 +269,26 @@ def test_encoder_is_the_same_module_in_both_models():
     enc = nnx.split(nnx.eval_shape(lambda: SwinEncoder(cfg, rngs=nnx.Rngs(0))), nnx.Param)[1]
     shapes = jax.tree_util.tree_map(lambda x: x.shape, pre.to_pure_dict()["encoder"])
     assert shapes == jax.tree_util.tree_map(lambda x: x.shape, enc.to_pure_dict())
+
+
+def test_remat_changes_memory_not_numbers(tiny):
+    """config.model.remat recomputes encoder blocks in the backward pass: same loss and grads."""
+    from mixmae_jax.methods.mixmim import dual_reconstruction_loss
+
+    def loss_and_grad(remat):
+        cfg = tiny_cfg()
+        cfg.remat = remat
+        graphdef, _ = nnx.split(nnx.eval_shape(lambda: MixMIMModel(cfg, rngs=nnx.Rngs(0))),
+                                nnx.Param)
+
+        def loss(params):
+            model = bind(graphdef, params)
+            rec = model(tiny["images"], tiny["mask"], 1)
+            return dual_reconstruction_loss(tiny["images"], rec, tiny["mask"], 1, 16, True)[0]
+
+        return jax.jit(jax.value_and_grad(loss), compiler_options=FAST_COMPILE)(tiny["params"])
+
+    (l0, g0), (l1, g1) = loss_and_grad(False), loss_and_grad(True)
+    assert float(l0) == pytest.approx(float(l1), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

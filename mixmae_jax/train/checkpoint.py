@@ -135,6 +135,9 @@ class Checkpointer:
     """
 
     def __init__(self, workdir: str | os.PathLike, *, save_every: int, keep: int, config=None):
+        workdir = os.fspath(workdir)
+        if "://" not in workdir:  # Orbax's tensorstore paths must be absolute
+            workdir = os.path.abspath(workdir)
         self.workdir = epath.Path(workdir)
         self.directory = self.workdir / CHECKPOINT_DIR
         policies = [ocp.checkpoint_managers.PreemptionCheckpointingPolicy()]

@@ -1,0 +1,148 @@
+"""The console tools end to end: from-torch -> visualize / resume -> to-torch, and their errors."""
+
+import argparse
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mixmae_jax import cli
+from mixmae_jax import config as config_lib
+from mixmae_jax.convert.torch_reference import MixMIMFinetuneTorch, MixMIMPretrainTorch
+from mixmae_jax.train import trainer
+from mixmae_jax.visualize import load_images
+
+CONFIG_FILE = '''
+from mixmae_jax.config import base_config
+
+def get_config(arg=None):
+    c = base_config()
+    c.model.update(img_size=32, embed_dim=16, depths=(1, 1), num_heads=(2, 4),
+                   window_sizes=(4, 4), decoder_dim=32, decoder_depth=1, decoder_num_heads=2)
+    c.data.update(image_size=32, source="folder", folder=FOLDER)
+    c.batch_size = 8
+    c.total_steps = 1
+    c.optim.warmup_epochs = 0
+    c.log_every = 1
+    c.checkpoint_every = 1
+    return c
+'''
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny config file, a folder of images and an 'official' checkpoint pickling `args`."""
+    root = tmp_path_factory.mktemp("cli")
+    folder = root / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
+            folder / f"{i:02d}.png")
+    config_path = root / "tiny.py"
+    config_path.write_text(CONFIG_FILE.replace("FOLDER", repr(str(folder))))
+    config = config_lib.load_config(str(config_path))
+    torch.manual_seed(0)
+    reference = MixMIMPretrainTorch.from_model_config(config.model).eval()
+    official = root / "official.pth"
+    torch.save({"model": reference.state_dict(), "epoch": 3,
+                "args": argparse.Namespace(model="mixmim_tiny")}, official)
+    return {"root": root, "folder": folder, "config": str(config_path),
+            "cfg": config, "reference": reference, "official": str(official)}
+
+
+def _convert(*args):
+    cli.convert_main([str(a) for a in args])
+
+
+def test_from_torch_needs_trust_pickle(setup, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        _convert("from-torch", "--checkpoint", setup["official"], "--config", setup["config"],
+                 "--workdir", tmp_path / "w")
+    assert e.value.code == 2
+    assert "--trust-pickle" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+@pytest.fixture(scope="module")
+def imported(setup):
+    workdir = setup["root"] / "imported"
+    _convert("from-torch", "--checkpoint", setup["official"], "--config", setup["config"],
+             "--workdir", workdir, "--trust-pickle")
+    return str(workdir)
+
+
+def test_from_torch_then_to_torch_is_bit_exact(setup, imported, tmp_path):
+    out = tmp_path / "back.pth"
+    _convert("to-torch", "--workdir", imported, "--step", 0, "--out", out)
+    back = torch.load(out, weights_only=True)["model"]
+    original = setup["reference"].state_dict()
+    assert list(back) == list(original)
+    for k, v in original.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+
+
+def test_finetune_export_loads_strictly(setup, imported, tmp_path):
+    out = tmp_path / "ft.pth"
+    _convert("to-torch", "--workdir", imported, "--step", 0, "--out", out, "--format", "finetune",
+             "--num-classes", 7)
+    sd = torch.load(out, weights_only=True)["model"]
+    model = MixMIMFinetuneTorch.from_model_config(setup["cfg"].model, num_classes=7)
+    model.load_state_dict(sd, strict=True)
+    assert sd["head.weight"].shape == (7, setup["cfg"].model.embed_dim * 2)
+
+
+def test_visualize_loss_matches_the_torch_reference(setup, imported, tmp_path, capsys):
+    paths = sorted(str(p) for p in setup["folder"].iterdir())[:4]
+    mask = np.zeros((4, 4), np.int64)
+    mask.flat[[0, 3, 5, 6, 9, 10, 12, 15]] = 1
+    np.save(tmp_path / "mask.npy", mask)
+    out = tmp_path / "grid.png"
+    cli.visualize_main(["--workdir", imported, "--images", *paths, "--out", str(out),
+                        "--mask", str(tmp_path / "mask.npy")])
+    printed = capsys.readouterr().out
+    line = [s for s in printed.splitlines() if s.startswith("loss: ")]
+    assert len(line) == 1, printed
+    jax_loss = float(line[0].split()[1])
+    grid = np.asarray(Image.open(out))
+    assert grid.shape[0] > 4 * 32 and grid.std() > 10  # 4 rows of real pictures
+
+    # The same images (resized and cropped to 32 px by the tool), normalised, same mask.
+    images = load_images(paths, 32)
+    x = (images / 255.0 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+    x = torch.tensor(x, dtype=torch.float32).permute(0, 3, 1, 2)
+    ref = setup["reference"]
+    m = torch.tensor(mask, dtype=torch.float32)
+    with torch.no_grad():
+        masks = ref.make_stage_masks(m)
+        z = ref.forward_encoder(x, masks)
+        loss = ref.forward_loss(x, ref.forward_decoder(z, masks[-1]), masks[-1])
+    assert abs(jax_loss - float(loss)) <= 1e-5 * abs(float(loss)) + 1e-6
+
+
+def test_visualize_rejects_a_bad_mask(imported, setup, tmp_path, capsys):
+    np.save(tmp_path / "bad.npy", np.ones((3, 3)))
+    paths = sorted(str(p) for p in setup["folder"].iterdir())[:2]
+    with pytest.raises(SystemExit):
+        cli.visualize_main(["--workdir", imported, "--images", *paths, "--out",
+                            str(tmp_path / "x.png"), "--mask", str(tmp_path / "bad.npy")])
+    assert re.search(r"--mask .*bad\.npy.*4x4", capsys.readouterr().err)
+    assert not os.path.exists(tmp_path / "x.png")
+
+
+def test_pretrain_resumes_from_an_imported_checkpoint(setup, imported):
+    config = config_lib.load_config(setup["config"])
+    lines = []
+    out = trainer.train(config, imported, print_fn=lines.append)
+    assert any("Resumed from step 0" in s for s in lines)
+    assert out["step"] == 1 and np.isfinite(out["loss"])
+
+
+def test_from_torch_refuses_a_workdir_with_checkpoints(setup, imported, capsys):
+    with pytest.raises(SystemExit):
+        _convert("from-torch", "--checkpoint", setup["official"], "--config", setup["config"],
+                 "--workdir", imported, "--trust-pickle")
+    assert "already holds checkpoints" in capsys.readouterr().err
