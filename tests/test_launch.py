@@ -246,7 +246,8 @@ def test_tpu_train_and_stop_run_on_a_fake_worker(tmp_path):
             time.sleep(0.02)
         cwd, tf_level, args = started.read_text().strip().split("|")
         assert Path(cwd) == home / "mixmae-jax" and tf_level == "2"
-        assert args == "--config configs/mixmim_l.py --workdir gs://bkt/runs/b1 --config.seed=3 --jax_distributed"
+        assert args == ("--config configs/mixmim_l.py --workdir gs://bkt/runs/b1 --config.seed=3"
+                        " --jax_distributed")
         pid = int(pidfile.read_text())
         assert os.getpgid(pid) == pid  # its own process group, for `stop`
         assert (home / "mixmae-logs" / "latest.log").read_text() == "training\n"

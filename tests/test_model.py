@@ -58,7 +58,7 @@ def tiny():
     cfg = tiny_cfg()
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: MixMIMModel(cfg, rngs=nnx.Rngs(0))),
                                    nnx.Param)
-    params = random_params(abstract.to_pure_dict(), seed=0)
+    params = random_params(nnx.to_pure_dict(abstract), seed=0)
 
     def encode(params, images, mask):
         return bind(graphdef, params).encode_mixed(images, mask, 1)
@@ -110,7 +110,7 @@ def test_all_zero_mask_equals_the_finetuning_encoder(tiny):
                                                                          rngs=nnx.Rngs(0))),
                                    nnx.Param)
     cls_params = {"encoder": params["encoder"],
-                  "head": random_params(abstract.to_pure_dict(), 1)["head"]}
+                  "head": random_params(nnx.to_pure_dict(abstract), 1)["head"]}
     feats = jax.jit(lambda p, x: bind(graphdef, p).forward_features(x),
                     compiler_options=FAST_COMPILE)(cls_params, images)
     z = tiny["encode"](params, images, np.zeros_like(tiny["mask"]))
@@ -231,7 +231,7 @@ def abstract_pretrain():
         if variant not in cache:
             cfg = model_config(variant, 224)
             model = nnx.eval_shape(lambda: MixMIMModel(cfg, rngs=nnx.Rngs(0)))
-            cache[variant] = nnx.split(model, nnx.Param)[1].to_pure_dict()
+            cache[variant] = nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
         return cache[variant]
 
     return get
@@ -258,7 +258,7 @@ def test_finetuning_parameter_counts_224(abstract_pretrain, variant):
 def test_finetuning_parameter_counts_384(variant):
     cfg = model_config(variant, 384)
     model = nnx.eval_shape(lambda: SwinClassifier(cfg, 1000, rngs=nnx.Rngs(0)))
-    params = nnx.split(model, nnx.Param)[1].to_pure_dict()
+    params = nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
     assert set(params) == {"encoder", "head"}
     assert _numel(params) + _tables(cfg, pretrain=False) == FINETUNE_TOTALS[(variant, 384)]
 
@@ -267,8 +267,8 @@ def test_encoder_is_the_same_module_in_both_models():
     cfg = tiny_cfg()
     pre = nnx.split(nnx.eval_shape(lambda: MixMIMModel(cfg, rngs=nnx.Rngs(0))), nnx.Param)[1]
     enc = nnx.split(nnx.eval_shape(lambda: SwinEncoder(cfg, rngs=nnx.Rngs(0))), nnx.Param)[1]
-    shapes = jax.tree_util.tree_map(lambda x: x.shape, pre.to_pure_dict()["encoder"])
-    assert shapes == jax.tree_util.tree_map(lambda x: x.shape, enc.to_pure_dict())
+    shapes = jax.tree_util.tree_map(lambda x: x.shape, nnx.to_pure_dict(pre)["encoder"])
+    assert shapes == jax.tree_util.tree_map(lambda x: x.shape, nnx.to_pure_dict(enc))
 
 
 def test_remat_changes_memory_not_numbers(tiny):

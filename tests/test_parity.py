@@ -62,7 +62,7 @@ def rel_err(a, b) -> float:
 def abstract_model(build):
     """(graphdef, abstract params) without allocating."""
     graphdef, state = nnx.split(nnx.eval_shape(build), nnx.Param)
-    return graphdef, state.to_pure_dict()
+    return graphdef, nnx.to_pure_dict(state)
 
 
 def random_params(abstract, seed):

@@ -248,7 +248,7 @@ def state_dict_to_params(state_dict, model_cfg, template_params, *, format: str 
                          allow_ape_mismatch: bool = False):
     """Official state_dict -> (params pure dict shaped like `template_params`, ConversionReport).
 
-    template_params: the target model's params (`nnx.split(model, nnx.Param)[1].to_pure_dict()`
+    template_params: the target model's params (`nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])`
       of a `MixMIMModel` or `SwinClassifier` built from `model_cfg`); abstract leaves
       (`jax.ShapeDtypeStruct`, e.g. from `nnx.eval_shape`) are fine unless a template value has to
       be kept (a finetune file into a pretraining template keeps the decoder).
@@ -256,8 +256,6 @@ def state_dict_to_params(state_dict, model_cfg, template_params, *, format: str 
       None detects it (decoder keys / `mask_token` present -> pretrain).
     Returned leaves are host numpy arrays with the template's dtypes.
     """
-    if hasattr(template_params, "to_pure_dict"):
-        template_params = template_params.to_pure_dict()
     sd = _extract_state_dict(state_dict, "state_dict")
     fmt = format or _detect_format(sd)
     if fmt not in FORMATS:

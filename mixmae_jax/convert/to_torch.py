@@ -100,8 +100,6 @@ def params_to_state_dict(params, model_cfg, *, format: str = "pretrain", num_cla
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    if hasattr(params, "to_pure_dict"):
-        params = params.to_pure_dict()
     layout = reference_layout(model_cfg, format=format, num_classes=num_classes)
     flat = K.flatten(params)
 

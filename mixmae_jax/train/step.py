@@ -23,13 +23,13 @@ def graphdef_and_abstract_params(method):
     """The model's static structure and abstract params, without allocating anything."""
     abstract = nnx.eval_shape(lambda: method.build_model(nnx.Rngs(0)))
     graphdef, params = nnx.split(abstract, nnx.Param)
-    return graphdef, params.to_pure_dict()
+    return graphdef, nnx.to_pure_dict(params)
 
 
 def init_params(method, rng):
     """Freshly initialised params (pure dict) from a key; call under jit for sharded init."""
     model = method.build_model(nnx.Rngs(params=rng))
-    return nnx.split(model, nnx.Param)[1].to_pure_dict()
+    return nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
 
 
 def bind(graphdef, params):
