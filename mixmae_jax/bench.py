@@ -69,6 +69,9 @@ def _parse(argv):
                    help="also time the forward loss and forward+backward alone")
     p.add_argument("--profile", default=None, help="write a jax.profiler trace of the timed "
                    "steps to this directory (open with TensorBoard/XProf or Perfetto)")
+    p.add_argument("--compare-torch", action="store_true",
+                   help="also time the project's plain torch.nn reference of the official model "
+                   "(forward, loss, backward, AdamW; fp32) on the same batch, side by side")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. --set compute_dtype=bfloat16 (repeatable)")
     return p.parse_args(argv)
@@ -128,9 +131,7 @@ def _train_step(config, args) -> dict:
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
-    flops_per_device = float(cost.get("flops", 0.0))
+    flops_per_device = _step_flops(config, mesh, state, batch)
     mem = compiled.memory_analysis()
 
     for _ in range(2):  # warm-up (first runs allocate)
@@ -205,6 +206,59 @@ def _train_step(config, args) -> dict:
     return result
 
 
+def _torch_reference_step(config, steps: int) -> dict:
+    """The official-layout PyTorch model's train step on this host, for a side-by-side figure."""
+    import torch
+
+    from mixmae_jax.convert.torch_reference import MixMIMPretrainTorch
+
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(0)
+    model = MixMIMPretrainTorch.from_model_config(config.model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                            betas=(0.9, 0.95), weight_decay=0.05)
+    b, s = config.batch_size, config.model.img_size
+    x = torch.randn(b, 3, s, s)
+    times = []
+    for i in range(steps + 1):
+        t = time.perf_counter()
+        loss, _, _ = model(x, config.method.mask_ratio)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i:  # the first step allocates
+            times.append(time.perf_counter() - t)
+    step = statistics.median(times)
+    return {"torch_reference_step_time_s": step, "torch_reference_images_per_sec": b / step,
+            "torch_threads": torch.get_num_threads()}
+
+
+def _step_flops(config, mesh, state, batch) -> float:
+    """FLOPs per device of the compiled step, from XLA's cost analysis.
+
+    XLA counts a while loop's body once, so the blocks are unrolled for this count
+    (model.scan_blocks=False: same computation, the timed step keeps its scan).
+    """
+    import copy
+
+    import jax
+
+    from mixmae_jax.train import sharding
+    from mixmae_jax.train import step as step_lib
+    from mixmae_jax.train.trainer import build_state_fns
+
+    unrolled = copy.deepcopy(config)
+    unrolled.model.scan_blocks = False
+    method, tx, lr, graphdef, _, _, state_sh = build_state_fns(unrolled, mesh, 1000)
+    fn = jax.jit(step_lib.make_train_step(unrolled, method, graphdef, tx, lr, mesh.devices.size),
+                 in_shardings=(state_sh, {"image": sharding.batch_sharding(mesh)}),
+                 out_shardings=(state_sh, sharding.replicated(mesh)))
+    compiled = fn.lower(state, batch).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return float(cost.get("flops", 0.0))
+
+
 def _table(result: dict) -> str:
     width = max(len(k) for k in result)
     rows = []
@@ -226,6 +280,10 @@ def main(argv=None) -> int:
         if args.batch:
             config.batch_size = args.batch
         result = _input_only(config, args) if args.input_only else _train_step(config, args)
+        if args.compare_torch and not args.input_only:
+            result.update(_torch_reference_step(config, max(args.steps // 2, 2)))
+            result["speedup_vs_torch_reference"] = (result["torch_reference_step_time_s"]
+                                                    / result["step_time_s"])
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}")
         return 2

@@ -13,6 +13,21 @@ import sys
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
 
 
+def _use_hugepage_malloc() -> None:
+    """Re-execute once with glibc's malloc asking for transparent huge pages.
+
+    XLA:CPU allocates its large temporaries afresh every step; with 4 KiB pages that costs
+    ~900k page faults per MixMIM-B step. `glibc.malloc.hugetlb=1` (glibc >= 2.35) cuts them ~50x
+    and the step time by ~15% on CPU; accelerator hosts are unaffected. glibc reads tunables only
+    at start-up, hence the re-exec. Opt out with MIXMAE_NO_HUGEPAGES=1.
+    """
+    if (sys.platform != "linux" or "GLIBC_TUNABLES" in os.environ
+            or os.environ.get("MIXMAE_NO_HUGEPAGES")):
+        return
+    os.environ["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1"
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+
+
 def _fail(e: Exception) -> None:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -42,6 +57,7 @@ def _pretrain(argv):
 
 
 def pretrain_main():
+    _use_hugepage_malloc()
     from absl import app, flags
     from ml_collections import config_flags
 
@@ -203,6 +219,8 @@ def _visualize(args) -> None:
 
 
 def bench_main(argv=None):
+    if argv is None:
+        _use_hugepage_malloc()
     from mixmae_jax import bench
 
     sys.exit(bench.main(argv))

@@ -155,6 +155,7 @@ def model_config(variant: str = "B", img_size: int = 224) -> ml_collections.Conf
             decoder_depth=8,
             decoder_num_heads=16,
             remat=False,  # jax.checkpoint each encoder block (memory for compute).
+            scan_blocks=True,  # run each stage's identical blocks as a lax.scan (see layers.py)
         )
     )
 

@@ -292,3 +292,21 @@ def test_remat_changes_memory_not_numbers(tiny):
     assert float(l0) == pytest.approx(float(l1), rel=1e-6)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_drop_path_is_per_sample_and_off_without_an_rng(tiny):
+    """Stochastic depth (finetuning) runs inside the scanned blocks with per-block rates."""
+    cfg = tiny_cfg()
+    cfg.drop_path_rate = 0.5
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: MixMIMModel(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+
+    @jax.jit
+    def encode(params, rng):
+        return bind(graphdef, params).encode_mixed(tiny["images"], tiny["mask"], 1, rng)
+
+    plain = tiny["encode"](tiny["params"], tiny["images"], tiny["mask"])
+    np.testing.assert_allclose(encode(tiny["params"], None), plain, rtol=1e-5, atol=1e-6)
+    a = encode(tiny["params"], jax.random.PRNGKey(0))
+    b = encode(tiny["params"], jax.random.PRNGKey(1))
+    assert np.abs(np.asarray(a) - np.asarray(plain)).max() > 1e-3  # some blocks were dropped
+    assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3  # and which depends on the key

@@ -26,7 +26,7 @@ class MixMIMModel(nnx.Module):
         self.decoder = MaskedDecoder(enc.out_dim, cfg.decoder_dim, cfg.decoder_depth,
                                      cfg.decoder_num_heads, enc.final_grid,
                                      enc.stride**2 * cfg.in_chans, mlp_ratio=cfg.mlp_ratio,
-                                     dtype=dtype, rngs=rngs)
+                                     scan=enc.scan, dtype=dtype, rngs=rngs)
 
     def encode_mixed(self, images, mask, num_groups: int, rng=None, return_stages=False):
         """Mix each image with its partner (mask: (B, L_final), 1 = partner) and encode."""

@@ -42,8 +42,9 @@ class MaskedDecoder(nnx.Module):
     """embed -> fill hidden positions with the mask token -> + sin-cos PE -> blocks -> pred."""
 
     def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, grid: int,
-                 out_dim: int, *, mlp_ratio: float = 4.0, dtype=None, rngs: nnx.Rngs):
-        self.dim, self.grid = dim, grid
+                 out_dim: int, *, mlp_ratio: float = 4.0, scan: bool = True, dtype=None,
+                 rngs: nnx.Rngs):
+        self.dim, self.grid, self.scan = dim, grid, scan
         self.mask_token = nnx.Param(L.table_init(rngs.params(), (1, 1, dim), jnp.float32))
         self.embed = L.dense(in_dim, dim, dtype=dtype, rngs=rngs)
         self.blocks = nnx.List([Block(dim, num_heads, mlp_ratio, dtype=dtype, rngs=rngs)
@@ -58,6 +59,5 @@ class MaskedDecoder(nnx.Module):
         # Same arithmetic as the official `x * (1 - m) + mask_token * m` (bit-for-bit parity).
         x = x * (1.0 - h) + self.mask_token[...] * h
         x = x + L.sincos_pos_embed_2d(self.dim, self.grid, self.grid)
-        for block in self.blocks:
-            x = block(x)
+        x = L.apply_blocks(self.blocks, x, lambda block, x: block(x), scan=self.scan)
         return self.pred(self.norm(x)).astype(jnp.float32)

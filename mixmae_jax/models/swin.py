@@ -56,18 +56,22 @@ class SwinBlock(nnx.Module):
 
     def __init__(self, dim: int, num_heads: int, window: int, resolution: tuple[int, int], *,
                  shift: int = 0, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop_path: float = 0.0, dtype=None, rngs: nnx.Rngs):
+                 dtype=None, rngs: nnx.Rngs):
         if min(resolution) <= window:  # official: the window shrinks to a small feature map
             window, shift = min(resolution), 0
-        self.window, self.shift, self.drop_path = window, shift, drop_path
+        self.window, self.shift = window, shift
         self.norm1 = L.layer_norm(dim, rngs=rngs)
         self.attn = WindowAttention(dim, num_heads, window, qkv_bias=qkv_bias, dtype=dtype,
                                     rngs=rngs)
         self.norm2 = L.layer_norm(dim, rngs=rngs)
         self.mlp = L.Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, source_ids=None, rng=None):
-        """x: (B, H, W, C) float32; source_ids: (B, H, W) ints or None."""
+    def __call__(self, x, source_ids=None, rng=None, drop_rate=0.0):
+        """x: (B, H, W, C) float32; source_ids: (B, H, W) ints or None.
+
+        drop_rate (stochastic depth) is an argument, not an attribute, so that the blocks of a
+        stage share one structure and can run as a scan.
+        """
         b, h, w, c = x.shape
         rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
         y = self.norm1(x)
@@ -84,9 +88,9 @@ class SwinBlock(nnx.Module):
         y = L.window_reverse(self.attn(windows, win_labels), self.window, h, w)
         if self.shift:
             y = jnp.roll(y, (self.shift, self.shift), axis=(1, 2))
-        x = x + L.drop_path(y.astype(jnp.float32), self.drop_path, rngs[0])
+        x = x + L.drop_path(y.astype(jnp.float32), drop_rate, rngs[0])
         y = self.mlp(self.norm2(x))
-        return x + L.drop_path(y.astype(jnp.float32), self.drop_path, rngs[1])
+        return x + L.drop_path(y.astype(jnp.float32), drop_rate, rngs[1])
 
 
 class PatchMerging(nnx.Module):
@@ -132,9 +136,11 @@ class SwinEncoder(nnx.Module):
         self.embed_dim = cfg.embed_dim
         self.num_stages = len(depths)
         self.remat = bool(cfg.get("remat", False))
+        self.scan = bool(cfg.get("scan_blocks", True))
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim, dtype=dtype,
                                       rngs=rngs)
-        rates = np.linspace(0.0, cfg.drop_path_rate, sum(depths)).tolist()
+        # Per-block stochastic depth, linear over all blocks (official schedule).
+        self.drop_rates = tuple(np.linspace(0.0, cfg.drop_path_rate, sum(depths)).tolist())
         stages, dim, res, k = [], cfg.embed_dim, self.grid, 0
         for s, (depth, nh, win) in enumerate(zip(depths, heads, windows)):
             blocks = []
@@ -142,7 +148,7 @@ class SwinEncoder(nnx.Module):
                 shift = win // 2 if (cfg.get("shift_windows", False) and j % 2 == 1) else 0
                 blocks.append(SwinBlock(dim, nh, win, (res, res), shift=shift,
                                         mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
-                                        drop_path=rates[k], dtype=dtype, rngs=rngs))
+                                        dtype=dtype, rngs=rngs))
                 k += 1
             last = s == self.num_stages - 1
             stages.append(SwinStage(blocks, None if last else PatchMerging(dim, dtype=dtype,
@@ -172,16 +178,18 @@ class SwinEncoder(nnx.Module):
         ape = L.sincos_pos_embed_2d(self.embed_dim, self.grid, self.grid)
         x = tokens.astype(jnp.float32) + ape.reshape(self.grid, self.grid, self.embed_dim)
         stages = [x]
-        k = 0
+        first = 0
         for stage in self.layers:
-            for block in stage.blocks:
-                block_rng = None if rng is None else jax.random.fold_in(rng, k)
-                if self.remat:
-                    x = nnx.remat(lambda blk, x, ids, r: blk(x, ids, r))(block, x, source_ids,
-                                                                         block_rng)
-                else:
-                    x = block(x, source_ids, block_rng)
-                k += 1
+            n = len(stage.blocks)
+            rates = self.drop_rates[first:first + n]
+            keys = None
+            if rng is not None and any(rates):
+                keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(first, first + n))
+            x = L.apply_blocks(
+                stage.blocks, x,
+                lambda blk, x, rate, key, ids=source_ids: blk(x, ids, key, rate),
+                (jnp.asarray(rates, jnp.float32), keys), remat=self.remat, scan=self.scan)
+            first += n
             if stage.downsample is not None:
                 x = stage.downsample(x)
                 if source_ids is not None:

@@ -54,7 +54,8 @@ CHECKPOINT_DIR = "checkpoints"
 # optimiser (or fail to restore the state), so it is refused. Other keys (run length, logging and
 # checkpoint cadence, mesh, sharding rules, data location and prefetch, ...) may change.
 PROTECTED_CONFIG_KEYS = ("model", "method", "optim", "batch_size")
-SAFE_PROTECTED_KEYS = ("model.remat",)  # recomputation only: same numbers, less memory
+# Execution strategy only: the same numbers (up to float rounding), other memory or speed.
+SAFE_PROTECTED_KEYS = ("model.remat", "model.scan_blocks")
 
 
 class ConfigMismatchError(ValueError):
