@@ -84,19 +84,23 @@ def equivalence(out):
             return {"mask": jnp.broadcast_to(jnp.asarray(mask_row), (b, 16))}
 
     results = {}
-    for name, (data, fsdp, devices, rules) in {
-        "one": (1, 1, jax.devices()[:1], ()),
-        "dp8": (8, 1, jax.devices(), ()),
-        "fsdp2x4": (2, 4, jax.devices(), ((".*", "fsdp", 64),)),
+    for name, (data, fsdp, devices, rules, accum) in {
+        "one": (1, 1, jax.devices()[:1], (), 1),
+        "dp8": (8, 1, jax.devices(), (), 1),
+        "fsdp2x4": (2, 4, jax.devices(), ((".*", "fsdp", 64),), 1),
+        # Two micro-batches per device, each the same shard: the accumulated update is the same.
+        "accum2": (1, 1, jax.devices()[:1], (), 2),
     }.items():
         config = tiny_config()
-        config.batch_size = 4 * data * fsdp
-        config.optim.base_lr = 1e-3 / (data * fsdp)  # the lr scales with the global batch
+        copies = data * fsdp * accum
+        config.batch_size = 4 * copies
+        config.optim.base_lr = 1e-3 / copies  # the lr scales with the global batch
+        config.optim.grad_accum_steps = accum
         config.sharding_rules = rules
         mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": data, "fsdp": fsdp}),
                                   devices)
         state, step, batch_sh, _, state_sh = build(config, mesh, FixedMask(config))
-        images = np.concatenate([shard] * (data * fsdp))
+        images = np.concatenate([shard] * copies)
         batch = {"image": jax.device_put(images, batch_sh)}
         state, metrics = step(state, batch)
         results[f"{name}/loss"] = np.asarray(metrics["loss"])

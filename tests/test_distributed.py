@@ -29,12 +29,15 @@ def _params(npz, prefix):
 
 
 def test_eight_devices_match_one_device_and_fsdp(tmp_path):
-    """Each device gets the same shard and mask: loss and update equal the one-device step."""
+    """Each device gets the same shard and mask: loss and update equal the one-device step.
+
+    Also FSDP on a 2 x 4 mesh, and gradient accumulation over two identical micro-batches.
+    """
     out = str(tmp_path / "eq.npz")
     _run([out, "equivalence"], _env(8))
     r = np.load(out)
     one = _params(r, "one/params/")
-    for name in ("dp8", "fsdp2x4"):
+    for name in ("dp8", "fsdp2x4", "accum2"):
         np.testing.assert_allclose(r[f"{name}/loss"], r["one/loss"], rtol=1e-6)
         np.testing.assert_allclose(r[f"{name}/grad_norm"], r["one/grad_norm"], rtol=1e-5)
         # Adam's first step is ~lr * sign(g): gradients that differ only by reduction order

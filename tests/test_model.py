@@ -310,3 +310,26 @@ def test_drop_path_is_per_sample_and_off_without_an_rng(tiny):
     b = encode(tiny["params"], jax.random.PRNGKey(1))
     assert np.abs(np.asarray(a) - np.asarray(plain)).max() > 1e-3  # some blocks were dropped
     assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3  # and which depends on the key
+
+
+def test_bf16_compute_keeps_fp32_params_and_close_loss(tiny):
+    """compute_dtype=bfloat16: bf16 matmuls, fp32 master weights, loss within bf16 precision."""
+    from mixmae_jax.config import base_config
+    from mixmae_jax.methods import get_method
+
+    losses = {}
+    plan = {"mask": jnp.asarray(tiny["mask"])}
+    for dtype in ("float32", "bfloat16"):
+        config = base_config()
+        config.model = tiny_cfg()
+        config.compute_dtype = dtype
+        method = get_method(config)
+        graphdef, abstract = nnx.split(nnx.eval_shape(lambda m=method: m.build_model(
+            nnx.Rngs(0))), nnx.Param)
+        dtypes = {x.dtype for x in jax.tree.leaves(nnx.to_pure_dict(abstract))}
+        assert dtypes == {jnp.dtype("float32")}
+        loss = jax.jit(lambda p, g=graphdef, m=method: m.loss(bind(g, p), tiny["images"], plan,
+                                                             1)[0])(tiny["params"])
+        losses[dtype] = float(loss)
+    assert losses["bfloat16"] != losses["float32"]  # bf16 really ran
+    assert abs(losses["bfloat16"] - losses["float32"]) < 2e-2 * abs(losses["float32"])
