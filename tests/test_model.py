@@ -333,3 +333,24 @@ def test_bf16_compute_keeps_fp32_params_and_close_loss(tiny):
         losses[dtype] = float(loss)
     assert losses["bfloat16"] != losses["float32"]  # bf16 really ran
     assert abs(losses["bfloat16"] - losses["float32"]) < 2e-2 * abs(losses["float32"])
+
+
+@pytest.mark.parametrize("shift, expected", [
+    # No shift: token (0, 0) is seen by its whole 4x4 window.
+    (0, {(r, c) for r in range(4) for c in range(4)}),
+    # Shift 2 (Swin): after the cyclic roll, (0, 0) sits in the bottom-right window, whose
+    # wrapped-around corner (rows 0-1, cols 0-1 of the original map) is a region of its own.
+    (2, {(r, c) for r in range(2) for c in range(2)}),
+])
+def test_shifted_windows_attend_within_their_region(shift, expected):
+    from mixmae_jax.models.swin import SwinBlock
+
+    block = SwinBlock(8, 2, 4, (8, 8), shift=shift, rngs=nnx.Rngs(0))
+    x = np.random.default_rng(0).standard_normal((1, 8, 8, 8), dtype=np.float32)
+    y = x.copy()
+    y[0, 0, 0, 0] += 5.0  # one channel (a shift of all channels would vanish in the LayerNorm)
+    change = np.abs(np.asarray(block(y) - block(x)))[0].max(-1)
+    inside = np.zeros((8, 8), bool)
+    inside[tuple(np.array(sorted(expected)).T)] = True
+    assert (change[~inside] == 0).all(), "a token outside the window/region saw the change"
+    assert (change[inside] > 1e-4).all(), change[inside]
