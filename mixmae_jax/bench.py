@@ -112,7 +112,7 @@ def _train_step(config, args) -> dict:
     from mixmae_jax import imaging
     from mixmae_jax.train import sharding
     from mixmae_jax.train import step as step_lib
-    from mixmae_jax.train.trainer import build_state_fns
+    from mixmae_jax.train.trainer import build_state_fns, jit_train_step
 
     mesh = sharding.make_mesh(config.mesh)
     n_dev = mesh.devices.size
@@ -125,9 +125,7 @@ def _train_step(config, args) -> dict:
     images = jax.jit(lambda k: jax.random.randint(k, (b, s, s, 3), 0, 256, jnp.int32)
                      .astype(jnp.uint8), out_shardings=batch_sh)(jax.random.PRNGKey(0))
     batch = {"image": images}
-    step_fn = jax.jit(step_lib.make_train_step(config, method, graphdef, tx, lr_schedule, n_dev),
-                      in_shardings=(state_sh, {"image": batch_sh}),
-                      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+    step_fn = jit_train_step(config, mesh, method, graphdef, tx, lr_schedule, state_sh)
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
@@ -241,18 +239,12 @@ def _step_flops(config, mesh, state, batch) -> float:
     """
     import copy
 
-    import jax
-
-    from mixmae_jax.train import sharding
-    from mixmae_jax.train import step as step_lib
-    from mixmae_jax.train.trainer import build_state_fns
+    from mixmae_jax.train.trainer import build_state_fns, jit_train_step
 
     unrolled = copy.deepcopy(config)
     unrolled.model.scan_blocks = False
     method, tx, lr, graphdef, _, _, state_sh = build_state_fns(unrolled, mesh, 1000)
-    fn = jax.jit(step_lib.make_train_step(unrolled, method, graphdef, tx, lr, mesh.devices.size),
-                 in_shardings=(state_sh, {"image": sharding.batch_sharding(mesh)}),
-                 out_shardings=(state_sh, sharding.replicated(mesh)))
+    fn = jit_train_step(unrolled, mesh, method, graphdef, tx, lr, state_sh, donate=False)
     compiled = fn.lower(state, batch).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost

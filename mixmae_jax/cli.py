@@ -106,12 +106,10 @@ def _from_torch(args) -> None:
                               "choose an empty workdir")
     state_dict = from_torch.load_torch_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle)
     import jax
-    import ml_collections
 
     from mixmae_jax.train import sharding
 
-    mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1}),
-                              jax.local_devices()[:1])
+    mesh = sharding.single_device_mesh()
     _, tx, _, _, init_fn, _, _ = trainer.build_state_fns(config, mesh, steps_per_epoch=1)
     # A concrete fresh state: parts the file lacks (e.g. the decoder, when importing a finetune
     # checkpoint into a pretraining config) keep their fresh initialisation.

@@ -34,16 +34,11 @@ def build(config, mesh, method=None):
     import jax
 
     from mixmae_jax.train import sharding
-    from mixmae_jax.train import step as step_lib
-    from mixmae_jax.train.trainer import build_state_fns
+    from mixmae_jax.train.trainer import build_state_fns, jit_train_step
 
     m, tx, lr, graphdef, init_fn, abstract, state_sh = build_state_fns(config, mesh, 10)
-    method = method or m
-    n = mesh.devices.size
+    step = jit_train_step(config, mesh, method or m, graphdef, tx, lr, state_sh)
     batch_sh = sharding.batch_sharding(mesh)
-    step = jax.jit(step_lib.make_train_step(config, method, graphdef, tx, lr, n),
-                   in_shardings=(state_sh, {"image": batch_sh}),
-                   out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
     state = jax.jit(init_fn, out_shardings=state_sh)()
     return state, step, batch_sh, abstract, state_sh
 

@@ -5,15 +5,13 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax_subprocess import run_python
 
 from mixmae_jax.config import base_config
 from mixmae_jax.train import checkpoint, optim, sharding
@@ -272,29 +270,9 @@ print("OK")
 """
 
 
-def _run(script: str, *args: str, devices: int = 1) -> str:
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-    )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script), *args],
-        env=env,
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc.stdout
-
-
 def test_save_with_jax_preemption_service_disabled(tmp_path):
-    assert _run(_PREEMPTION_SERVICE_OFF, str(tmp_path)).strip().endswith("OK")
+    assert run_python(_PREEMPTION_SERVICE_OFF, str(tmp_path)).strip().endswith("OK")
 
 
 def test_restore_onto_a_different_mesh(tmp_path):
-    assert _run(_RESHARD, str(tmp_path), devices=8).strip().endswith("OK")
+    assert run_python(_RESHARD, str(tmp_path), devices=8).strip().endswith("OK")

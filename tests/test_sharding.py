@@ -1,16 +1,12 @@
 """Mesh set-up, regex sharding rules, optimizer-state placement and the distributed start-up."""
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import jax
 import jax.numpy as jnp
 import optax
 import pytest
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
+from jax_subprocess import run_python
 
 from mixmae_jax.train import distributed, sharding
 
@@ -221,23 +217,5 @@ print("OK")
 """
 
 
-def _run_8_devices(script: str) -> str:
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
-    )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)],
-        env=env,
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc.stdout
-
-
 def test_mesh_and_placement_on_8_host_devices():
-    assert _run_8_devices(_MESH_SCRIPT).strip().endswith("OK")
+    assert run_python(_MESH_SCRIPT, devices=8).strip().endswith("OK")

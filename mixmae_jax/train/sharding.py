@@ -19,6 +19,7 @@ A rule `("FSDP_DEFAULT", "fsdp")` stands for the built-in `FSDP_RULES` (see `exp
 from __future__ import annotations
 
 import re
+import types
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -71,6 +72,11 @@ def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> jax
     # Auto axes: jit in/out shardings drive the partitioning; jax.make_mesh defaults to Explicit
     # ("sharding in types"), which this codebase does not use.
     return jax.make_mesh(shape, MESH_AXES, (AxisType.Auto,) * 2, devices=devices)
+
+
+def single_device_mesh() -> jax.sharding.Mesh:
+    """A 1 x 1 mesh on this host's first device: tools that read or write one checkpoint."""
+    return make_mesh(types.SimpleNamespace(data=1, fsdp=1), jax.local_devices()[:1])
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:

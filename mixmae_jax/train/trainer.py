@@ -42,6 +42,17 @@ def build_state_fns(config, mesh, steps_per_epoch: int):
     return method, tx, lr_schedule, graphdef, init_fn, abstract, shardings
 
 
+def jit_train_step(config, mesh, method, graphdef, tx, lr_schedule, state_sh, *,
+                   donate: bool = True):
+    """The train step jitted with the run's shardings: batch over all mesh axes, state donated."""
+    batch_sh = sharding.batch_sharding(mesh)
+    step = step_lib.make_train_step(config, method, graphdef, tx, lr_schedule,
+                                    mesh.devices.size)
+    return jax.jit(step, in_shardings=(state_sh, {"image": batch_sh}),
+                   out_shardings=(state_sh, sharding.replicated(mesh)),
+                   donate_argnums=(0,) if donate else ())
+
+
 def load_config_snapshot(workdir: str) -> ml_collections.ConfigDict:
     """The config a run was started with (config.json beside its checkpoints)."""
     path = epath.Path(workdir) / ckpt_lib.CONFIG_NAME
@@ -53,8 +64,7 @@ def load_config_snapshot(workdir: str) -> ml_collections.ConfigDict:
 def restore_params(workdir: str, step: int | None = None):
     """(config, params, step) of a run's checkpoint, on this host's devices (for tools)."""
     config = load_config_snapshot(workdir)
-    mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1}),
-                              jax.local_devices()[:1])
+    mesh = sharding.single_device_mesh()
     *_, abstract, shardings = build_state_fns(config, mesh, steps_per_epoch=1)
     ckpt = ckpt_lib.Checkpointer(workdir, save_every=0, keep=0)
     try:
@@ -123,11 +133,7 @@ def train(config, workdir: str, *, print_fn=print, stop_at: int | None = None) -
 
     # ----- The jitted step -------------------------------------------------------------------
     batch_sh = sharding.batch_sharding(mesh)
-    train_step = jax.jit(
-        step_lib.make_train_step(config, method, graphdef, tx, lr_schedule, num_devices),
-        in_shardings=(state_sh, {"image": batch_sh}),
-        out_shardings=(state_sh, sharding.replicated(mesh)),
-        donate_argnums=(0,))
+    train_step = jit_train_step(config, mesh, method, graphdef, tx, lr_schedule, state_sh)
     print_fn(f"MixMIM pretraining: {num_params / 1e6:.2f}M params, {num_devices} devices, "
              f"global batch {config.batch_size}, {steps_per_epoch} steps/epoch, "
              f"steps {start_step} -> {total_steps}")
