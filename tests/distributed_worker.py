@@ -6,8 +6,8 @@ Sets up host devices itself (XLA_FLAGS must be in the environment before JAX sta
 real sharded state and jitted step of the trainer, and writes losses and final params to OUT.npz.
 
 MODE:
-  equivalence  one device on a shard vs 8 devices each given the same shard and mask, and the
-               same on a 2 x 4 data x fsdp mesh with FSDP rules
+  equivalence  one device computing 8 device groups vs 8 devices, a 2 x 4 data x fsdp mesh with
+               FSDP rules, and gradient accumulation over 2 micro-batches on 8 devices
   train        a few steps on all devices of all processes from a fixed global batch stream,
                save a checkpoint collectively, restore it, take one more step
 """
@@ -26,85 +26,151 @@ def tiny_config():
                    window_sizes=(4, 4), decoder_dim=32, decoder_depth=1, decoder_num_heads=2)
     c.data.update(image_size=32)
     c.total_steps = 10
-    c.optim.update(warmup_epochs=0, base_lr=1e-3)
+    # Adam with eps far above |g|: the update ~ lr * g / eps, so gradients that differ only by
+    # reduction order give updates that differ by as little (eps 1e-8 would turn a near-zero
+    # component's rounding noise into a step of up to lr).
+    c.optim.update(warmup_epochs=0, base_lr=1e-3, eps=1.0)
     return c
 
 
-def build(config, mesh, method=None):
+def keep_gradient():
+    """optax transformation that passes updates through and keeps them as its state.
+
+    Chained in front of the optimizer, the train state's opt_state[0] is the exact gradient the
+    step computed (sharded like the params), so tests can compare gradients, not only updates.
+    """
     import jax
+    import jax.numpy as jnp
+    import optax
 
-    from mixmae_jax.train import sharding
-    from mixmae_jax.train.trainer import build_state_fns, jit_train_step
+    return optax.GradientTransformation(lambda p: jax.tree.map(jnp.zeros_like, p),
+                                        lambda g, state, params=None: (g, g))
 
-    m, tx, lr, graphdef, init_fn, abstract, state_sh = build_state_fns(config, mesh, 10)
-    step = jit_train_step(config, mesh, method or m, graphdef, tx, lr, state_sh)
-    batch_sh = sharding.batch_sharding(mesh)
+
+def build(config, mesh, method=None, *, num_groups=None):
+    """Sharded state, jitted step and shardings, with the gradient kept in opt_state[0].
+
+    num_groups: the device groups the step mixes within (default: the mesh's device count, as
+    the trainer does); a one-device mesh with num_groups=8 computes what 8 devices compute.
+    """
+    import jax
+    import optax
+
+    from mixmae_jax.methods import get_method
+    from mixmae_jax.train import optim, sharding
+    from mixmae_jax.train import step as step_lib
+    from mixmae_jax.train.trainer import jit_train_step
+
+    method = method or get_method(config)
+    base_tx, lr = optim.make_optimizer(config, 10)
+    tx = optax.chain(keep_gradient(), base_tx)
+    graphdef, _ = step_lib.graphdef_and_abstract_params(method)
+    init_fn = step_lib.make_init_fn(method, tx, config.seed)
+    abstract = jax.eval_shape(init_fn)
+    state_sh = sharding.state_shardings(abstract, mesh, tuple(config.sharding_rules))
+    if num_groups is None:
+        step = jit_train_step(config, mesh, method, graphdef, tx, lr, state_sh)
+    else:
+        batch_sh = sharding.batch_sharding(mesh)
+        step = jax.jit(step_lib.make_train_step(config, method, graphdef, tx, lr, num_groups),
+                       in_shardings=(state_sh, {"image": batch_sh}),
+                       out_shardings=(state_sh, sharding.replicated(mesh)))
     state = jax.jit(init_fn, out_shardings=state_sh)()
-    return state, step, batch_sh, abstract, state_sh
+    return state, step, sharding.batch_sharding(mesh), abstract, state_sh
 
 
-def flat_params(state):
+def flat_tree(tree):
     import jax
     import numpy as np
 
     from mixmae_jax.train.sharding import path_str
 
-    leaves = jax.tree_util.tree_flatten_with_path(state["params"])[0]
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {path_str(p): np.asarray(jax.device_get(x)) for p, x in leaves}
 
 
+class FixedPlan:
+    """The real method with its plan pinned: group g of every batch gets mask table[g].
+
+    Checks that the step asks for a plan with the number of groups the table has, so a step
+    that mixes within the wrong groups fails here rather than silently.
+    """
+
+    def __init__(self, config, table):
+        from mixmae_jax.methods import get_method
+
+        self._method = get_method(config)
+        self._table = table
+
+    def __getattr__(self, name):
+        return getattr(self._method, name)
+
+    def make_plan(self, rng, batch_size, num_groups):
+        import jax.numpy as jnp
+
+        assert num_groups == len(self._table), (num_groups, len(self._table))
+        return {"mask": jnp.repeat(jnp.asarray(self._table), batch_size // num_groups, axis=0)}
+
+
 def equivalence(out):
+    """One step of: one device computing 8 device groups, 8 devices, FSDP 2x4, and 2-step
+    gradient accumulation on 8 devices; losses, gradients and updated params.
+
+    Every device gets its own shard S_d (and T_d for the second micro-batch) and its own mask, so
+    a step that mixes across devices, drops a shard or mis-splits micro-batches changes numbers.
+    (That 8 groups on one device compute what 8 separate one-group runs compute is tested in
+    test_model.py, without devices.)
+    """
     import jax
-    import jax.numpy as jnp
     import ml_collections
     import numpy as np
 
-    from mixmae_jax.methods import get_method
     from mixmae_jax.train import sharding
 
     assert jax.device_count() == 8
     rng = np.random.default_rng(0)
-    shard = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
-    mask_row = np.zeros(16, np.float32)
-    mask_row[rng.permutation(16)[:8]] = 1.0
-
-    class FixedMask:  # the same mask on every device: the one thing the test pins
-        def __init__(self, config):
-            self._m = get_method(config)
-
-        def __getattr__(self, name):
-            return getattr(self._m, name)
-
-        def make_plan(self, rng, b, g):
-            return {"mask": jnp.broadcast_to(jnp.asarray(mask_row), (b, 16))}
-
+    shards_s = rng.integers(0, 256, (8, 4, 32, 32, 3), dtype=np.uint8)
+    shards_t = rng.integers(0, 256, (8, 4, 32, 32, 3), dtype=np.uint8)
+    # 8 different masks on the 4x4 final grid, with different counts (3..10 of 16 cells).
+    table = np.zeros((8, 16), np.float32)
+    for d in range(8):
+        table[d, rng.permutation(16)[:3 + d]] = 1.0
+    batch_s = shards_s.reshape(-1, 32, 32, 3)  # device d's rows are 4d .. 4d+3
+    batch_t = shards_t.reshape(-1, 32, 32, 3)
+    # Device d's 8 rows are S_d then T_d: micro-batch 0 is every S_d, micro-batch 1 every T_d.
+    both = np.concatenate([shards_s, shards_t], axis=1).reshape(-1, 32, 32, 3)
+    one, all8 = jax.devices()[:1], jax.devices()
     results = {}
-    for name, (data, fsdp, devices, rules, accum) in {
-        "one": (1, 1, jax.devices()[:1], (), 1),
-        "dp8": (8, 1, jax.devices(), (), 1),
-        "fsdp2x4": (2, 4, jax.devices(), ((".*", "fsdp", 64),), 1),
-        # Two micro-batches per device, each the same shard: the accumulated update is the same.
-        "accum2": (1, 1, jax.devices()[:1], (), 2),
-    }.items():
+
+    def setup(data, fsdp, devices, batch, *, rules=(), accum=1, num_groups=None):
         config = tiny_config()
-        copies = data * fsdp * accum
-        config.batch_size = 4 * copies
-        config.optim.base_lr = 1e-3 / copies  # the lr scales with the global batch
+        config.batch_size = batch
+        config.optim.base_lr = 1e-3 * 256 / batch  # the same peak lr, 1e-3, at every batch
         config.optim.grad_accum_steps = accum
         config.sharding_rules = rules
         mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": data, "fsdp": fsdp}),
                                   devices)
-        state, step, batch_sh, _, state_sh = build(config, mesh, FixedMask(config))
-        images = np.concatenate([shard] * copies)
-        batch = {"image": jax.device_put(images, batch_sh)}
-        state, metrics = step(state, batch)
-        results[f"{name}/loss"] = np.asarray(metrics["loss"])
-        results[f"{name}/grad_norm"] = np.asarray(metrics["grad_norm"])
-        results[f"{name}/lr"] = np.asarray(metrics["lr"])
-        for k, v in flat_params(state).items():
-            results[f"{name}/params/{k}"] = v
+        state, step, batch_sh, _, state_sh = build(config, mesh, FixedPlan(config, table),
+                                                   num_groups=num_groups)
         sharded = [s.spec for s in jax.tree.leaves(state_sh["params"]) if any(s.spec)]
-        results[f"{name}/num_sharded"] = np.asarray(len(sharded))
+        return state, step, batch_sh, len(sharded)
+
+    def record(name, state, step, batch_sh, num_sharded, images):
+        results.update({f"{name}/params0/{k}": v for k, v in flat_tree(state["params"]).items()})
+        state, metrics = step(state, {"image": jax.device_put(images, batch_sh)})
+        results[f"{name}/loss"] = np.asarray(metrics["loss"])
+        results[f"{name}/lr"] = np.asarray(metrics["lr"])
+        grads = flat_tree(state["opt_state"][0])
+        results.update({f"{name}/grads/{k}": v for k, v in grads.items()})
+        results.update({f"{name}/params/{k}": v for k, v in flat_tree(state["params"]).items()})
+        results[f"{name}/num_sharded"] = np.asarray(num_sharded)
+
+    state, step, batch_sh, n = setup(1, 1, one, 32, num_groups=8)  # not donated: reused
+    record("one", state, step, batch_sh, n, batch_s)
+    record("one_t", state, step, batch_sh, n, batch_t)
+    record("dp8", *setup(8, 1, all8, 32), batch_s)
+    record("fsdp2x4", *setup(2, 4, all8, 32, rules=((".*", "fsdp", 64),)), batch_s)
+    record("accum2", *setup(8, 1, all8, 64, accum=2), both)
     np.savez(out, **results)
 
 
@@ -123,6 +189,7 @@ def train(out):
     config.sharding_rules = ((".*", "fsdp", 64),)
     mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 4, "fsdp": 2}))
     state, step, batch_sh, abstract, state_sh = build(config, mesh)
+    params0 = flat_tree(state["params"])
     # A fixed global stream; each process feeds only its own rows (as the input pipeline does).
     rng = np.random.default_rng(1)
     stream = [rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8) for _ in range(4)]
@@ -147,7 +214,8 @@ def train(out):
     if jax.process_index() == 0:
         np.savez(out, losses=np.asarray(losses), lr=np.asarray(metrics["lr"]),
                  restored_equal=np.asarray(same), processes=np.asarray(jax.process_count()), **{
-                     f"params/{k}": v for k, v in flat_params(state).items()})
+                     f"params/{k}": v for k, v in flat_tree(state["params"]).items()}, **{
+                     f"params0/{k}": v for k, v in params0.items()})
 
 
 if __name__ == "__main__":

@@ -275,7 +275,7 @@ def sample_windows(n, h, w, **kwargs):
 
 def test_crop_window_respects_scale_and_ratio():
     h, w = 300, 200
-    windows = sample_windows(300, h, w)
+    windows = sample_windows(1000, h, w)
     top, left, ch, cw = windows.T
     assert (top >= 0).all() and (left >= 0).all()
     assert (top + ch <= h).all() and (left + cw <= w).all()
@@ -284,10 +284,29 @@ def test_crop_window_respects_scale_and_ratio():
     tol = 0.02  # sides are rounded to whole pixels
     assert area.min() >= 0.2 - tol and area.max() <= 1.0
     assert ratio.min() >= 3 / 4 - tol and ratio.max() <= 4 / 3 + tol
-    assert area.min() < 0.3 and area.max() > 0.8  # spans the range
+    # Target areas are drawn uniformly on [0.2, 1] (large ones are redrawn when they do not fit):
+    # ~2% of 1000 draws fall below 0.215, none could with a lower bound of 0.25 (rounding the
+    # sides moves an area by < 0.01 here).
+    assert area.min() < 0.215 and area.max() > 0.85  # a 3:4 crop covers at most 0.89 of 2:3
     # Narrower scale bounds are respected too.
     small = sample_windows(50, h, w, scale=(0.2, 0.3))
     assert (small[:, 2] * small[:, 3] / (h * w)).max() <= 0.3 + tol
+
+
+def test_pipeline_crops_with_the_configured_scale(folder, monkeypatch):
+    """config.data.crop_scale reaches the crop (traced once, when the pipeline is built)."""
+    seen = []
+    real = augment.random_resized_crop_flip
+
+    def spy(encoded, seed, size, scale, hflip):
+        seen.append((size, tuple(scale), hflip))
+        return real(encoded, seed, size, scale, hflip)
+
+    monkeypatch.setattr(augment, "random_resized_crop_flip", spy)
+    cfg = data_cfg(source="folder", folder=str(folder), crop_scale=(0.35, 0.9), hflip=False)
+    it = ip.create_train_iterator(cfg, global_batch_size=4, seed=0)
+    assert next(it)["image"].shape == (4, 32, 32, 3)
+    assert seen and set(seen) == {(32, (0.35, 0.9), False)}
 
 
 def test_crop_window_fallback_is_torchvision_centre_crop():

@@ -177,8 +177,12 @@ def test_shipped_configs_validate():
         c = config_lib.load_config(os.path.join(REPO, "configs", spec))
         config_lib.validate(c, num_devices=1)
     b = config_lib.load_config(os.path.join(REPO, "configs/mixmim_b.py"))
+    # The official recipe (shared/reference/mixmim.md §5.1: main_pretrain.py and its script).
     assert (b.batch_size, b.epochs, b.optim.warmup_epochs, b.optim.base_lr,
             b.method.mask_ratio) == (2048, 600, 40, 1.5e-4, 0.5)
+    assert (b.optim.b1, b.optim.b2, b.optim.eps, b.optim.weight_decay, b.optim.min_lr,
+            b.optim.clip_grad_norm) == (0.9, 0.95, 1e-8, 0.05, 0, 0)
+    assert tuple(b.data.crop_scale) == (0.2, 1.0) and b.data.hflip and b.method.norm_pix_loss
     assert tuple(b.model.window_sizes) == (14, 14, 14, 7)
     assert tuple(config_lib.load_config(os.path.join(REPO, "configs/mixmim_b.py:res=384"))
                  .model.window_sizes) == (16, 16, 24, 12)
