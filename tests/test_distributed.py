@@ -8,15 +8,10 @@ import time
 
 import numpy as np
 import pytest
+from jax_subprocess import host_devices_env
 from numerics import U32, assert_tensors_close, rel_err
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed_worker.py")
-
-
-def _env(devices: int, **extra) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
-    return env
 
 
 def _run(args, env, timeout=400):
@@ -53,7 +48,7 @@ def test_eight_devices_match_one_device_and_fsdp(tmp_path):
     """One step on 8 devices (data parallel, FSDP 2x4, and 2-step accumulation) equals the same
     8 device groups computed on one device: loss, every gradient, the updated params."""
     out = str(tmp_path / "eq.npz")
-    _run([out, "equivalence"], _env(8))
+    _run([out, "equivalence"], host_devices_env(8))
     r = np.load(out)
     lr = float(r["one/lr"])
     p0 = _tree(r, "one/params0/")
@@ -87,10 +82,10 @@ def test_two_processes_match_one_process(tmp_path):
     """2 processes x 4 devices (CPU collectives over localhost) == 1 process x 8 devices."""
     single = str(tmp_path / "single.npz")
     t0 = time.perf_counter()
-    _run([single, "train"], _env(8, WORKDIR=str(tmp_path / "w1")))
+    _run([single, "train"], host_devices_env(8, WORKDIR=str(tmp_path / "w1")))
     multi = str(tmp_path / "multi.npz")
     coordinator = f"127.0.0.1:{_free_port()}"
-    env = _env(4, WORKDIR=str(tmp_path / "w2"))
+    env = host_devices_env(4, WORKDIR=str(tmp_path / "w2"))
     procs = [subprocess.Popen([sys.executable, WORKER, multi, "train", str(i), "2", coordinator],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for i in range(2)]
