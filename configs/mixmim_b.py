@@ -1,4 +1,4 @@
-r"""MixMIM-B (Swin-B/W14) pretraining, the official recipe.
+r"""MixMIM-B (Swin-B/W14) pretraining, the official recipe (Sense-X/MixMIM, exp/base_600ep).
 
   mixmae-pretrain --config configs/mixmim_b.py --workdir gs://BUCKET/mixmim_b \
       --config.data.manual_dir=/path/to/imagenet
@@ -9,10 +9,47 @@ of ImageNet-1k (about 375k steps). Expect about 3,000 img/s per H100 in bf16 at 
 
 Variants: `:tiny` (a CPU smoke run of a few steps on the embedded data, same code path),
 `:res=384` (the 384 finetune geometry, windows 16/16/24/12, for conversion).
+Values: shared/reference/mixmim.md §5.1 (main_pretrain.py defaults + pretrain.sh).
 """
 
-from mixmae_jax.config import sized_config
+from mixmae_jax.config import defaults, parse_arg, tiny_overrides
+from mixmae_jax.models import swin
+
+WINDOWS = {224: (14, 14, 14, 7), 384: (16, 16, 24, 12)}  # models_mixmim(_ft).py factories
 
 
-def get_config(arg=None):
-    return sized_config("B", arg)
+def get_config(arg=None, variant="B"):
+    opts = parse_arg(arg, tiny=False, res=224)
+    c = defaults()
+    # Swin with 4x4 patches, windows 14/14/14/7, no shift, sin-cos APE; decoder 512 x 8, 16 heads.
+    c.model = swin.model_config(variant, opts["res"], window_sizes=WINDOWS[opts["res"]])
+    c.method.update(dict(
+        name="mixmim",
+        mask_ratio=0.5,  # int(L * r) = 24 of the 49 final-grid cells come from the partner
+        range_mask_ratio=0.0,  # official constructor default: r = mask_ratio + U(0, range)
+        mask_per_sample=False,  # official: one mask shared by each device-local batch
+        norm_pix_loss=True,
+    ))
+    c.data.update(image_size=opts["res"],
+                  crop_scale=(0.2, 1.0))  # RandomResizedCrop(224, (0.2, 1)), bicubic, + hflip
+    c.batch_size = 2048  # 16 GPUs x 128
+    c.epochs = 600
+    c.optim.update(dict(
+        base_lr=1.5e-4,  # blr; peak lr = 1.5e-4 * 2048 / 256 = 1.2e-3
+        lr_batch_divisor=256,
+        warmup_epochs=40,
+        min_lr=0.0,
+        schedule="cosine",  # per-iteration half-cosine after a linear warmup (lr_sched.py)
+        weight_decay=0.05,  # on every >= 2-D tensor, mask_token and bias tables included
+        b1=0.9, b2=0.95, eps=1e-8,
+        clip_grad_norm=0.0,  # none
+    ))
+    if variant in ("L", "H"):  # shard big kernels and their Adam moments over `fsdp`
+        c.sharding_rules = (("FSDP_DEFAULT", "fsdp"),)
+    if opts["tiny"]:
+        c.model.update(img_size=64, embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8),
+                       window_sizes=(8, 8, 4, 2), decoder_dim=64, decoder_depth=1,
+                       decoder_num_heads=2)
+        c.data.image_size = 64
+        tiny_overrides(c)
+    return c

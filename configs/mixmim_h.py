@@ -9,8 +9,10 @@ official repository publishes no H recipe or checkpoint, so the B recipe is used
 Variants: `:tiny` (CPU smoke run).
 """
 
-from mixmae_jax.config import sized_config
+from mixmae_jax.config import sibling
+
+mixmim_b = sibling(__file__, "mixmim_b.py")  # the recipe; this file changes the width
 
 
 def get_config(arg=None):
-    return sized_config("H", arg)
+    return mixmim_b.get_config(arg, variant="H")

@@ -1,6 +1,7 @@
 """mixmae-bench: time the real jitted train step (or the input pipeline alone) and report MFU.
 
     mixmae-bench --config configs/mixmim_b.py --batch 8 --steps 5
+    mixmae-bench --config configs/mae_vit_b.py --batch 8 --config.compute_dtype=bfloat16
     mixmae-bench --config configs/demo.py --input-only
 
 The step is the trainer's own (same sharding, donation, mixing on device), fed synthetic uint8
@@ -69,30 +70,14 @@ def _parse(argv):
                    help="also time the forward loss and forward+backward alone")
     p.add_argument("--profile", default=None, help="write a jax.profiler trace of the timed "
                    "steps to this directory (open with TensorBoard/XProf or Perfetto)")
-    p.add_argument("--compare-torch", action="store_true",
-                   help="also time the project's plain torch.nn reference of the official model "
-                   "(forward, loss, backward, AdamW; fp32) on the same batch, side by side")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, e.g. --set compute_dtype=bfloat16 (repeatable)")
-    return p.parse_args(argv)
-
-
-def _apply_overrides(config, overrides):
-    import ast
-
-    for item in overrides:
-        key, _, value = item.partition("=")
-        try:
-            parsed = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            parsed = value
-        node = config
-        *parents, leaf = key.split(".")
-        for k in parents:
-            node = node[k]
-        if leaf not in node:
-            raise ValueError(f"--set {key}: no such config key")
-        node[leaf] = parsed
+    p.epilog = ("Config overrides as for mixmae-pretrain: --config.KEY=VALUE, e.g. "
+                "--config.compute_dtype=bfloat16 (repeatable).")
+    args, rest = p.parse_known_args(argv)
+    args.overrides = [a for a in rest if a.startswith("--config.")]
+    unknown = [a for a in rest if not a.startswith("--config.")]
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
 def _input_only(config, args) -> dict:
@@ -160,6 +145,8 @@ def _train_step(config, args) -> dict:
     result = {
         "mode": "train_step",
         "config": args.config,
+        "method": config.method.name,
+        "model": config.model.name,
         "batch": b,
         "image_size": s,
         "compute_dtype": config.compute_dtype,
@@ -190,7 +177,7 @@ def _train_step(config, args) -> dict:
         plan = method.make_plan(jax.random.PRNGKey(1), b, n_dev)
 
         def loss_fn(p):
-            return method.loss(step_lib.bind(graphdef, p), images_f, plan, n_dev)[0]
+            return method.loss(step_lib.bind(graphdef, p), {"image": images_f}, plan, n_dev)[0]
 
         for name, fn in (("forward_s", jax.jit(loss_fn)), ("forward_backward_s",
                                                            jax.jit(jax.grad(loss_fn)))):
@@ -202,33 +189,6 @@ def _train_step(config, args) -> dict:
                 ts.append(time.perf_counter() - t)
             result[name] = statistics.median(ts)
     return result
-
-
-def _torch_reference_step(config, steps: int) -> dict:
-    """The official-layout PyTorch model's train step on this host, for a side-by-side figure."""
-    import torch
-
-    from mixmae_jax.convert.torch_reference import MixMIMPretrainTorch
-
-    torch.set_num_threads(os.cpu_count())
-    torch.manual_seed(0)
-    model = MixMIMPretrainTorch.from_model_config(config.model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
-                            betas=(0.9, 0.95), weight_decay=0.05)
-    b, s = config.batch_size, config.model.img_size
-    x = torch.randn(b, 3, s, s)
-    times = []
-    for i in range(steps + 1):
-        t = time.perf_counter()
-        loss, _, _ = model(x, config.method.mask_ratio)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if i:  # the first step allocates
-            times.append(time.perf_counter() - t)
-    step = statistics.median(times)
-    return {"torch_reference_step_time_s": step, "torch_reference_images_per_sec": b / step,
-            "torch_threads": torch.get_num_threads()}
 
 
 def _step_flops(config, mesh, state, batch) -> float:
@@ -267,15 +227,10 @@ def main(argv=None) -> int:
     from mixmae_jax import config as config_lib
 
     try:
-        config = config_lib.load_config(args.config)
-        _apply_overrides(config, args.set)
+        config = config_lib.load_config(args.config, args.overrides)
         if args.batch:
             config.batch_size = args.batch
         result = _input_only(config, args) if args.input_only else _train_step(config, args)
-        if args.compare_torch and not args.input_only:
-            result.update(_torch_reference_step(config, max(args.steps // 2, 2)))
-            result["speedup_vs_torch_reference"] = (result["torch_reference_step_time_s"]
-                                                    / result["step_time_s"])
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}")
         return 2

@@ -83,39 +83,40 @@ def pretrain_main():
 
 def _to_torch(args) -> None:
     from mixmae_jax.convert import to_torch
+    from mixmae_jax.methods import get_method
     from mixmae_jax.train.trainer import restore_params
 
     config, params, step = restore_params(args.workdir, args.step)
-    state_dict = to_torch.params_to_state_dict(params, config.model, format=args.format,
+    layout = get_method(config).torch_layout()
+    state_dict = to_torch.params_to_state_dict(params, layout, format=args.format,
                                                num_classes=args.num_classes)
     to_torch.save_torch_checkpoint(state_dict, args.out)
-    print(f"Wrote {args.out}: {len(state_dict)} entries ({args.format} layout) from step {step} "
-          f"of {args.workdir}")
+    print(f"Wrote {args.out}: {len(state_dict)} entries (official {config.method.name} "
+          f"{args.format} layout) from step {step} of {args.workdir}")
 
 
-def _from_torch(args) -> None:
+def _from_torch(args, overrides) -> None:
+    import jax
+
     from mixmae_jax import config as config_lib
     from mixmae_jax.convert import from_torch
     from mixmae_jax.train import checkpoint as ckpt_lib
-    from mixmae_jax.train import trainer
+    from mixmae_jax.train import sharding, trainer
 
-    config = config_lib.load_config(args.config)
+    config = config_lib.load_config(args.config, overrides)
+    config_lib.validate(config)
     if os.path.isdir(os.path.join(args.workdir, ckpt_lib.CHECKPOINT_DIR)) and os.listdir(
             os.path.join(args.workdir, ckpt_lib.CHECKPOINT_DIR)):
         raise FileExistsError(f"--workdir {args.workdir} already holds checkpoints; "
                               "choose an empty workdir")
     state_dict = from_torch.load_torch_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle)
-    import jax
-
-    from mixmae_jax.train import sharding
-
     mesh = sharding.single_device_mesh()
-    _, tx, _, _, init_fn, _, _ = trainer.build_state_fns(config, mesh, steps_per_epoch=1)
+    method, tx, _, _, init_fn, _, _ = trainer.build_state_fns(config, mesh, steps_per_epoch=1)
     # A concrete fresh state: parts the file lacks (e.g. the decoder, when importing a finetune
     # checkpoint into a pretraining config) keep their fresh initialisation.
     state = init_fn()
     params, report = from_torch.state_dict_to_params(
-        state_dict, config.model, jax.device_get(state["params"]),
+        state_dict, method.torch_layout(), jax.device_get(state["params"]),
         allow_ape_mismatch=args.allow_ape_mismatch)
     params = jax.tree.map(jax.numpy.asarray, params)
     state = dict(state, params=params, opt_state=tx.init(params))
@@ -127,22 +128,23 @@ def _from_torch(args) -> None:
     for line in report:
         print(f"  {line}")
     print(f"Wrote step 0 to {args.workdir}: resume with `mixmae-pretrain --config {args.config} "
-          f"--workdir {args.workdir}`")
+          f"--workdir {args.workdir}`, the same overrides, and more steps")
 
 
 def convert_main(argv=None):
     p = argparse.ArgumentParser(prog="mixmae-convert", description="Convert checkpoints between "
-                                "mixmae-jax (Orbax) and the official PyTorch MixMIM layout.")
+                                "mixmae-jax (Orbax) and each method's official PyTorch layout.")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("to-torch", help="Orbax workdir -> {'model': state_dict} .pth")
     t.add_argument("--workdir", required=True)
     t.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
     t.add_argument("--out", required=True)
     t.add_argument("--format", choices=("pretrain", "finetune"), default="pretrain",
-                   help="pretrain: models_mixmim (456 entries for B); finetune: "
-                   "models_mixmim_ft encoder + fresh head (354 for B)")
+                   help="pretrain: the official pretraining model (MixMIM-B: 456 entries); "
+                   "finetune: its finetuning model, encoder + a fresh head (MixMIM-B: 354)")
     t.add_argument("--num-classes", type=int, default=1000)
-    f = sub.add_parser("from-torch", help="official .pth -> a workdir mixmae-pretrain resumes")
+    f = sub.add_parser("from-torch", help="official .pth -> a workdir mixmae-pretrain resumes",
+                       epilog="Config overrides as for mixmae-pretrain: --config.KEY=VALUE.")
     f.add_argument("--checkpoint", required=True)
     f.add_argument("--config", required=True, help="config file[:arg] describing the model")
     f.add_argument("--workdir", required=True)
@@ -150,12 +152,19 @@ def convert_main(argv=None):
                    help="allow files that pickle more than tensors (the released official "
                    "checkpoints pickle `args`); only for files from a trusted source")
     f.add_argument("--allow-ape-mismatch", action="store_true",
-                   help="accept a file whose absolute position table is not the sin-cos table "
+                   help="accept a file whose fixed position table is not the sin-cos table "
                    "(e.g. a 384 finetune file with a resized table); mixmae-jax uses sin-cos")
-    args = p.parse_args(argv)
+    args, rest = p.parse_known_args(argv)
+    overrides = [a for a in rest if a.startswith("--config.")]
+    unknown = [a for a in rest if not a.startswith("--config.")]
+    if unknown or (overrides and args.command != "from-torch"):
+        p.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        (_to_torch if args.command == "to-torch" else _from_torch)(args)
+        if args.command == "to-torch":
+            _to_torch(args)
+        else:
+            _from_torch(args, overrides)
     except USER_ERRORS as e:
         _fail(e)
 
@@ -166,14 +175,16 @@ def convert_main(argv=None):
 
 
 def visualize_main(argv=None):
-    p = argparse.ArgumentParser(prog="mixmae-visualize", description="Mix images pairwise (i "
-                                "with B-1-i), reconstruct both, and write a grid PNG.")
+    p = argparse.ArgumentParser(prog="mixmae-visualize", description="Run a pretraining "
+                                "checkpoint on images and write its reconstructions as a grid "
+                                "PNG (one row per image, the method's panels as columns).")
     p.add_argument("--workdir", required=True)
     p.add_argument("--step", type=int, default=None)
     p.add_argument("--images", nargs="+", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--mask", default=None, help=".npy 0/1 array on the final-stage grid, "
-                   "1 = token from the partner (default: drawn from --seed)")
+    p.add_argument("--mask", default=None, help="the mask in the official code's convention "
+                   "of the run's method (.npy, or .npz for several arrays; see the README); "
+                   "default: drawn from --seed")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
@@ -184,10 +195,9 @@ def visualize_main(argv=None):
 
 def _visualize(args) -> None:
     import jax
-    import numpy as np
 
-    from mixmae_jax import visualize
-    from mixmae_jax.methods import get_method, mixing
+    from mixmae_jax import imaging, visualize
+    from mixmae_jax.methods import get_method
     from mixmae_jax.train import step as step_lib
     from mixmae_jax.train.trainer import restore_params
 
@@ -195,20 +205,18 @@ def _visualize(args) -> None:
     method = get_method(config)
     graphdef, _ = step_lib.graphdef_and_abstract_params(method)
     images = visualize.load_images(args.images, config.model.img_size)
-    cells = method.num_cells()
-    grid = int(round(cells**0.5))
     if args.mask:
-        mask = visualize.load_mask(args.mask, grid)
-    else:
-        mask = np.asarray(mixing.draw_mask(jax.random.PRNGKey(args.seed), 1, 1, cells,
-                                           config.method.mask_ratio))[0]
-    loss, columns, aux = visualize.reconstruct(lambda p: step_lib.bind(graphdef, p), params,
-                                               images, mask, config.method.norm_pix_loss)
-    visualize.save_grid(columns, args.out)
-    print(f"Wrote {args.out}: {len(images)} rows (original | mixed | branch 1 | branch 2), "
-          f"step {step}, mask {int(mask.sum())}/{cells} cells from the partner")
-    print(f"loss_branch1: {aux['loss_branch1']:.6f}  loss_branch2: {aux['loss_branch2']:.6f}")
-    print(f"loss: {loss:.6f}")
+        plan = method.mask_from_file(visualize.load_mask(args.mask), len(images), args.mask)
+    else:  # one device group: the whole batch, as on one GPU
+        plan = method.make_plan(jax.random.PRNGKey(args.seed), len(images), 1)
+    panels = jax.jit(lambda p, x, plan: method.panels(step_lib.bind(graphdef, p), x, plan))
+    loss, aux, columns = panels(params, imaging.normalize(images), plan)
+    visualize.save_grid({k: imaging.denormalize(v) for k, v in columns.items()}, args.out)
+    print(f"Wrote {args.out}: {len(images)} rows ({' | '.join(columns)}), {method.name}, "
+          f"step {step}")
+    if aux:
+        print("  ".join(f"{k}: {float(v):.6f}" for k, v in aux.items()))
+    print(f"loss: {float(loss):.6f}")
 
 
 # ---------------------------------------------------------------------------------------------

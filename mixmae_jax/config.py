@@ -1,7 +1,9 @@
-"""Run configs: the schema (every field with its default), loading, validation.
+"""Run configs: the infrastructure defaults, loading, validation.
 
-Config files (`configs/<name>.py`) define `get_config(arg)` on top of `base_config()` and change
-what differs. A config is validated before anything compiles; every error names the key at fault.
+Config files (`configs/<name>.py`) define `get_config(arg)` on top of `defaults()` and spell out
+their whole recipe: the model (`models/<name>.py`'s `model_config`), the method's values, data
+augmentation, batch, schedule and optimizer. A config is validated before anything compiles;
+every error names the key at fault.
 """
 
 from __future__ import annotations
@@ -17,31 +19,50 @@ class ConfigError(ValueError):
     """A config value is invalid; the message starts with the key."""
 
 
-def parse_arg(arg: str | None, **defaults):
-    """'tiny,res=384' -> dict(tiny=True, res=384) over `defaults` (types follow the defaults)."""
-    out = dict(defaults)
+def parse_arg(arg: str | None, **options):
+    """'tiny,res=384' -> dict(tiny=True, res=384) over `options` (types follow the options)."""
+    out = dict(options)
     for token in filter(None, (arg or "").split(",")):
         key, _, value = token.partition("=")
         if key not in out:
             raise ConfigError(f"config arg: unknown option {key!r} (known: {sorted(out)})")
         if not value:
             out[key] = True
-        elif isinstance(defaults[key], bool):
+        elif isinstance(options[key], bool):
             out[key] = value.lower() in ("1", "true", "yes")
         else:
-            out[key] = type(defaults[key])(value)
+            out[key] = type(options[key])(value)
     return out
 
 
-def load_config(spec: str) -> ml_collections.ConfigDict:
-    """'configs/demo.py[:arg]' -> the file's get_config(arg) (outside absl flags: tools, tests)."""
-    path, _, arg = spec.partition(":")
+def sibling(config_file: str, name: str):
+    """The config module `name` beside `config_file` (a config that reuses another's recipe)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
+    spec = importlib.util.spec_from_file_location(f"_mixmae_config_{name[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_config(spec: str, overrides=()) -> ml_collections.ConfigDict:
+    """'configs/demo.py[:arg]' -> the file's get_config(arg), with `--config.KEY=VALUE` overrides
+    parsed exactly as mixmae-pretrain parses them (ml_collections config flags)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    path = spec.partition(":")[0]
     if not os.path.isfile(path):
         raise ConfigError(f"--config: no such file {path!r}")
-    module_spec = importlib.util.spec_from_file_location("_mixmae_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None) if arg else module.get_config()
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "config file", flag_values=values,
+                                    lock_config=True)
+    try:
+        values(["mixmae", f"--config={spec}", *overrides])
+        config = values.config
+    except flags.Error as e:
+        raise ConfigError(f"--config: {e}") from e
+    config.unlock()
+    return config
 
 
 def _check(ok: bool, key: str, message: str):
@@ -49,56 +70,33 @@ def _check(ok: bool, key: str, message: str):
         raise ConfigError(f"{key}: {message}")
 
 
-def stage_resolutions(model) -> list[int]:
-    grid = model.img_size // model.patch_size
-    return [grid // 2**s for s in range(len(model.depths))]
-
-
 def validate(config, *, num_devices: int = 1, process_count: int = 1) -> None:
-    """Checks the model geometry, the mask grid and the batch layout. Raises ConfigError."""
-    m = config.model
-    n = len(m.depths)
-    _check(n >= 1 and len(m.num_heads) == n and len(m.window_sizes) == n, "model.depths",
-           f"depths {tuple(m.depths)}, num_heads {tuple(m.num_heads)} and window_sizes "
-           f"{tuple(m.window_sizes)} must have one entry per stage")
-    _check(m.img_size % m.patch_size == 0, "model.img_size",
-           f"{m.img_size} is not a multiple of model.patch_size={m.patch_size}")
-    grid = m.img_size // m.patch_size
-    _check(grid % 2 ** (n - 1) == 0, "model.img_size",
-           f"the {grid}x{grid} token grid cannot be halved {n - 1} times by patch merging")
-    _check(m.embed_dim % 4 == 0, "model.embed_dim", f"{m.embed_dim} must be divisible by 4 "
-           "(2-D sin-cos position embedding)")
-    for s, res in enumerate(stage_resolutions(m)):
-        dim, heads, window = m.embed_dim * 2**s, m.num_heads[s], m.window_sizes[s]
-        _check(dim % heads == 0, "model.num_heads",
-               f"stage {s} width {dim} is not divisible by {heads} heads")
-        win = min(window, res)
-        _check(window > 0 and res % win == 0, "model.window_sizes",
-               f"stage {s}: window {window} does not tile the {res}x{res} token map")
-        if m.get("shift_windows", False) and win < res:
-            _check(win % 2 == 0, "model.window_sizes",
-                   f"stage {s}: shifted windows need an even window, got {window}")
-    _check(m.decoder_dim % 4 == 0 and m.decoder_dim % m.decoder_num_heads == 0,
-           "model.decoder_dim", f"{m.decoder_dim} must be divisible by 4 and by "
-           f"model.decoder_num_heads={m.decoder_num_heads}")
+    """Checks the recipe is complete, the model and method fit each other, the model geometry
+    (its module's `check_config`), the method's own values and the batch layout.
+    Raises ConfigError naming the key; runs before anything compiles."""
+    from mixmae_jax.methods import get_method
+    from mixmae_jax.models import get_model_module
 
-    meth = config.method
-    final = grid // 2 ** (n - 1)
-    cells = final * final
-    if meth.name in ("mixmim",):
-        lo, hi = meth.mask_ratio, meth.mask_ratio + meth.range_mask_ratio
-        _check(0.0 < lo and hi < 1.0, "method.mask_ratio",
-               f"mask ratio range [{lo}, {hi}] must lie inside (0, 1)")
-        _check(int(cells * lo) >= 1, "method.mask_ratio",
-               f"int({cells} * {lo}) = 0 cells of the {final}x{final} mask grid would be mixed")
+    missing = [k for k in REQUIRED if _get(config, k) is None]
+    _check(not missing, missing[0] if missing else "", "a config file must set it (the recipe "
+           f"lives in configs/*.py); also unset: {', '.join(missing[1:]) or 'nothing else'}")
+    module = get_model_module(config.model.name)
+    method = get_method(config)
+    _check(config.model.name in method.models, "method.name",
+           f"method {method.name!r} cannot run model.name={config.model.name!r} (it runs "
+           f"{', '.join(repr(m) for m in method.models)})")
+    module.check_config(config.model, _check)
+    method.check_config(config, num_devices, _check)
 
     d = config.data
-    _check(d.image_size == m.img_size, "data.image_size",
-           f"{d.image_size} differs from model.img_size={m.img_size}")
+    _check(d.image_size == config.model.img_size, "data.image_size",
+           f"{d.image_size} differs from model.img_size={config.model.img_size}")
     _check(d.source in ("tfds", "folder", "embedded"), "data.source",
            f"unknown source {d.source!r} (tfds, folder or embedded)")
     if d.source == "folder":
         _check(bool(d.folder), "data.folder", "data.source='folder' needs data.folder")
+    lo, hi = tuple(d.crop_scale)
+    _check(0.0 < lo <= hi <= 1.0, "data.crop_scale", f"({lo}, {hi}): need 0 < lo <= hi <= 1")
 
     b = config.batch_size
     _check(b > 0 and b % num_devices == 0, "batch_size",
@@ -109,8 +107,9 @@ def validate(config, *, num_devices: int = 1, process_count: int = 1) -> None:
     per_device = b // num_devices
     _check(accum >= 1 and per_device % accum == 0, "optim.grad_accum_steps",
            f"{accum} does not divide the per-device batch {per_device}")
-    _check(per_device // accum >= 2, "batch_size",
-           f"each device's micro-batch must hold at least 2 images to pair (got "
+    need = method.min_images_per_group
+    _check(per_device // accum >= need, "batch_size",
+           f"{method.name} needs at least {need} images in each device's micro-batch (got "
            f"{per_device // accum}: batch_size {b} over {num_devices} devices, "
            f"optim.grad_accum_steps {accum})")
     _check(config.compute_dtype in ("float32", "bfloat16"), "compute_dtype",
@@ -121,61 +120,33 @@ def validate(config, *, num_devices: int = 1, process_count: int = 1) -> None:
            "log_every and checkpoint_every must be positive")
 
 
+def _get(config, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        node = node.get(part) if hasattr(node, "get") else None
+        if node is None:
+            return None
+    return node
+
+
 # ---------------------------------------------------------------------------------------------
-# Schema and model variants.
+# Defaults: infrastructure only. The recipe (model, method, batch, schedule, optimizer values,
+# augmentation) is spelled out by each file in configs/.
 # ---------------------------------------------------------------------------------------------
 
-# MixMIM encoder variants (official `models_mixmim.py` / `models_mixmim_ft.py` factories).
-# Windows 14/14/14/7 at 224; the *_384 finetune models use 16/16/24/12.
-VARIANTS = {
-    "B": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
-    "L": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)),
-    "H": dict(embed_dim=352, depths=(2, 2, 18, 2), num_heads=(11, 22, 44, 88)),
-}
-WINDOWS = {224: (14, 14, 14, 7), 384: (16, 16, 24, 12)}
+# Keys a config file must set (`validate` names the first one missing).
+REQUIRED = ("model.name", "method.name", "batch_size", "optim.base_lr", "optim.lr_batch_divisor",
+            "optim.warmup_epochs", "optim.min_lr", "optim.weight_decay", "optim.b1", "optim.b2",
+            "optim.eps", "data.crop_scale")
 
 
-def model_config(variant: str = "B", img_size: int = 224) -> ml_collections.ConfigDict:
-    v = VARIANTS[variant]
-    return ml_collections.ConfigDict(
-        dict(
-            name="mixmim",
-            img_size=img_size,
-            patch_size=4,
-            in_chans=3,
-            embed_dim=v["embed_dim"],
-            depths=v["depths"],
-            num_heads=v["num_heads"],
-            window_sizes=WINDOWS[img_size],
-            mlp_ratio=4.0,
-            qkv_bias=True,
-            drop_path_rate=0.0,
-            shift_windows=False,  # Swin baselines only; MixMIM never shifts.
-            decoder_dim=512,
-            decoder_depth=8,
-            decoder_num_heads=16,
-            remat=False,  # jax.checkpoint each encoder block (memory for compute).
-            scan_blocks=True,  # run each stage's identical blocks as a lax.scan (see layers.py)
-        )
-    )
-
-
-def base_config() -> ml_collections.ConfigDict:
-    """The official MixMIM-B pretraining recipe; config files change what differs."""
+def defaults() -> ml_collections.ConfigDict:
+    """What every run shares: logging, checkpointing, mesh, input plumbing. Recipe fields are
+    typed placeholders (None) that a config file fills in."""
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.model = model_config("B", 224)
-
-    c.method = ml_collections.ConfigDict(
-        dict(
-            name="mixmim",
-            mask_ratio=0.5,  # int(L * r) cells of the final-stage grid come from the partner.
-            range_mask_ratio=0.0,  # official constructor default: r = mask_ratio + U(0, range).
-            mask_per_sample=False,  # official: one mask shared by each device-local batch.
-            norm_pix_loss=True,
-        )
-    )
-
+    c.model = ml_collections.ConfigDict(dict(name=placeholder(str)))  # a models/<name>.py config
+    c.method = ml_collections.ConfigDict(dict(name=placeholder(str)))  # a methods/<name>.py
     c.data = ml_collections.ConfigDict(
         dict(
             source="tfds",  # "tfds" | "folder" | "embedded"
@@ -186,7 +157,7 @@ def base_config() -> ml_collections.ConfigDict:
             manual_dir=placeholder(str),  # tfds manual download dir (imagenet2012 needs one)
             folder=placeholder(str),  # image folder (source="folder"): class sub-folders or flat
             image_size=224,
-            crop_scale=(0.2, 1.0),  # RandomResizedCrop area range, bicubic
+            crop_scale=placeholder(tuple),  # RandomResizedCrop area range (recipe)
             hflip=True,
             shuffle_buffer=10_000,
             prefetch=2,  # batches prefetched to the device
@@ -194,58 +165,45 @@ def base_config() -> ml_collections.ConfigDict:
             cache=False,
         )
     )
-
-    c.batch_size = 2048  # global batch over all devices and hosts
-    c.epochs = 600
+    c.batch_size = placeholder(int)  # global batch over all devices and hosts
+    c.epochs = 0.0
     c.total_steps = -1  # > 0 overrides epochs (smoke runs)
-
     c.optim = ml_collections.ConfigDict(
         dict(
-            base_lr=1.5e-4,  # lr = base_lr * batch_size / 256
-            min_lr=0.0,
-            warmup_epochs=40,
-            weight_decay=0.05,
-            b1=0.9,
-            b2=0.95,
-            eps=1e-8,
-            clip_grad_norm=0.0,  # 0: off (official)
+            base_lr=placeholder(float),  # peak lr = base_lr * batch_size / lr_batch_divisor
+            lr_batch_divisor=placeholder(int),
+            warmup_epochs=placeholder(float),
+            warmup_lr=0.0,  # lr at step 0, rising linearly to the peak over the warmup
+            min_lr=placeholder(float),
+            schedule="cosine",  # after warmup: "cosine" (half-cosine to min_lr) or "multistep"
+            decay_epochs=(),  # "multistep": epochs at which the lr is multiplied by decay_rate
+            decay_rate=0.1,
+            weight_decay=placeholder(float),
+            # Params without weight decay, besides every 1-D tensor (regexes over "/"-joined
+            # paths).
+            no_decay=(),
+            b1=placeholder(float),
+            b2=placeholder(float),
+            eps=placeholder(float),
+            clip_grad_norm=0.0,  # 0: off
             grad_accum_steps=1,
         )
     )
-
     c.compute_dtype = "float32"  # "bfloat16": bf16 matmuls, fp32 master weights/LN/softmax/loss
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1: all remaining devices
     # (regex over "/"-joined parameter paths, mesh axis or None); first match wins.
     c.sharding_rules = ()
-
     c.log_every = 50
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
-    c.visualize_every = 0  # 0: off
     return c
 
 
 def tiny_overrides(c: ml_collections.ConfigDict) -> None:
-    """Shrink a run to a CPU smoke test: 64 px, 4 narrow stages, a few steps on the demo data."""
-    c.model.update(img_size=64, embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8),
-                   window_sizes=(8, 8, 4, 2), decoder_dim=64, decoder_depth=1,
-                   decoder_num_heads=2)
-    c.data.update(source="embedded", image_size=64, shuffle_buffer=512)
+    """A CPU smoke run of any recipe: a few steps on the embedded photo crops, small batch."""
+    c.data.update(source="embedded", shuffle_buffer=512)
     c.batch_size = 8
     c.total_steps = 4
     c.optim.warmup_epochs = 0
     c.log_every = 1
     c.checkpoint_every = 2
-
-
-def sized_config(variant: str, arg: str | None) -> ml_collections.ConfigDict:
-    """Config for MixMIM-<variant> with options 'tiny' (CPU smoke) and 'res=384' (finetune size)."""
-    opts = parse_arg(arg, tiny=False, res=224)
-    c = base_config()
-    c.model = model_config(variant, opts["res"])
-    c.data.image_size = opts["res"]
-    if variant in ("L", "H"):  # shard big kernels and their Adam moments over `fsdp`
-        c.sharding_rules = (("FSDP_DEFAULT", "fsdp"),)
-    if opts["tiny"]:
-        tiny_overrides(c)
-    return c

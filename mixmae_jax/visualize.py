@@ -1,28 +1,14 @@
-"""Reconstruction pictures: originals, the mixed input, and both branches' reconstructions.
-
-Image i is mixed with image B-1-i (the official pairing within a batch) using one mask on the
-final-stage grid. Each row of the grid shows, for image i:
-
-    original i | mixed input | branch 1: image i, its hidden patches predicted
-               | branch 2: partner B-1-i, its hidden patches predicted
-
-Predictions of a norm-pix model are per-patch normalised; they are mapped back to pixels with
-the true patch's mean and variance (the usual MAE visualisation).
+"""Reconstruction pictures: one row per image, the method's panels as columns (`panels` of the
+method contract: the original, what the encoder saw, what the decoder predicted). Loading the
+images and the user's mask file, and writing the grid, are shared here.
 """
 
 from __future__ import annotations
 
 import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
-
-from mixmae_jax import imaging
-from mixmae_jax.methods import mixing
-from mixmae_jax.methods.mixmim import MixMIMModel, dual_reconstruction_loss
-from mixmae_jax.models import layers as L
 
 
 def load_images(paths, size: int) -> np.ndarray:
@@ -45,55 +31,19 @@ def load_images(paths, size: int) -> np.ndarray:
     return np.stack(out)
 
 
-def load_mask(path: str, grid: int) -> np.ndarray:
-    """A 0/1 array on the final-stage grid (grid x grid, or flattened), 1 = token from partner."""
-    mask = np.load(path)
-    if mask.size != grid * grid:
-        raise ValueError(f"--mask {path}: expected {grid}x{grid} = {grid * grid} values on the "
-                         f"final-stage grid, got shape {mask.shape}")
-    if not np.isin(mask, (0, 1)).all():
-        raise ValueError(f"--mask {path}: values must be 0 or 1")
-    return mask.reshape(-1).astype(np.float32)
-
-
-def reconstruct(graphdef_bind, params, images_uint8, mask, norm_pix: bool):
-    """Runs the model on one batch; returns (loss, dict of uint8 picture columns)."""
-    model: MixMIMModel = graphdef_bind(params)
-    enc = model.encoder
-    b, size = images_uint8.shape[0], images_uint8.shape[1]
-    masks = jnp.broadcast_to(jnp.asarray(mask), (b, mask.shape[-1]))
-    images = imaging.normalize(jnp.asarray(images_uint8))
-
-    @jax.jit
-    def run(images, masks):
-        rec = model.reconstruct(model.encode_mixed(images, masks, 1), masks)
-        loss, aux = dual_reconstruction_loss(images, rec, masks, 1, enc.stride, norm_pix)
-        return loss, aux, rec
-
-    loss, aux, rec = run(images, masks)
-    stride = enc.stride
-    target = L.patchify(images, stride)
-    pixels_of = lambda r, t: _unnormalize(r, t) if norm_pix else r  # noqa: E731
-    partner_target = mixing.partner(target, 1)
-    m = masks[..., None]
-    # Branch 1 predicts image i where m = 1; branch 2 predicts the partner where m = 0.
-    rec1 = target * (1 - m) + pixels_of(rec[:b], target) * m
-    rec2 = partner_target * m + pixels_of(rec[b:], partner_target) * (1 - m)
-    mixed = target * (1 - m) + partner_target * m
-    cols = {
-        "original": images,
-        "mixed": L.unpatchify(mixed, stride, size, size),
-        "branch1": L.unpatchify(rec1, stride, size, size),
-        "branch2": L.unpatchify(rec2, stride, size, size),
-    }
-    return float(loss), {k: imaging.denormalize(v) for k, v in cols.items()}, {
-        k: float(v) for k, v in aux.items()}
-
-
-def _unnormalize(pred, target):
-    mean = target.mean(axis=-1, keepdims=True)
-    var = target.var(axis=-1, ddof=1, keepdims=True)
-    return pred * jnp.sqrt(var + 1e-6) + mean
+def load_mask(path: str):
+    """The array in a .npy file (or the dict of arrays in a .npz); errors name --mask and the
+    file. Whether it fits is the method's to say (`Method.mask_from_file`)."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except FileNotFoundError as e:
+        raise ValueError(f"--mask {path}: no such file") from e
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--mask {path}: not a numpy .npy/.npz array file ({e})") from e
+    if isinstance(data, np.lib.npyio.NpzFile):
+        with data:
+            return {k: data[k] for k in data.files}
+    return data
 
 
 def save_grid(columns: dict, path: str, pad: int = 2, min_size: int = 128) -> None:

@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def tiny_config():
     from mixmae_jax import config as config_lib
 
-    c = config_lib.base_config()
+    c = config_lib.load_config(os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), "configs", "mixmim_b.py"))
     c.model.update(img_size=32, embed_dim=16, depths=(1, 1), num_heads=(2, 4),
                    window_sizes=(4, 4), decoder_dim=32, decoder_depth=1, decoder_num_heads=2)
     c.data.update(image_size=32)

@@ -12,13 +12,13 @@ import numpy as np
 import optax
 import pytest
 from jax_subprocess import run_python
+from recipes import mixmim_config
 
-from mixmae_jax.config import base_config
 from mixmae_jax.train import checkpoint, optim, sharding
 
 
 def _config():
-    c = base_config()
+    c = mixmim_config()
     c.epochs, c.optim.warmup_epochs = 2, 1
     return c
 

@@ -16,10 +16,10 @@ from mixmae_jax.train import trainer
 from mixmae_jax.visualize import load_images
 
 CONFIG_FILE = '''
-from mixmae_jax.config import base_config
+from recipes import mixmim_config
 
 def get_config(arg=None):
-    c = base_config()
+    c = mixmim_config()
     c.model.update(img_size=32, embed_dim=16, depths=(1, 1), num_heads=(2, 4),
                    window_sizes=(4, 4), decoder_dim=32, decoder_depth=1, decoder_num_heads=2)
     c.data.update(image_size=32, source="folder", folder=FOLDER)

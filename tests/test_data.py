@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
+from recipes import mixmim_config
 
-from mixmae_jax.config import base_config
 from mixmae_jax.data import augment, embedded
 from mixmae_jax.data import input_pipeline as ip
 from mixmae_jax.data.tf_setup import tf
@@ -24,7 +24,7 @@ FORMATS = ("png", "jpg", "bmp", "webp", "gif", "PNG")
 
 
 def data_cfg(**overrides):
-    c = base_config().data
+    c = mixmim_config().data
     # A buffer as large as the data: TFDS sources are then read as one chunk (fast to open).
     c.update(dict(image_size=32, shuffle_buffer=4096) | overrides)
     return c

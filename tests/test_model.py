@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from flax import nnx
 from numerics import assert_tensors_close, rel_err
+from recipes import mixmim_config, mixmim_model
 
-from mixmae_jax.config import model_config
 from mixmae_jax.convert import keymap as K
+from mixmae_jax.convert.mixmim_layout import MixMIMLayout
 from mixmae_jax.methods import mixing
 from mixmae_jax.methods.mixmim import MixMIMModel
 from mixmae_jax.models import layers as L
@@ -35,7 +36,7 @@ SAME_MATH_RTOL = 1e-5
 
 
 def tiny_cfg():
-    cfg = model_config("B", 224)
+    cfg = mixmim_model("B", 224)
     cfg.update(TINY)
     return cfg
 
@@ -161,10 +162,9 @@ def test_draw_mask_with_a_ratio_range():
 
 def test_method_plan_draws_one_mask_per_device_group():
     """The trainer's plan (base recipe, 7x7 final grid): each device group gets its own mask."""
-    from mixmae_jax.config import base_config
     from mixmae_jax.methods import get_method
 
-    method = get_method(base_config())
+    method = get_method(mixmim_config())
     m = np.asarray(jax.jit(method.make_plan, static_argnums=(1, 2))(jax.random.key(0), 32, 8)
                    ["mask"])
     assert m.shape == (32, 49) and (m.sum(axis=1) == 24).all()
@@ -176,10 +176,9 @@ def test_method_plan_draws_one_mask_per_device_group():
 def test_groups_compute_what_separate_batches_compute(tiny):
     """Loss and gradients of a batch in G groups equal the mean over G separate one-group batches:
     pairing, masks and the loss never reach across a (device) group."""
-    from mixmae_jax.config import base_config
     from mixmae_jax.methods import get_method
 
-    config = base_config()
+    config = mixmim_config()
     config.model = tiny_cfg()
     method = get_method(config)
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: method.build_model(nnx.Rngs(0))), nnx.Param)
@@ -192,7 +191,9 @@ def test_groups_compute_what_separate_batches_compute(tiny):
     @jax.jit
     def loss_and_grads(params, images, mask):
         n = images.shape[0] // per
-        loss = lambda p: method.loss(bind(graphdef, p), images, {"mask": mask}, n)[0]  # noqa: E731
+        def loss(p):
+            return method.loss(bind(graphdef, p), {"image": images}, {"mask": mask}, n)[0]
+
         return jax.value_and_grad(loss)(params)
 
     loss, grads = loss_and_grads(tiny["params"], images, np.repeat(table, per, axis=0))
@@ -267,7 +268,8 @@ def _numel(tree) -> int:
 
 def _tables(cfg, pretrain: bool) -> int:
     """The frozen sin-cos parameters of the official model (the int64 buffers are not params)."""
-    return sum(v.size for k, v in K.constant_entries(cfg, pretrain=pretrain).items()
+    fmt = "pretrain" if pretrain else "finetune"
+    return sum(v.size for k, v in MixMIMLayout(cfg).constant_entries(fmt).items()
                if not k.endswith("relative_position_index"))
 
 
@@ -278,7 +280,7 @@ def abstract_pretrain():
 
     def get(variant):
         if variant not in cache:
-            cfg = model_config(variant, 224)
+            cfg = mixmim_model(variant, 224)
             model = nnx.eval_shape(lambda: MixMIMModel(cfg, rngs=nnx.Rngs(0)))
             cache[variant] = nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
         return cache[variant]
@@ -289,7 +291,7 @@ def abstract_pretrain():
 @pytest.mark.parametrize("variant", ["B", "L", "H"])
 def test_pretraining_parameter_counts(abstract_pretrain, variant):
     params = abstract_pretrain(variant)
-    total = _numel(params) + _tables(model_config(variant, 224), pretrain=True)
+    total = _numel(params) + _tables(mixmim_model(variant, 224), pretrain=True)
     assert total == PRETRAIN_TOTALS[variant]
 
 
@@ -298,14 +300,14 @@ def test_finetuning_parameter_counts_224(abstract_pretrain, variant):
     # SwinClassifier = the same SwinEncoder + a Linear(C_final -> 1000) head; the class itself is
     # counted directly at 384 below.
     encoder = abstract_pretrain(variant)["encoder"]
-    cfg = model_config(variant, 224)
+    cfg = mixmim_model(variant, 224)
     head = (cfg.embed_dim * 8 + 1) * 1000
     assert _numel(encoder) + head + _tables(cfg, pretrain=False) == FINETUNE_TOTALS[(variant, 224)]
 
 
 @pytest.mark.parametrize("variant", ["B", "L"])
 def test_finetuning_parameter_counts_384(variant):
-    cfg = model_config(variant, 384)
+    cfg = mixmim_model(variant, 384)
     model = nnx.eval_shape(lambda: SwinClassifier(cfg, 1000, rngs=nnx.Rngs(0)))
     params = nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
     assert set(params) == {"encoder", "head"}
@@ -362,13 +364,12 @@ def test_drop_path_is_per_sample_and_off_without_an_rng(tiny):
 
 def test_bf16_compute_keeps_fp32_params_and_close_loss(tiny):
     """compute_dtype=bfloat16: bf16 matmuls, fp32 master weights, loss within bf16 precision."""
-    from mixmae_jax.config import base_config
     from mixmae_jax.methods import get_method
 
     losses = {}
     plan = {"mask": jnp.asarray(tiny["mask"])}
     for dtype in ("float32", "bfloat16"):
-        config = base_config()
+        config = mixmim_config()
         config.model = tiny_cfg()
         config.compute_dtype = dtype
         method = get_method(config)
@@ -376,8 +377,9 @@ def test_bf16_compute_keeps_fp32_params_and_close_loss(tiny):
             nnx.Rngs(0))), nnx.Param)
         dtypes = {x.dtype for x in jax.tree.leaves(nnx.to_pure_dict(abstract))}
         assert dtypes == {jnp.dtype("float32")}
-        loss = jax.jit(lambda p, g=graphdef, m=method: m.loss(bind(g, p), tiny["images"], plan,
-                                                             1)[0])(tiny["params"])
+        batch = {"image": tiny["images"]}
+        loss = jax.jit(lambda p, g=graphdef, m=method: m.loss(bind(g, p), batch, plan, 1)[0])(
+            tiny["params"])
         losses[dtype] = float(loss)
     assert losses["bfloat16"] != losses["float32"]  # bf16 really ran
     assert abs(losses["bfloat16"] - losses["float32"]) < 2e-2 * abs(losses["float32"])

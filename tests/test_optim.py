@@ -7,13 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from recipes import mixmim_config
 
-from mixmae_jax.config import base_config
 from mixmae_jax.train import optim
 
 
 def _config(**optim_overrides):
-    c = base_config()
+    c = mixmim_config()
     c.batch_size = 512
     c.epochs = 10
     c.optim.base_lr = 1.5e-4

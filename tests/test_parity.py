@@ -27,11 +27,12 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 from numerics import U32, rel_err
+from recipes import mixmim_model
 
-from mixmae_jax.config import model_config
 from mixmae_jax.convert import from_torch, to_torch
 from mixmae_jax.convert import keymap as K
 from mixmae_jax.convert import torch_reference as R
+from mixmae_jax.convert.mixmim_layout import MixMIMLayout
 from mixmae_jax.methods.mixmim import MixMIMModel, dual_reconstruction_loss
 from mixmae_jax.models.classifier import SwinClassifier
 from mixmae_jax.train.step import bind
@@ -46,6 +47,8 @@ FLOOR = 16 * U32
 # Whatever the torch side does, fp32 forward values and gradients farther than these from exact
 # are wrong (the acceptance limits of the parity claim).
 FWD_TOL = 1e-5
+# Which official keys are constants does not depend on the size.
+LAYOUT = MixMIMLayout(mixmim_model("B"))
 GRAD_TOL = 1e-4
 # Tiny graphs compile ~3x faster at LLVM -O0; the HLO and the fp semantics (no fast-math) are
 # unchanged. The full-size MixMIM-B test compiles with the default options.
@@ -63,7 +66,7 @@ TINY = {
 
 
 def tiny_cfg(name, **kw):
-    cfg = model_config("B", 224)
+    cfg = mixmim_model("B", 224)
     cfg.update(TINY[name])
     cfg.update(kw)
     return cfg
@@ -113,13 +116,13 @@ def load_with_own_constants(model, state_dict, **kw):
     in the JAX model (`test_exported_constants_equal_the_references_own` compares them)."""
     own = model.state_dict()
     assert list(state_dict) == list(own), sorted(set(state_dict) ^ set(own))
-    model.load_state_dict({k: own[k] if K.is_constant_key(k) else v
+    model.load_state_dict({k: own[k] if LAYOUT.is_constant_key(k) else v
                            for k, v in state_dict.items()}, strict=True, **kw)
     return model
 
 
 def torch_pretrain(cfg, state_dict, dtype=torch.float32):
-    model = R.MixMIMPretrainTorch.from_model_config(cfg)
+    model = R.MixMIMPretrainTorch.from_mixmim_model(cfg)
     return load_with_own_constants(model, state_dict).to(dtype).eval()
 
 
@@ -188,7 +191,7 @@ def tiny_run(request):
     cfg = tiny_cfg(name)
     graphdef, abstract = abstract_model(lambda: MixMIMModel(cfg, rngs=nnx.Rngs(0)))
     params = random_params(abstract, seed=1)
-    state_dict = to_torch.params_to_state_dict(params, cfg)
+    state_dict = to_torch.params_to_state_dict(params, MixMIMLayout(cfg))
 
     batch, n_stages = 4, len(cfg.depths)
     final = cfg.img_size // (cfg.patch_size * 2 ** (n_stages - 1))
@@ -201,7 +204,7 @@ def tiny_run(request):
               np.reshape(a, (batch, -1, a.shape[-1])) for s, a in enumerate(stages)}
     values.update({"encoder output (final norm)": z, "decoder output x_rec": rec, "loss": loss,
                    "loss_branch1": aux["loss_branch1"], "loss_branch2": aux["loss_branch2"]})
-    grad_sd = to_torch.params_to_state_dict(grads, cfg)
+    grad_sd = to_torch.params_to_state_dict(grads, MixMIMLayout(cfg))
 
     torch_values, torch_grads = {}, {}
     for dtype in (torch.float32, torch.float64):
@@ -220,7 +223,7 @@ def test_tiny_forward_parity(tiny_run):
 def test_tiny_gradient_parity(tiny_run):
     r = tiny_run
     t32, t64 = r["torch_grads"][torch.float32], r["torch_grads"][torch.float64]
-    assert set(t64) == {k for k in r["grad_sd"] if not K.is_constant_key(k)}
+    assert set(t64) == {k for k in r["grad_sd"] if not LAYOUT.is_constant_key(k)}
     jax_grads = {k: r["grad_sd"][k].numpy() for k in t64}
     check_against_exact(f"{r['name']} gradients ({len(t64)} tensors)", jax_grads, t32, t64,
                         GRAD_TOL)
@@ -241,10 +244,10 @@ def test_lopsided_mask_separates_the_dual_loss_from_the_mean_of_branches(tiny_ru
 
 def test_mixmim_b_loss_parity():
     t0 = time.perf_counter()
-    cfg = model_config("B", 224)
+    cfg = mixmim_model("B", 224)
     graphdef, abstract = abstract_model(lambda: MixMIMModel(cfg, rngs=nnx.Rngs(0)))
     params = random_params(abstract, seed=4)
-    state_dict = to_torch.params_to_state_dict(params, cfg)
+    state_dict = to_torch.params_to_state_dict(params, MixMIMLayout(cfg))
     assert len(state_dict) == 456
 
     images = np.random.default_rng(5).standard_normal((2, 224, 224, 3), dtype=np.float32)
@@ -289,9 +292,10 @@ def test_finetune_features_parity():
     cfg = tiny_cfg("3stage")
     graphdef, abstract = abstract_model(lambda: SwinClassifier(cfg, 10, rngs=nnx.Rngs(0)))
     params = random_params(abstract, seed=7)
-    state_dict = to_torch.params_to_state_dict(params, cfg, format="finetune", num_classes=10)
+    state_dict = to_torch.params_to_state_dict(params, MixMIMLayout(cfg), format="finetune",
+                                               num_classes=10)
     assert list(state_dict)[0] == "absolute_pos_embed" and list(state_dict)[-1] == "head.bias"
-    tmodel = load_with_own_constants(R.MixMIMFinetuneTorch.from_model_config(cfg, num_classes=10),
+    tmodel = load_with_own_constants(R.MixMIMFinetuneTorch.from_mixmim_model(cfg, num_classes=10),
                                      state_dict).eval()
     np.testing.assert_array_equal(state_dict["head.weight"].numpy(), params["head"]["kernel"].T)
 
@@ -319,14 +323,14 @@ def test_every_layer_norm_matches_the_references_own():
     of 1e-6 instead of 1e-5 changes the output by ~2x here, by ~5e-6 at unit variance)."""
     cfg = tiny_cfg("2stage")
     model = MixMIMModel(cfg, rngs=nnx.Rngs(0))
-    tmodel = R.MixMIMPretrainTorch.from_model_config(cfg)
+    tmodel = R.MixMIMPretrainTorch.from_mixmim_model(cfg)
     torch_modules = dict(tmodel.named_modules())
     rng = np.random.default_rng(0)
     checked = 0
     for path, node in nnx.iter_graph(model):
         if not isinstance(node, nnx.LayerNorm):
             continue
-        name = K.flax_to_torch_name(".".join(map(str, path)) + ".scale")[: -len(".weight")]
+        name = LAYOUT.torch_name(".".join(map(str, path)) + ".scale", "pretrain")[: -len(".weight")]
         tln = torch_modules[name].double()
         assert isinstance(tln, torch.nn.LayerNorm), name
         dim = node.scale[...].shape[0]
@@ -357,10 +361,10 @@ def _reference_constants(key: str, value: np.ndarray) -> np.ndarray:
 def test_exported_constants_equal_the_references_own(variant, res):
     """The index buffers and sin-cos tables that mixmae-jax computes and exports are exactly the
     torch reference's own (computed there from the spec, independently)."""
-    cfg = tiny_cfg(f"{variant[-1]}stage") if variant.startswith("tiny") else model_config(variant,
+    cfg = tiny_cfg(f"{variant[-1]}stage") if variant.startswith("tiny") else mixmim_model(variant,
                                                                                            res)
     for pretrain in (True, False):
-        constants = K.constant_entries(cfg, pretrain=pretrain)
+        constants = MixMIMLayout(cfg).constant_entries("pretrain" if pretrain else "finetune")
         assert {k for k in constants if "pos_embed" in k} == (
             {"absolute_pos_embed", "decoder_pos_embed"} if pretrain else {"absolute_pos_embed"})
         for k, v in constants.items():
@@ -368,9 +372,9 @@ def test_exported_constants_equal_the_references_own(variant, res):
             assert v.dtype == want.dtype and v.shape == want.shape, k
             np.testing.assert_array_equal(v, want, err_msg=k)
     if variant.startswith("tiny"):  # the whole model: every constant the reference holds
-        own = R.MixMIMPretrainTorch.from_model_config(cfg).state_dict()
-        exported = K.constant_entries(cfg, pretrain=True)
-        assert set(exported) == {k for k in own if K.is_constant_key(k)}
+        own = R.MixMIMPretrainTorch.from_mixmim_model(cfg).state_dict()
+        exported = MixMIMLayout(cfg).constant_entries("pretrain")
+        assert set(exported) == {k for k in own if LAYOUT.is_constant_key(k)}
         for k, v in exported.items():
             np.testing.assert_array_equal(v, own[k].numpy(), err_msg=k)
 
@@ -379,14 +383,16 @@ def test_finetune_export_of_pretraining_params_has_fresh_head():
     cfg = tiny_cfg("2stage")
     _, abstract = abstract_model(lambda: MixMIMModel(cfg, rngs=nnx.Rngs(0)))
     params = random_params(abstract, seed=9)
-    sd = to_torch.params_to_state_dict(params, cfg, format="finetune", num_classes=10, seed=3)
+    sd = to_torch.params_to_state_dict(params, MixMIMLayout(cfg), format="finetune",
+                                       num_classes=10, seed=3)
     assert not any(k.startswith(("decoder", "mask_token")) for k in sd)
     w, b = sd["head.weight"], sd["head.bias"]
     assert w.shape == (10, 32) and torch.equal(b, torch.zeros(10))
     assert 1e-5 < float(w.std()) < 3e-5 and float(w.abs().max()) < 1e-4
-    again = to_torch.params_to_state_dict(params, cfg, format="finetune", num_classes=10, seed=3)
+    again = to_torch.params_to_state_dict(params, MixMIMLayout(cfg), format="finetune",
+                                          num_classes=10, seed=3)
     assert torch.equal(again["head.weight"], w)  # deterministic in `seed`
-    tmodel = R.MixMIMFinetuneTorch.from_model_config(cfg, num_classes=10)
+    tmodel = R.MixMIMFinetuneTorch.from_mixmim_model(cfg, num_classes=10)
     tmodel.load_state_dict(sd, strict=True)
 
 
@@ -413,16 +419,16 @@ def test_round_trip_is_bit_exact(name, fmt):
     cfg = tiny_cfg(name)
     torch.manual_seed(0)
     if fmt == "pretrain":
-        tmodel = R.MixMIMPretrainTorch.from_model_config(cfg)
+        tmodel = R.MixMIMPretrainTorch.from_mixmim_model(cfg)
         build = lambda: MixMIMModel(cfg, rngs=nnx.Rngs(0))  # noqa: E731
     else:
-        tmodel = R.MixMIMFinetuneTorch.from_model_config(cfg, num_classes=10)
+        tmodel = R.MixMIMFinetuneTorch.from_mixmim_model(cfg, num_classes=10)
         build = lambda: SwinClassifier(cfg, 10, rngs=nnx.Rngs(0))  # noqa: E731
     sd = random_torch_state_dict(tmodel, seed=11)
     _, template = abstract_model(build)
-    params, rep = from_torch.state_dict_to_params(sd, cfg, template)
+    params, rep = from_torch.state_dict_to_params(sd, MixMIMLayout(cfg), template)
     assert rep.file_format == fmt and not rep.resized and not rep.skipped and not rep.kept_fresh
-    back = to_torch.params_to_state_dict(params, cfg, format=fmt, num_classes=10)
+    back = to_torch.params_to_state_dict(params, MixMIMLayout(cfg), format=fmt, num_classes=10)
     assert list(back) == list(sd)
     for k, v in sd.items():
         assert back[k].dtype == v.dtype, k
@@ -439,7 +445,7 @@ def test_round_trip_is_bit_exact(name, fmt):
 def tiny_pretrain_sd():
     cfg = tiny_cfg("2stage")
     torch.manual_seed(0)
-    sd = R.MixMIMPretrainTorch.from_model_config(cfg).state_dict()
+    sd = R.MixMIMPretrainTorch.from_mixmim_model(cfg).state_dict()
     _, template = abstract_model(lambda: MixMIMModel(cfg, rngs=nnx.Rngs(0)))
     return cfg, sd, template
 
@@ -458,7 +464,7 @@ def test_from_torch_unknown_missing_and_wrong_shape_keys_are_named(tiny_pretrain
     del bad["decoder_norm.bias"]
     bad["layers.0.blocks.1.norm1.weight"] = torch.ones(17)
     bad["decoder_embed.weight"] = torch.ones(32, 31)
-    msg = _conversion_error(from_torch.state_dict_to_params, bad, cfg, template)
+    msg = _conversion_error(from_torch.state_dict_to_params, bad, MixMIMLayout(cfg), template)
     print("\n" + msg)
     for key in ("layers.0.blocks.0.attn.extra_thing", "layers.1.blocks.1.mlp.fc2.weight",
                 "decoder_norm.bias", "layers.0.blocks.1.norm1.weight", "decoder_embed.weight"):
@@ -471,16 +477,17 @@ def test_from_torch_checks_constants(tiny_pretrain_sd):
     index = bad["layers.0.blocks.1.attn.relative_position_index"].clone()
     index[0, 0] += 1
     bad["layers.0.blocks.1.attn.relative_position_index"] = index
-    msg = _conversion_error(from_torch.state_dict_to_params, bad, cfg, template)
+    msg = _conversion_error(from_torch.state_dict_to_params, bad, MixMIMLayout(cfg), template)
     assert "layers.0.blocks.1.attn.relative_position_index" in msg
 
     # An APE that is not sin-cos (e.g. bicubic-resized by the official finetune loader).
     bad = dict(sd)
     bad["absolute_pos_embed"] = sd["absolute_pos_embed"] + 1e-3
-    msg = _conversion_error(from_torch.state_dict_to_params, bad, cfg, template)
+    msg = _conversion_error(from_torch.state_dict_to_params, bad, MixMIMLayout(cfg), template)
     assert "absolute_pos_embed" in msg and "allow_ape_mismatch" in msg
     with pytest.warns(UserWarning, match="absolute_pos_embed"):
-        _, rep = from_torch.state_dict_to_params(bad, cfg, template, allow_ape_mismatch=True)
+        _, rep = from_torch.state_dict_to_params(bad, MixMIMLayout(cfg), template,
+                                                 allow_ape_mismatch=True)
     assert any("absolute_pos_embed" in n for n in rep.notes)
 
 
@@ -492,14 +499,15 @@ def test_to_torch_missing_extra_and_wrong_shape_params_are_named():
     del flat["encoder.layers.1.blocks.0.mlp.fc1.bias"]
     flat["encoder.layers.0.blocks.0.attn.qkv.kernel"] = np.zeros((16, 47), np.float32)
     flat["encoder.layers.0.blocks.0.attn.gate.kernel"] = np.zeros((16, 16), np.float32)
-    msg = _conversion_error(to_torch.params_to_state_dict, K.unflatten(flat), cfg)
+    msg = _conversion_error(to_torch.params_to_state_dict, K.unflatten(flat), MixMIMLayout(cfg))
     print("\n" + msg)
     for key in ("layers.1.blocks.0.mlp.fc1.bias", "layers.0.blocks.0.attn.qkv.weight",
                 "layers.0.blocks.0.attn.gate.weight"):
         assert key in msg
     # A classifier's params have no decoder: a pretraining export names every decoder key.
     _, cls_abstract = abstract_model(lambda: SwinClassifier(cfg, 10, rngs=nnx.Rngs(0)))
-    msg = _conversion_error(to_torch.params_to_state_dict, random_params(cls_abstract, 0), cfg)
+    msg = _conversion_error(to_torch.params_to_state_dict, random_params(cls_abstract, 0),
+                            MixMIMLayout(cfg))
     assert "mask_token" in msg and "decoder_pred.weight" in msg and "head.weight" in msg
 
 
@@ -551,7 +559,7 @@ def test_bias_tables_are_resized_like_the_official_loader(tiny_pretrain_sd):
     _, sd, _ = tiny_pretrain_sd  # img 32, windows (4, 4)
     target = tiny_cfg("2stage", img_size=64, window_sizes=(8, 4))  # 16x16 map, window 8
     _, template = abstract_model(lambda: MixMIMModel(target, rngs=nnx.Rngs(0)))
-    params, rep = from_torch.state_dict_to_params(sd, target, template)
+    params, rep = from_torch.state_dict_to_params(sd, MixMIMLayout(target), template)
     print("\n" + str(rep))
     assert len(rep.resized) == 2 and all(k.startswith("layers.0.") for k in rep.resized)
     assert any("absolute_pos_embed" in n for n in rep.notes)
@@ -570,10 +578,10 @@ def test_bias_tables_are_resized_like_the_official_loader(tiny_pretrain_sd):
 def test_finetune_file_into_pretraining_template_keeps_fresh_decoder():
     cfg = tiny_cfg("2stage")
     torch.manual_seed(0)
-    sd = R.MixMIMFinetuneTorch.from_model_config(cfg, num_classes=10).state_dict()
+    sd = R.MixMIMFinetuneTorch.from_mixmim_model(cfg, num_classes=10).state_dict()
     _, abstract = abstract_model(lambda: MixMIMModel(cfg, rngs=nnx.Rngs(0)))
     template = random_params(abstract, seed=12)  # concrete: stands in for a fresh init
-    params, rep = from_torch.state_dict_to_params(sd, cfg, template)
+    params, rep = from_torch.state_dict_to_params(sd, MixMIMLayout(cfg), template)
     assert rep.file_format == "finetune" and rep.template_format == "pretrain"
     assert sorted(rep.skipped) == sorted(
         f"{k}: finetuning head, the pretraining template has none" for k in ("head.weight",
@@ -585,7 +593,7 @@ def test_finetune_file_into_pretraining_template_keeps_fresh_decoder():
         np.testing.assert_array_equal(flat[p], K.flatten(template)[p])
     np.testing.assert_array_equal(flat["encoder.norm.scale"], sd["norm.weight"].numpy())
     # An abstract template cannot supply the fresh decoder: refused, naming the keys.
-    msg = _conversion_error(from_torch.state_dict_to_params, sd, cfg, abstract)
+    msg = _conversion_error(from_torch.state_dict_to_params, sd, MixMIMLayout(cfg), abstract)
     assert "mask_token" in msg and "decoder_pred.weight" in msg
 
 
@@ -593,7 +601,7 @@ def test_pretraining_file_into_finetuning_template(tiny_pretrain_sd):
     cfg, sd, _ = tiny_pretrain_sd
     template = random_params(abstract_model(lambda: SwinClassifier(cfg, 10, rngs=nnx.Rngs(0)))[1],
                              seed=13)
-    params, rep = from_torch.state_dict_to_params(sd, cfg, template)
+    params, rep = from_torch.state_dict_to_params(sd, MixMIMLayout(cfg), template)
     assert rep.file_format == "pretrain" and set(rep.kept_fresh) == {"head.kernel", "head.bias"}
     assert {s.split(":")[0] for s in rep.skipped} == {
         k for k in sd if k.startswith(("mask_token", "decoder_"))}
@@ -605,18 +613,19 @@ def test_pretraining_file_into_finetuning_template(tiny_pretrain_sd):
 def test_finetune_head_with_another_number_of_classes():
     cfg = tiny_cfg("2stage")
     torch.manual_seed(0)
-    sd = R.MixMIMFinetuneTorch.from_model_config(cfg, num_classes=10).state_dict()
+    sd = R.MixMIMFinetuneTorch.from_mixmim_model(cfg, num_classes=10).state_dict()
     template = random_params(abstract_model(lambda: SwinClassifier(cfg, 5, rngs=nnx.Rngs(0)))[1],
                              seed=14)
-    msg = _conversion_error(from_torch.state_dict_to_params, sd, cfg, template)
+    msg = _conversion_error(from_torch.state_dict_to_params, sd, MixMIMLayout(cfg), template)
     assert "head.weight" in msg and "head.bias" in msg and "drop head.weight" in msg
     no_head = {k: v for k, v in sd.items() if not k.startswith("head.")}
-    params, rep = from_torch.state_dict_to_params(no_head, cfg, template, format="finetune")
+    params, rep = from_torch.state_dict_to_params(no_head, MixMIMLayout(cfg), template,
+                                                  format="finetune")
     assert set(rep.kept_fresh) == {"head.kernel", "head.bias"}
     np.testing.assert_array_equal(params["head"]["kernel"], template["head"]["kernel"])
     partial = dict(no_head, **{"head.weight": torch.zeros(5, 32)})  # weight without bias
-    assert "head.bias" in _conversion_error(from_torch.state_dict_to_params, partial, cfg,
-                                            template)
+    assert "head.bias" in _conversion_error(from_torch.state_dict_to_params, partial,
+                                            MixMIMLayout(cfg), template)
 
 
 def test_load_rejects_files_that_are_not_checkpoints(tmp_path):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
+from recipes import mixmim_config
 
 from mixmae_jax import config as config_lib
 from mixmae_jax.config import ConfigError
@@ -24,7 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
     """32 px, 2 stages (8x8 -> 4x4 tokens), mask on the 4x4 grid, batch 8: compiles in seconds."""
-    c = config_lib.base_config()
+    c = mixmim_config()
     c.model.update(img_size=32, embed_dim=16, depths=(1, 1), num_heads=(2, 4),
                    window_sizes=(4, 4), decoder_dim=32, decoder_depth=1, decoder_num_heads=2)
     c.data.update(image_size=32, shuffle_buffer=64)

@@ -1,114 +1,164 @@
-"""Parameter names and layouts: mixmae-jax params <-> the official PyTorch MixMIM state_dict.
+"""Parameter names and layouts: mixmae-jax params <-> an official PyTorch state_dict.
 
-One rename table (module prefixes) plus per-leaf layout rules (Linear kernels transpose, conv HWIO
-<-> OIHW, LayerNorm scale <-> weight). The official layout also stores constants that mixmae-jax
-computes (sin-cos tables, relative-position indices); `constant_entries` regenerates them.
-Pure numpy: no torch needed here.
+A `Layout` describes one method's official PyTorch models (its pretraining and finetuning
+state_dicts): a rename table of module prefixes per format, per-leaf layout rules (Linear kernels
+transpose, conv HWIO <-> OIHW, LayerNorm scale <-> weight), the constants the official layout
+stores and mixmae-jax computes (sin-cos tables, relative-position indices, attention masks), and
+the plain torch reference model that fixes the exact keys, order, shapes and dtypes. Each method
+defines its layout (`convert/<method>_layout.py`); `to_torch` and `from_torch` work on any.
 """
 
 from __future__ import annotations
 
+import collections
+import functools
+import json
+import math
 import re
 
 import numpy as np
+from flax import traverse_util
 
-from mixmae_jax.models import layers as L
-
-# (flax dotted prefix, torch dotted prefix); first match wins.
-PREFIXES = (
-    ("decoder.mask_token", "mask_token"),
-    ("decoder.embed.", "decoder_embed."),
-    ("decoder.blocks.", "decoder_blocks."),
-    ("decoder.norm.", "decoder_norm."),
-    ("decoder.pred.", "decoder_pred."),
-    ("encoder.", ""),
-    ("head.", "head."),
-)
-
-_CONV = re.compile(r"(^|\.)patch_embed\.proj\.kernel$")
+FORMATS = ("pretrain", "finetune")
 
 
 class ConversionError(ValueError):
     """A checkpoint does not match the expected layout; the message names every bad key."""
 
 
-def flatten(tree, prefix: str = "") -> dict[str, np.ndarray]:
+def flatten(tree) -> dict[str, np.ndarray]:
     """Nested dict (str or int keys) -> {"a.0.b": leaf}."""
-    out = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
+    return {".".join(map(str, k)): v for k, v in traverse_util.flatten_dict(tree).items()}
 
 
 def unflatten(flat: dict[str, np.ndarray]) -> dict:
     """Inverse of `flatten`; all-digit components become int keys (nnx.List indices)."""
-    tree: dict = {}
-    for key, v in flat.items():
-        parts = [int(p) if p.isdigit() else p for p in key.split(".")]
-        node = tree
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = v
-    return tree
+    return traverse_util.unflatten_dict(
+        {tuple(int(p) if p.isdigit() else p for p in k.split(".")): v for k, v in flat.items()})
 
 
-def _rename(name: str, table) -> str | None:
-    for src, dst in table:
-        if name == src or name.startswith(src) and src.endswith("."):
-            return dst + name[len(src):]
-    return None
+def square_side(n: int) -> int | None:
+    s = math.isqrt(n)
+    return s if s * s == n else None
 
 
-def flax_to_torch_name(path: str) -> str:
-    name = _rename(path, PREFIXES)
-    if name is None:
-        raise ConversionError(f"no official name for parameter {path!r}")
-    if name.endswith(".kernel"):
-        return name[: -len("kernel")] + "weight"
-    if name.endswith(".scale"):
-        return name[: -len("scale")] + "weight"
-    return name
+def tensor_to_numpy(t) -> np.ndarray:
+    import torch
+
+    t = t.detach().cpu()
+    if t.is_floating_point() and t.dtype not in (torch.float32, torch.float64):
+        t = t.to(torch.float32)
+    return t.numpy()
 
 
-def to_torch_layout(path: str, value: np.ndarray) -> np.ndarray:
-    value = np.asarray(value)
-    if _CONV.search(path):
-        return np.ascontiguousarray(value.transpose(3, 2, 0, 1))  # HWIO -> OIHW
-    if path.endswith(".kernel"):
-        return np.ascontiguousarray(value.T)  # [in, out] -> [out, in]
-    return value
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
 
 
-def from_torch_layout(path: str, value: np.ndarray) -> np.ndarray:
-    value = np.asarray(value)
-    if _CONV.search(path):
-        return np.ascontiguousarray(value.transpose(2, 3, 1, 0))  # OIHW -> HWIO
-    if path.endswith(".kernel"):
-        return np.ascontiguousarray(value.T)
-    return value
+@functools.lru_cache(maxsize=64)
+def _cached_reference(layout_cls, cfg_json: str, fmt: str, num_classes: int):
+    import torch
+
+    layout = layout_cls(json.loads(cfg_json))
+    with torch.device("meta"):
+        model = layout.build_reference(fmt, num_classes)
+    return tuple((k, tuple(v.shape), v.dtype) for k, v in model.state_dict().items())
 
 
-def constant_entries(model_cfg, *, pretrain: bool) -> dict[str, np.ndarray]:
-    """The official state_dict's frozen tables and index buffers, computed from the config."""
-    grid = model_cfg.img_size // model_cfg.patch_size
-    out = {"absolute_pos_embed": L.sincos_pos_embed_2d(model_cfg.embed_dim, grid, grid)[None]}
-    res = grid
-    for s, (depth, window) in enumerate(zip(model_cfg.depths, model_cfg.window_sizes)):
-        w = min(window, res)  # the block clamps its window to a small map
-        for j in range(depth):
-            out[f"layers.{s}.blocks.{j}.attn.relative_position_index"] = (
-                L.relative_position_index(w))
-        res //= 2
-    if pretrain:
-        final = grid // 2 ** (len(model_cfg.depths) - 1)
-        out["decoder_pos_embed"] = L.sincos_pos_embed_2d(model_cfg.decoder_dim, final, final)[None]
-    return out
+class Layout:
+    """One method's official PyTorch layouts; subclasses fill in the class attributes and hooks.
 
+    prefixes: {format: ((flax dotted prefix, torch dotted prefix), ...)}, first match wins.
+    pretrain_only / finetune_only: torch key prefixes that exist in one format only (decoder and
+      mask token / head); an export to the other format drops them, an import skips them.
+    """
 
-def is_constant_key(key: str) -> bool:
-    return key in ("absolute_pos_embed", "decoder_pos_embed") or key.endswith(
-        "relative_position_index")
+    name = ""
+    prefixes: dict[str, tuple[tuple[str, str], ...]] = {}
+    pretrain_only: tuple[str, ...] = ()
+    finetune_only: tuple[str, ...] = ("head.",)
+    conv_kernels = re.compile(r"(^|\.)patch_embed\.proj\.kernel$")
+
+    def __init__(self, model_cfg):
+        self.model_cfg = model_cfg
+
+    # -- hooks ----------------------------------------------------------------------------------
+
+    def build_reference(self, fmt: str, num_classes: int):
+        """The plain torch reference model of `fmt` (called on the meta device)."""
+        raise NotImplementedError
+
+    def constant_entries(self, fmt: str) -> dict[str, np.ndarray]:
+        """The official state_dict's entries that mixmae-jax computes instead of storing."""
+        return {}
+
+    def is_constant_key(self, key: str) -> bool:
+        return False
+
+    def check_constant(self, name: str, value, target_has_param: bool, report) -> str | None:
+        """Check a constant found in a file (None: fine); may add notes to the report."""
+        return None
+
+    def resize(self, name: str, value, shape: tuple, report):
+        """A file tensor of another shape resized for the template (None: cannot)."""
+        return None
+
+    def fresh_finetune_entries(self, reference: dict, num_classes: int, seed: int) -> dict:
+        """Finetuning entries a pretraining model has no params for (the head), initialised as
+        the official finetuning code does."""
+        return {}
+
+    # -- names and layouts ---------------------------------------------------------------------
+
+    def reference_layout(self, fmt: str = "pretrain", num_classes: int = 1000):
+        """OrderedDict key -> (shape, torch dtype) of the official state_dict for this config."""
+        _check_format(fmt)
+        cfg = self.model_cfg
+        cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+        layout = _cached_reference(type(self), json.dumps(cfg, sort_keys=True, default=list),
+                                   fmt, int(num_classes))
+        return collections.OrderedDict((k, (shape, dtype)) for k, shape, dtype in layout)
+
+    def torch_name(self, path: str, fmt: str) -> str:
+        for src, dst in self.prefixes[fmt]:
+            if path == src or (path.startswith(src) and src.endswith(".")):
+                name = dst + path[len(src):]
+                break
+        else:
+            raise ConversionError(f"no official {fmt} name for parameter {path!r}")
+        if name.endswith(".kernel"):
+            return name[: -len("kernel")] + "weight"
+        if name.endswith(".scale"):
+            return name[: -len("scale")] + "weight"
+        return name
+
+    def to_torch(self, path: str, value: np.ndarray) -> np.ndarray:
+        value = np.asarray(value)
+        if self.conv_kernels.search(path):
+            return np.ascontiguousarray(value.transpose(3, 2, 0, 1))  # HWIO -> OIHW
+        if path.endswith(".kernel"):
+            return np.ascontiguousarray(value.T)  # [in, out] -> [out, in]
+        return value
+
+    def from_torch(self, path: str, value: np.ndarray) -> np.ndarray:
+        value = np.asarray(value)
+        if self.conv_kernels.search(path):
+            return np.ascontiguousarray(value.transpose(2, 3, 1, 0))  # OIHW -> HWIO
+        if path.endswith(".kernel"):
+            return np.ascontiguousarray(value.T)
+        return value
+
+    def detect_format(self, keys) -> str:
+        """What a file is: pretraining if it has pretraining-only keys."""
+        return "pretrain" if any(k.startswith(self.pretrain_only) for k in keys) else "finetune"
+
+    def template_format(self, flat_template) -> str:
+        """What a params tree is: pretraining if it has pretraining-only parameters."""
+        names = []
+        for p in flat_template:
+            try:
+                names.append(self.torch_name(p, "pretrain"))
+            except ConversionError:
+                pass
+        return "pretrain" if any(n.startswith(self.pretrain_only) for n in names) else "finetune"

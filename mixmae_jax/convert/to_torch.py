@@ -1,12 +1,14 @@
-"""mixmae-jax params -> the official PyTorch MixMIM state_dict, and an atomic checkpoint writer.
+"""mixmae-jax params -> an official PyTorch state_dict, and an atomic checkpoint writer.
 
 The official layout is the contract: `params_to_state_dict` emits exactly the keys, order, shapes
-and dtypes of the reference model's `state_dict()` (`torch_reference.py`, built on the `meta`
-device so even MixMIM-H costs nothing), including the entries mixmae-jax computes instead of
-storing: the frozen sin-cos tables (float32) and the int64 `relative_position_index` buffers.
+and dtypes of the method's reference model's `state_dict()` (its `keymap.Layout`, built on the
+`meta` device so even MixMIM-H costs nothing), including the entries mixmae-jax computes instead of
+storing: frozen sin-cos tables (float32), int64 `relative_position_index` buffers, Swin's
+shifted-window `attn_mask` buffers.
 
-    sd = params_to_state_dict(params, config.model)                      # models_mixmim
-    sd = params_to_state_dict(params, config.model, format="finetune")   # models_mixmim_ft
+    layout = get_method(config).torch_layout()
+    sd = params_to_state_dict(params, layout)                      # e.g. models_mixmim
+    sd = params_to_state_dict(params, layout, format="finetune")   # e.g. models_mixmim_ft
     save_torch_checkpoint(sd, "mixmim_b.pth")   # {'model': sd}, loads with weights_only=True
 """
 
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
 import os
 import tempfile
 
@@ -22,49 +23,6 @@ import numpy as np
 import torch
 
 from mixmae_jax.convert import keymap as K
-
-FORMATS = ("pretrain", "finetune")
-
-# Fields of the model config that shape the official state_dict (the rest is training-only).
-_SHAPE_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depths", "num_heads",
-                 "window_sizes", "mlp_ratio", "qkv_bias", "decoder_dim", "decoder_depth",
-                 "decoder_num_heads")
-
-# main_finetune.py re-initialises the head with timm trunc_normal_(std=2e-5) (bounds +-2).
-HEAD_INIT_STD = 2e-5
-
-
-def _cfg_key(model_cfg) -> tuple:
-    get = model_cfg.get if hasattr(model_cfg, "get") else lambda k, d=None: getattr(model_cfg, k, d)
-    out = []
-    for field in _SHAPE_FIELDS:
-        v = get(field, None)
-        out.append((field, tuple(v) if isinstance(v, (list, tuple)) else v))
-    if get("shift_windows", False):
-        raise K.ConversionError("model.shift_windows=True has no official MixMIM layout "
-                                "(MixMIM never shifts windows)")
-    return tuple(out)
-
-
-@functools.lru_cache(maxsize=32)
-def _reference_layout(cfg_key: tuple, fmt: str, num_classes: int):
-    from mixmae_jax.convert import torch_reference as R
-
-    cfg = {k: v for k, v in cfg_key if v is not None}
-    with torch.device("meta"):
-        if fmt == "pretrain":
-            model = R.MixMIMPretrainTorch.from_model_config(cfg)
-        else:
-            model = R.MixMIMFinetuneTorch.from_model_config(cfg, num_classes=num_classes)
-    return tuple((k, tuple(v.shape), v.dtype) for k, v in model.state_dict().items())
-
-
-def reference_layout(model_cfg, *, format: str = "pretrain", num_classes: int = 1000):
-    """OrderedDict key -> (shape, torch dtype) of the official state_dict for this config."""
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    layout = _reference_layout(_cfg_key(model_cfg), format, int(num_classes))
-    return collections.OrderedDict((k, (shape, dtype)) for k, shape, dtype in layout)
 
 
 def _to_numpy(value) -> np.ndarray:
@@ -77,59 +35,56 @@ def _to_numpy(value) -> np.ndarray:
     return arr
 
 
-def _fresh_head(num_classes: int, in_dim: int, seed: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(int(seed))
-    weight = torch.empty(num_classes, in_dim)
-    torch.nn.init.trunc_normal_(weight, std=HEAD_INIT_STD, a=-2.0, b=2.0, generator=gen)
-    return {"head.weight": weight, "head.bias": torch.zeros(num_classes)}
+def _pretrain_only(layout: K.Layout, path: str) -> bool:
+    try:
+        return layout.torch_name(path, "pretrain").startswith(layout.pretrain_only)
+    except K.ConversionError:
+        return False
 
 
-def params_to_state_dict(params, model_cfg, *, format: str = "pretrain", num_classes: int = 1000,
-                         seed: int = 0) -> collections.OrderedDict[str, torch.Tensor]:
+def params_to_state_dict(params, layout: K.Layout, *, format: str = "pretrain",
+                         num_classes: int = 1000, seed: int = 0
+                         ) -> collections.OrderedDict[str, torch.Tensor]:
     """Flax params (pure dict from `nnx.split(model, nnx.Param)`) -> official state_dict.
 
-    format="pretrain": `models_mixmim.MixMIM` (needs the encoder and decoder params of a
-      `MixMIMModel`).
-    format="finetune": `models_mixmim_ft.MixMIM`: the encoder only, decoder params are dropped;
-      the head comes from `params["head"]` when present (a `SwinClassifier`), otherwise it is
-      initialised fresh like official main_finetune (`head.weight` trunc-normal std 2e-5 from
-      `seed`, `head.bias` zeros) with `num_classes` outputs.
+    format="pretrain": the pretraining model (needs encoder and decoder params).
+    format="finetune": the finetuning model: pretraining-only params (decoder, mask token) are
+      dropped; finetuning-only entries the params lack (the head) are initialised like the
+      official finetuning code (`layout.fresh_finetune_entries`, from `seed`, `num_classes`
+      outputs); a classifier's own head is exported as it is.
 
     Returns an OrderedDict of CPU tensors in the official key order. Every expected key must be
     produced with the reference shape; otherwise ConversionError names each offending key.
     """
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    layout = reference_layout(model_cfg, format=format, num_classes=num_classes)
-    flat = K.flatten(params)
-
+    reference = layout.reference_layout(format, num_classes)
     values: dict[str, np.ndarray | torch.Tensor] = {}
     problems: list[str] = []
-    for path, value in flat.items():
-        if format == "finetune" and path.startswith("decoder."):
-            continue  # the finetuning model has no decoder
+    for path, value in K.flatten(params).items():
         try:
-            name = K.flax_to_torch_name(path)
+            name = layout.torch_name(path, format)
         except K.ConversionError:
-            problems.append(f"{path}: no official key for this parameter")
-            continue
-        if name not in layout:
-            problems.append(f"{name} (from {path}): not a key of the official {format} model")
+            name = None
+        if name is None or name not in reference:
+            if format == "finetune" and _pretrain_only(layout, path):
+                continue  # the decoder, mask token: the finetuning model has no place for them
+            problems.append(f"{path}: no official key for this parameter" if name is None else
+                            f"{name} (from {path}): not a key of the official {format} model")
             continue
         array = _to_numpy(value)
-        out = K.to_torch_layout(path, array)
+        out = layout.to_torch(path, array)
         if np.may_share_memory(out, array) or not out.flags.writeable:
             out = np.array(out)  # the tensor must own its memory, not alias the caller's params
         values[name] = out
 
-    for name, value in K.constant_entries(model_cfg, pretrain=format == "pretrain").items():
-        values[name] = value
-    if format == "finetune" and "head.weight" in layout and not any(
-            k.startswith("head.") for k in values):
-        values.update(_fresh_head(num_classes, layout["head.weight"][0][1], seed))
+    for name, value in layout.constant_entries(format).items():
+        values.setdefault(name, value)  # a learned table (a classifier's pos_embed) wins
+    if format == "finetune":
+        missing = [k for k in reference if k not in values]
+        if missing and all(k.startswith(layout.finetune_only) for k in missing):
+            values.update(layout.fresh_finetune_entries(reference, num_classes, seed))
 
     out: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
-    for name, (shape, dtype) in layout.items():
+    for name, (shape, dtype) in reference.items():
         if name not in values:
             problems.append(f"{name}: missing (no parameter maps to it)")
             continue

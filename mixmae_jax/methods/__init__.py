@@ -1,13 +1,14 @@
-"""Pretraining methods, found by `config.method.name` (one module per method)."""
+"""Pretraining methods, found by `config.method.name` (one module per method, the contract in
+`base.py`); adding a method is adding a module and its name here."""
 
 import importlib
 
+NAMES = ("mixmim", "mae", "simmim")
+
 
 def get_method(config):
-    """`mixmae_jax.methods.<name>.Method(config)`; adding a method is adding a module."""
+    """`mixmae_jax.methods.<name>.Method(config)`."""
     name = config.method.name
-    try:
-        module = importlib.import_module(f"mixmae_jax.methods.{name}")
-    except ModuleNotFoundError as e:
-        raise ValueError(f"config.method.name: unknown method {name!r}") from e
-    return module.Method(config)
+    if name not in NAMES:
+        raise ValueError(f"method.name: unknown method {name!r} (known: {', '.join(NAMES)})")
+    return importlib.import_module(f"mixmae_jax.methods.{name}").Method(config)

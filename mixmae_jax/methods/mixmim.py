@@ -9,9 +9,10 @@ each patch is predicted by the branch in which it was hidden.
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from mixmae_jax.methods import mixing
+from mixmae_jax.methods import base, mixing
 from mixmae_jax.models import layers as L
 from mixmae_jax.models.decoder import MaskedDecoder
 from mixmae_jax.models.swin import SwinEncoder
@@ -83,19 +84,32 @@ def dual_reconstruction_loss(images, rec, mask, num_groups: int, patch: int, nor
     return loss, {"loss_branch1": branch1, "loss_branch2": branch2}
 
 
-class Method:
-    """What the trainer needs from a pretraining method: a model, a plan, a loss."""
+class Method(base.Method):
+    """MixMIM on a Swin encoder (`config.model.name = "swin"`)."""
 
     name = "mixmim"
+    models = ("swin",)
+    min_images_per_group = 2  # image i is mixed with image n-1-i of its device's batch
+    mask_help = ("MixMIM: .npy (h, w) 0/1 on the final-stage grid (7x7 at 224), 1 = the token "
+                 "comes from the partner image; the same mask for every image (official)")
 
-    def __init__(self, config):
-        self.model_cfg = config.model
-        self.cfg = config.method
-        self.dtype = jnp.dtype(config.get("compute_dtype", "float32"))
+    def check_config(self, config, num_devices, check):
+        m, meth = config.model, config.method
+        check(not m.shift_windows, "model.shift_windows", "MixMIM never shifts windows")
+        check(m.ape == "sincos", "model.ape", "MixMIM adds the fixed sin-cos table ('sincos')")
+        check(m.decoder_dim % 4 == 0 and m.decoder_dim % m.decoder_num_heads == 0,
+              "model.decoder_dim", f"{m.decoder_dim} must be divisible by 4 and by "
+              f"model.decoder_num_heads={m.decoder_num_heads}")
+        cells = self.num_cells()
+        final = int(round(cells**0.5))
+        lo, hi = meth.mask_ratio, meth.mask_ratio + meth.range_mask_ratio
+        check(0.0 < lo and hi < 1.0, "method.mask_ratio",
+              f"mask ratio range [{lo}, {hi}] must lie inside (0, 1)")
+        check(int(cells * lo) >= 1, "method.mask_ratio",
+              f"int({cells} * {lo}) = 0 cells of the {final}x{final} mask grid would be mixed")
 
     def build_model(self, rngs: nnx.Rngs) -> MixMIMModel:
-        dtype = None if self.dtype == jnp.float32 else self.dtype
-        return MixMIMModel(self.model_cfg, dtype=dtype, rngs=rngs)
+        return MixMIMModel(self.model_cfg, dtype=self.compute_dtype, rngs=rngs)
 
     def num_cells(self) -> int:
         m = self.model_cfg
@@ -108,10 +122,58 @@ class Method:
                                          self.cfg.mask_ratio, self.cfg.range_mask_ratio,
                                          self.cfg.mask_per_sample)}
 
-    def loss(self, model: MixMIMModel, images, plan, num_groups: int, rng=None):
-        """images: normalised float (B, H, W, 3). Returns (loss, aux metrics)."""
-        mask = plan["mask"]
+    def loss(self, model: MixMIMModel, batch, plan, num_groups: int, rng=None):
+        """batch["image"]: normalised float (B, H, W, 3). Returns (loss, branch losses)."""
+        images, mask = batch["image"], plan["mask"]
         rec = model(images, mask, num_groups, rng)
-        loss, aux = dual_reconstruction_loss(images, rec, mask, num_groups,
-                                             model.encoder.stride, self.cfg.norm_pix_loss)
-        return loss, aux
+        return dual_reconstruction_loss(images, rec, mask, num_groups, model.encoder.stride,
+                                        self.cfg.norm_pix_loss)
+
+    # -- mixmae-visualize ---------------------------------------------------------------------
+
+    def mask_from_file(self, mask, batch_size, path):
+        cells = self.num_cells()
+        grid = int(round(cells**0.5))
+        if mask.size != cells:
+            raise ValueError(f"--mask {path}: expected {grid}x{grid} = {cells} values on the "
+                             f"final-stage grid, got shape {mask.shape}")
+        if not np.isin(mask, (0, 1)).all():
+            raise ValueError(f"--mask {path}: values must be 0 or 1")
+        row = jnp.asarray(mask.reshape(-1), jnp.float32)
+        return {"mask": jnp.broadcast_to(row, (batch_size, cells))}
+
+    def panels(self, model: MixMIMModel, images, plan):
+        """original i | mixed input | branch 1: image i, its hidden cells predicted | branch 2:
+        partner n-1-i, its hidden cells predicted (one device group: the pairs of the batch)."""
+        mask = plan["mask"]
+        stride = model.encoder.stride
+        rec = model(images, mask, 1)
+        loss, aux = dual_reconstruction_loss(images, rec, mask, 1, stride, self.cfg.norm_pix_loss)
+        b, size = images.shape[0], images.shape[1]
+        target = L.patchify(images, stride)
+        partner_target = mixing.partner(target, 1)
+        unnorm = self.cfg.norm_pix_loss
+        m = mask[..., None]
+        rec1 = target * (1 - m) + pixels_of(rec[:b], target, unnorm) * m
+        rec2 = partner_target * m + pixels_of(rec[b:], partner_target, unnorm) * (1 - m)
+        mixed = target * (1 - m) + partner_target * m
+        columns = {"original": images,
+                   "mixed": L.unpatchify(mixed, stride, size, size),
+                   "branch1": L.unpatchify(rec1, stride, size, size),
+                   "branch2": L.unpatchify(rec2, stride, size, size)}
+        return loss, aux, columns
+
+    def torch_layout(self):
+        from mixmae_jax.convert.mixmim_layout import MixMIMLayout
+
+        return MixMIMLayout(self.model_cfg)
+
+
+def pixels_of(pred, target, norm_pix: bool):
+    """Predicted patches back in pixel space: a norm-pix prediction takes the true patch's mean
+    and variance (the usual MAE visualisation)."""
+    if not norm_pix:
+        return pred
+    mean = target.mean(axis=-1, keepdims=True)
+    var = target.var(axis=-1, ddof=1, keepdims=True)
+    return pred * jnp.sqrt(var + 1e-6) + mean

@@ -1,4 +1,4 @@
-"""Lightweight ViT decoder for masked reconstruction (MAE/MixMIM style).
+"""MixMIM's lightweight decoder: timm ViT blocks over the final-stage grid.
 
 Parameters sit under `decoder` and map onto the official flat names (`decoder_embed`,
 `decoder_blocks.{k}`, `decoder_norm`, `decoder_pred`, `mask_token`) through the converter's rename
@@ -11,31 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mixmae_jax.models import layers as L
-
-
-class Attention(nnx.Module):
-    """timm ViT Attention: fused qkv, scale applied to the logits, then proj."""
-
-    def __init__(self, dim: int, num_heads: int, *, dtype=None, rngs: nnx.Rngs):
-        self.num_heads = num_heads
-        self.qkv = L.dense(dim, 3 * dim, dtype=dtype, rngs=rngs)
-        self.proj = L.dense(dim, dim, dtype=dtype, rngs=rngs)
-
-    def __call__(self, x):
-        return self.proj(L.attend(self.qkv(x), self.num_heads, scale_queries=False))
-
-
-class Block(nnx.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, *, dtype=None,
-                 rngs: nnx.Rngs):
-        self.norm1 = L.layer_norm(dim, rngs=rngs)
-        self.attn = Attention(dim, num_heads, dtype=dtype, rngs=rngs)
-        self.norm2 = L.layer_norm(dim, rngs=rngs)
-        self.mlp = L.Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
-
-    def __call__(self, x):
-        x = x + self.attn(self.norm1(x)).astype(jnp.float32)
-        return x + self.mlp(self.norm2(x)).astype(jnp.float32)
+from mixmae_jax.models.vit import Block
 
 
 class MaskedDecoder(nnx.Module):

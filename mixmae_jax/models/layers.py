@@ -44,10 +44,10 @@ def dense(in_dim: int, out_dim: int, *, rngs: nnx.Rngs, use_bias: bool = True, d
                       kernel_init=kernel_init, bias_init=nnx.initializers.zeros, rngs=rngs)
 
 
-def layer_norm(dim: int, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
+def layer_norm(dim: int, *, eps: float = LN_EPS, rngs: nnx.Rngs) -> nnx.LayerNorm:
     # Always float32: LayerNorm statistics in bf16 lose too much precision.
     # Two-pass variance as in PyTorch: the fast E[x^2] - E[x]^2 form costs parity digits.
-    return nnx.LayerNorm(dim, epsilon=LN_EPS, dtype=jnp.float32, param_dtype=jnp.float32,
+    return nnx.LayerNorm(dim, epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32,
                          use_fast_variance=False, rngs=rngs)
 
 

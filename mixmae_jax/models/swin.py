@@ -1,4 +1,5 @@
-"""Swin-style hierarchical encoder (MixMIM's: large windows, no shift, sin-cos APE).
+"""Swin-style hierarchical encoder: MixMIM's (large windows, no shift, sin-cos APE) and the
+official Swin that SimMIM pretrains (shifted windows, no APE, a mask token at the input).
 
 Parameter paths mirror the official PyTorch keys (`patch_embed.proj`,
 `layers.{s}.blocks.{j}.attn.qkv`, `layers.{s}.downsample.reduction`, `norm`), so conversion is a
@@ -6,17 +7,98 @@ rename plus transposes.
 
 Attention can be restricted by per-token integer source ids: a token attends only to tokens with
 the same id inside its window. MixMIM uses ids {0, 1} (own image / partner image); the mechanism
-is general over k sources. Shifted windows are an option for the Swin baselines.
+is general over k sources.
+
+The model config (`config.model`, name "swin"): img_size, patch_size, in_chans, embed_dim, depths,
+num_heads, window_sizes (one per stage), mlp_ratio, qkv_bias, drop_path_rate, ape ("sincos": the
+fixed 2-D table MixMIM adds; "none": official Swin's default), shift_windows (odd blocks shift by
+half a window), remat, scan_blocks, and the decoder of the method (decoder_*).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
 from mixmae_jax.models import layers as L
+
+# ---------------------------------------------------------------------------------------------
+# Variants.
+# ---------------------------------------------------------------------------------------------
+
+# Swin-B/L widths, depths and heads (MixMIM's models_mixmim.py B and L, official Swin B and L);
+# MixMIM-H (models_mixmim.py) widens to 352.
+VARIANTS = {
+    "B": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
+    "L": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)),
+    "H": dict(embed_dim=352, depths=(2, 2, 18, 2), num_heads=(11, 22, 44, 88)),
+}
+
+
+def model_config(variant: str = "B", img_size: int = 224, *, window_sizes=(14, 14, 14, 7),
+                 ape: str = "sincos", shift_windows: bool = False,
+                 decoder: tuple[int, int, int] = (512, 8, 16)) -> ml_collections.ConfigDict:
+    """`config.model` of a Swin variant; the defaults are MixMIM's geometry at 224.
+
+    decoder: (width, depth, heads) of a Transformer decoder (MixMIM's: 512, 8, 16); unused by
+    SimMIM, whose decoder is one 1x1 convolution.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"model.variant: unknown Swin variant {variant!r} ({sorted(VARIANTS)})")
+    return ml_collections.ConfigDict(dict(
+        name="swin",
+        variant=variant,
+        img_size=img_size,
+        patch_size=4,
+        in_chans=3,
+        **VARIANTS[variant],
+        window_sizes=tuple(window_sizes),
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        drop_path_rate=0.0,
+        ape=ape,
+        shift_windows=shift_windows,
+        decoder_dim=decoder[0],
+        decoder_depth=decoder[1],
+        decoder_num_heads=decoder[2],
+        remat=False,  # jax.checkpoint each encoder block (memory for compute)
+        scan_blocks=True,  # run each stage's identical blocks as a lax.scan (see layers.py)
+    ))
+
+
+def stage_resolutions(cfg) -> list[int]:
+    grid = cfg.img_size // cfg.patch_size
+    return [grid // 2**s for s in range(len(cfg.depths))]
+
+
+def check_config(cfg, check) -> None:
+    """Geometry checks of `config.model`; `check(ok, key, message)` raises naming the key."""
+    n = len(cfg.depths)
+    check(n >= 1 and len(cfg.num_heads) == n and len(cfg.window_sizes) == n, "model.depths",
+          f"depths {tuple(cfg.depths)}, num_heads {tuple(cfg.num_heads)} and window_sizes "
+          f"{tuple(cfg.window_sizes)} must have one entry per stage")
+    check(cfg.img_size % cfg.patch_size == 0, "model.img_size",
+          f"{cfg.img_size} is not a multiple of model.patch_size={cfg.patch_size}")
+    grid = cfg.img_size // cfg.patch_size
+    check(grid % 2 ** (n - 1) == 0, "model.img_size",
+          f"the {grid}x{grid} token grid cannot be halved {n - 1} times by patch merging")
+    check(cfg.ape in ("sincos", "none"), "model.ape", f"{cfg.ape!r} (sincos or none)")
+    if cfg.ape == "sincos":
+        check(cfg.embed_dim % 4 == 0, "model.embed_dim", f"{cfg.embed_dim} must be divisible "
+              "by 4 (2-D sin-cos position embedding)")
+    for s, res in enumerate(stage_resolutions(cfg)):
+        dim, heads, window = cfg.embed_dim * 2**s, cfg.num_heads[s], cfg.window_sizes[s]
+        check(dim % heads == 0, "model.num_heads",
+              f"stage {s} width {dim} is not divisible by {heads} heads")
+        win = min(window, res)
+        check(window > 0 and res % win == 0, "model.window_sizes",
+              f"stage {s}: window {window} does not tile the {res}x{res} token map")
+        if cfg.shift_windows and win < res:
+            check(win % 2 == 0, "model.window_sizes",
+                  f"stage {s}: shifted windows need an even window, got {window}")
 
 
 class WindowAttention(nnx.Module):
@@ -127,13 +209,18 @@ class SwinStage(nnx.Module):
 
 
 class SwinEncoder(nnx.Module):
-    """MixMIM encoder. `embed` and `encode` are split because MixMIM mixes in between."""
+    """`embed` and `encode` are split because the methods act in between (MixMIM mixes two
+    images' tokens, SimMIM replaces masked tokens with `mask_token`)."""
 
-    def __init__(self, cfg, *, dtype=None, rngs: nnx.Rngs):
+    def __init__(self, cfg, *, mask_token: bool = False, dtype=None, rngs: nnx.Rngs):
         depths, heads, windows = tuple(cfg.depths), tuple(cfg.num_heads), tuple(cfg.window_sizes)
         self.patch_size = cfg.patch_size
         self.grid = cfg.img_size // cfg.patch_size
         self.embed_dim = cfg.embed_dim
+        self.ape = cfg.get("ape", "sincos")
+        if mask_token:  # SimMIM: replaces masked patch embeddings (official trunc_normal .02)
+            self.mask_token = nnx.Param(L.table_init(rngs.params(), (1, 1, cfg.embed_dim),
+                                                     jnp.float32))
         self.num_stages = len(depths)
         self.remat = bool(cfg.get("remat", False))
         self.scan = bool(cfg.get("scan_blocks", True))
@@ -168,15 +255,23 @@ class SwinEncoder(nnx.Module):
         """(B, H, W, 3) normalised images -> (B, H/p, W/p, C) tokens after the stem's LayerNorm."""
         return self.patch_embed(images)
 
+    def replace_masked(self, tokens, token_mask):
+        """SimMIM's input: tokens where token_mask = 1 become the mask token, with the official
+        arithmetic `x * (1 - w) + mask_token * w`. token_mask: (B, G, G)."""
+        w = token_mask[..., None].astype(jnp.float32)
+        return tokens.astype(jnp.float32) * (1.0 - w) + self.mask_token[...].reshape(-1) * w
+
     def encode(self, tokens, source_ids=None, rng=None, return_stages: bool = False):
         """Tokens (B, G, G, C) -> final normalised tokens (B, L, C_last).
 
         source_ids: (B, G, G) ints on the stage-1 grid or None (unrestricted attention). Each
         2x2 merge group lies inside one source region, so later stages take every second id.
-        With return_stages, also returns [input + APE, output of each stage] for parity tests.
+        With return_stages, also returns [input (+ APE), output of each stage] for parity tests.
         """
-        ape = L.sincos_pos_embed_2d(self.embed_dim, self.grid, self.grid)
-        x = tokens.astype(jnp.float32) + ape.reshape(self.grid, self.grid, self.embed_dim)
+        x = tokens.astype(jnp.float32)
+        if self.ape == "sincos":
+            ape = L.sincos_pos_embed_2d(self.embed_dim, self.grid, self.grid)
+            x = x + ape.reshape(self.grid, self.grid, self.embed_dim)
         stages = [x]
         first = 0
         for stage in self.layers:

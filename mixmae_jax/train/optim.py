@@ -1,10 +1,13 @@
-"""The official MixMIM optimiser: AdamW with per-step warmup + half-cosine, decay on >= 2-D tensors.
+"""The pretraining optimiser: AdamW with a per-step warmup and a cosine or multi-step schedule.
 
-Official recipe (`main_pretrain.py`, `util/lr_sched.py`, timm `add_weight_decay`):
-AdamW(b1=0.9, b2=0.95, eps=1e-8), weight decay 0.05 on every tensor with >= 2 dims (kernels,
-`mask_token`, every `relative_position_bias_table`) and none on 1-D tensors (biases, LayerNorm);
-peak lr = base_lr * batch / 256; lr at fractional epoch e is `peak * e / warmup` during warmup,
-then `min_lr + (peak - min_lr) * 0.5 * (1 + cos(pi * (e - warmup) / (epochs - warmup)))`.
+The values are each recipe's (configs/*.py); the mechanics follow the official code:
+* MixMIM / MAE (`main_pretrain.py`, `util/lr_sched.py`, timm `add_weight_decay`): peak lr =
+  base_lr * batch / 256; lr at fractional epoch e is `peak * e / warmup` during warmup, then
+  `min_lr + (peak - min_lr) * 0.5 * (1 + cos(pi * (e - warmup) / (epochs - warmup)))`; weight
+  decay on every tensor with >= 2 dims, none on 1-D tensors (biases, LayerNorm).
+* SimMIM (`main_simmim.py`, `lr_scheduler.py`, `optimizer.py`): peak lr = base_lr * batch / 512;
+  warmup from `warmup_lr` (timm's schedulers, per step), then a multi-step decay; no weight
+  decay on 1-D tensors and on the names its `no_weight_decay` lists (`optim.no_decay`).
 optax.adamw's decoupled decay (`-lr_t * wd * p`) is PyTorch AdamW's.
 
 Gradient accumulation (`optim.grad_accum_steps`) is not done here: the train step splits each
@@ -16,12 +19,12 @@ Wrapping this optimizer in `optax.MultiSteps` as well would accumulate twice.
 
 from __future__ import annotations
 
-import math
+import functools
+import re
 from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
 
@@ -46,25 +49,35 @@ def warmup_steps(config: Any, steps_per_epoch: int) -> int:
 
 
 def peak_lr(config: Any) -> float:
-    return config.optim.base_lr * config.batch_size / 256
+    return config.optim.base_lr * config.batch_size / config.optim.lr_batch_divisor
 
 
-def make_schedule(peak: float, min_lr: float, warmup: int, total: int) -> Callable:
-    """Per-step lr: linear 0 -> peak over `warmup` steps, half-cosine to `min_lr` at `total`."""
+def make_schedule(peak: float, min_lr: float, warmup: int, total: int, *, warmup_lr: float = 0.0,
+                  kind: str = "cosine", decay_steps=(), decay_rate: float = 0.1) -> Callable:
+    """Per-step lr: linear warmup_lr -> peak over `warmup` steps, then
+    "cosine": half-cosine from peak to `min_lr` at `total` (official MAE/MixMIM per-step form);
+    "multistep": peak * decay_rate ** (number of `decay_steps` reached), as timm's
+    MultiStepLRScheduler with t_in_epochs=False (SimMIM)."""
+    if kind == "cosine":
+        return optax.warmup_cosine_decay_schedule(warmup_lr, peak, warmup, max(total, warmup + 1),
+                                                  end_value=min_lr)
+    if kind == "multistep":
+        after = optax.piecewise_constant_schedule(
+            peak, {int(s) - warmup: decay_rate for s in decay_steps if s > warmup})
+        return optax.join_schedules([optax.linear_schedule(warmup_lr, peak, warmup), after],
+                                    [warmup])
+    raise ValueError(f"optim.schedule: unknown schedule {kind!r} (cosine or multistep)")
 
-    def schedule(count):
-        step = jnp.asarray(count, jnp.float32)
-        warm = peak * step / max(warmup, 1)
-        progress = jnp.clip((step - warmup) / max(total - warmup, 1), 0.0, 1.0)
-        cosine = min_lr + (peak - min_lr) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
-        return jnp.where(step < warmup, warm, cosine)
 
-    return schedule
+def decay_mask(params: Any, no_decay=()) -> Any:
+    """True for tensors that get weight decay: every one with >= 2 dims (timm add_weight_decay),
+    except those whose "/"-joined path matches a `no_decay` regex."""
+    from mixmae_jax.train.sharding import path_str
 
-
-def decay_mask(params: Any) -> Any:
-    """True for tensors that get weight decay: every one with >= 2 dims (timm add_weight_decay)."""
-    return jax.tree.map(lambda p: len(p.shape) >= 2, params)
+    patterns = [re.compile(p) for p in no_decay]
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: len(p.shape) >= 2 and not any(r.search(path_str(path))
+                                                     for r in patterns), params)
 
 
 def make_optimizer(
@@ -74,11 +87,12 @@ def make_optimizer(
     o = config.optim
     total = total_steps(config, steps_per_epoch)
     schedule = make_schedule(
-        peak_lr(config), o.min_lr, warmup_steps(config, steps_per_epoch), total
-    )
+        peak_lr(config), o.min_lr, warmup_steps(config, steps_per_epoch), total,
+        warmup_lr=o.warmup_lr, kind=o.schedule, decay_rate=o.decay_rate,
+        decay_steps=[round(e * steps_per_epoch) for e in o.decay_epochs])
     adamw = optax.adamw(
-        schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask
-    )
+        schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+        mask=functools.partial(decay_mask, no_decay=tuple(o.no_decay)))
     # Clipping sees the (micro-batch averaged) gradient of one update, as the official
     # clip_grad does after its accumulation.
     tx = adamw

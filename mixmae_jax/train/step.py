@@ -61,50 +61,54 @@ def _tree_where(pred, new, old):
 
 
 def make_train_step(config, method, graphdef, tx, lr_schedule, num_groups: int):
-    """(state, batch) -> (state, metrics). batch = {"image": uint8 (B, H, W, 3)}.
+    """(state, batch) -> (state, metrics). batch = {"image": uint8 (B, H, W, 3), ...}; the method
+    gets it with the images normalised.
 
     num_groups: data-parallel device count; each device's slice of the batch is mixed and masked
-    on its own, as the official per-GPU code (see methods/mixing.py). Gradient accumulation
-    splits every device's slice into `optim.grad_accum_steps` micro-batches (a scan), so the
-    update equals the one for the whole global batch.
+    on its own where the method does that, as the official per-GPU code (methods/mixing.py).
+    Gradient accumulation splits every device's slice into `optim.grad_accum_steps`
+    micro-batches (a scan), so the update equals the one for the whole global batch.
     """
     accum = int(config.optim.grad_accum_steps)
 
-    def loss_fn(params, images, plan, rng):
-        return method.loss(bind(graphdef, params), images, plan, num_groups, rng)
+    def loss_fn(params, batch, plan, rng):
+        return method.loss(bind(graphdef, params), batch, plan, num_groups, rng)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def loss_and_grads(params, images, plan_key, rng):
-        b = images.shape[0]
+    def loss_and_grads(params, batch, plan_key, rng):
+        b = batch["image"].shape[0]
         if accum == 1:
             plan = method.make_plan(plan_key, b, num_groups)
-            return grad_fn(params, images, plan, rng)
+            return grad_fn(params, batch, plan, rng)
         # (G * n) -> (accum, G * n / accum): micro-batch m takes rows m of each device's chunk,
         # so every micro-batch stays spread over (and local to) the devices.
         micro = b // accum
-        x = images.reshape(num_groups, accum, b // num_groups // accum, *images.shape[1:])
-        x = jnp.swapaxes(x, 0, 1).reshape(accum, micro, *images.shape[1:])
+
+        def split(x):
+            x = x.reshape(num_groups, accum, b // num_groups // accum, *x.shape[1:])
+            return jnp.swapaxes(x, 0, 1).reshape(accum, micro, *x.shape[3:])
+
+        micro_batches = jax.tree_util.tree_map(split, batch)
 
         def body(carry, inputs):
-            xm, m = inputs
+            batch_m, m = inputs
             plan = method.make_plan(jax.random.fold_in(plan_key, m), micro, num_groups)
-            out = grad_fn(params, xm, plan, jax.random.fold_in(rng, m))
+            out = grad_fn(params, batch_m, plan, jax.random.fold_in(rng, m))
             return jax.tree_util.tree_map(jnp.add, carry, out), None
 
-        zeros = jax.tree_util.tree_map(jnp.zeros_like,
-                                       jax.eval_shape(grad_fn, params, x[0],
-                                                      method.make_plan(plan_key, micro,
-                                                                       num_groups), rng))
-        total, _ = jax.lax.scan(body, zeros, (x, jnp.arange(accum)))
+        first = jax.tree_util.tree_map(lambda x: x[0], micro_batches)
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(
+            grad_fn, params, first, method.make_plan(plan_key, micro, num_groups), rng))
+        total, _ = jax.lax.scan(body, zeros, (micro_batches, jnp.arange(accum)))
         return jax.tree_util.tree_map(lambda t: t / accum, total)
 
     def train_step(state, batch):
         step = state["step"]
         key = jax.random.fold_in(state["rng"], step)
         plan_key, drop_key = jax.random.split(key)
-        images = imaging.normalize(batch["image"])
-        (loss, aux), grads = loss_and_grads(state["params"], images, plan_key, drop_key)
+        batch = dict(batch, image=imaging.normalize(batch["image"]))
+        (loss, aux), grads = loss_and_grads(state["params"], batch, plan_key, drop_key)
 
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])

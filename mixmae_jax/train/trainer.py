@@ -134,7 +134,8 @@ def train(config, workdir: str, *, print_fn=print, stop_at: int | None = None) -
     # ----- The jitted step -------------------------------------------------------------------
     batch_sh = sharding.batch_sharding(mesh)
     train_step = jit_train_step(config, mesh, method, graphdef, tx, lr_schedule, state_sh)
-    print_fn(f"MixMIM pretraining: {num_params / 1e6:.2f}M params, {num_devices} devices, "
+    print_fn(f"{method.name} pretraining ({config.model.name}): {num_params / 1e6:.2f}M params, "
+             f"{num_devices} devices, "
              f"global batch {config.batch_size}, {steps_per_epoch} steps/epoch, "
              f"steps {start_step} -> {total_steps}")
 

@@ -1,0 +1,81 @@
+"""The method contract: everything the trainer, bench, visualize and convert ask of a method.
+
+A method is a module `methods/<name>.py` defining `Method(config)`, a subclass of `Method` below;
+`config.method.name` finds it. It owns what differs between methods and nothing else:
+
+* which model families it runs (`models`, matched against `config.model.name`) and its model:
+  `build_model(rngs)`;
+* its config checks: `check_config(config, num_devices, check)`, errors naming the key;
+* its plan: `make_plan(rng, batch_size, num_groups)`, everything random about a batch (masks,
+  pairing, mixing) drawn on device. `num_groups` is the number of device-local groups the batch
+  is laid out in (one per data-parallel device); a method that mixes or shares a mask within a
+  device's batch draws per group, the others ignore it;
+* its loss: `loss(model, batch, plan, num_groups, rng)` -> (scalar loss, dict of scalar metrics),
+  from the batch dict (`{"image": normalised float (B, H, W, 3), ...}`);
+* what `mixmae-visualize` shows: `mask_from_file` (the official code's mask convention, documented
+  in `mask_help`) and `panels(model, images, plan)`;
+* its PyTorch layout: `torch_layout()`, the official state_dicts it exports to and imports from.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+class Method(abc.ABC):
+    name: str = ""
+    models: tuple[str, ...] = ()  # config.model.name values this method runs
+    # Images each device's (micro-)batch must hold (MixMIM pairs images within it).
+    min_images_per_group: int = 1
+
+    def __init__(self, config):
+        self.config = config
+        self.model_cfg = config.model
+        self.cfg = config.method
+        self.dtype = jnp.dtype(config.get("compute_dtype", "float32"))
+
+    @property
+    def compute_dtype(self):
+        """None for float32 (the modules' default), else the compute dtype."""
+        return None if self.dtype == jnp.float32 else self.dtype
+
+    def check_config(self, config, num_devices: int, check: Callable) -> None:  # noqa: B027
+        """Method-specific checks; `check(ok, key, message)` raises ConfigError naming the key.
+        Nothing to check by default."""
+
+    @abc.abstractmethod
+    def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+        """The pretraining model (params float32; compute in `compute_dtype`)."""
+
+    @abc.abstractmethod
+    def make_plan(self, rng, batch_size: int, num_groups: int) -> dict:
+        """Everything random about a batch except drop path, as arrays with a batch axis."""
+
+    @abc.abstractmethod
+    def loss(self, model, batch: dict, plan: dict, num_groups: int, rng=None):
+        """(loss, metrics): scalar float32 loss and a dict of scalar metrics."""
+
+    # -- mixmae-visualize ---------------------------------------------------------------------
+
+    mask_help: str = ""
+
+    @abc.abstractmethod
+    def mask_from_file(self, mask: np.ndarray, batch_size: int, path: str) -> dict:
+        """A plan from a user's mask in the official code's convention (`mask_help`); raises
+        ValueError naming `--mask` and the file when the array does not fit."""
+
+    @abc.abstractmethod
+    def panels(self, model, images, plan) -> tuple[float, dict, dict]:
+        """(loss, metrics, columns): columns are normalised (B, H, W, 3) images, one per panel,
+        in display order (original first)."""
+
+    # -- conversion ---------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def torch_layout(self):
+        """The `convert.layout.Layout` of this method's official PyTorch models."""

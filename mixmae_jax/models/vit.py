@@ -1,0 +1,200 @@
+"""ViT encoder (MAE's `models_mae.py` / `models_vit.py`, timm 0.3.2 block layout).
+
+Parameter paths mirror the official PyTorch keys (`patch_embed.proj`, `cls_token`,
+`blocks.{i}.attn.qkv`, `norm`, `fc_norm`, `head`), so conversion is a rename plus transposes.
+
+The model config (`config.model`, name "vit"): img_size, patch_size, in_chans, embed_dim, depth,
+num_heads, mlp_ratio, qkv_bias, ln_eps (MAE: 1e-6), drop_path_rate, remat, scan_blocks and the
+method's decoder (decoder_dim, decoder_depth, decoder_num_heads).
+
+Pretraining adds the fixed 2-D sin-cos table (a zero row for the cls token) as a constant;
+finetuning (`ViTClassifier`) learns `pos_embed`, initialised from that table as the official
+finetuning does when it loads a pretraining checkpoint.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from mixmae_jax.models import layers as L
+
+# ViT-B/16, L/16, H/14 (MAE's mae_vit_*_patch*_dec512d8b factories).
+VARIANTS = {
+    "B": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    "L": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
+    "H": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
+}
+
+
+def model_config(variant: str = "B", img_size: int = 224, *,
+                 decoder: tuple[int, int, int] = (512, 8, 16)) -> ml_collections.ConfigDict:
+    """`config.model` of a ViT variant with MAE's decoder (width, depth, heads) = (512, 8, 16)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"model.variant: unknown ViT variant {variant!r} ({sorted(VARIANTS)})")
+    return ml_collections.ConfigDict(dict(
+        name="vit",
+        variant=variant,
+        img_size=img_size,
+        in_chans=3,
+        **VARIANTS[variant],
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        ln_eps=1e-6,  # MAE: norm_layer=partial(nn.LayerNorm, eps=1e-6), decoder included
+        drop_path_rate=0.0,
+        decoder_dim=decoder[0],
+        decoder_depth=decoder[1],
+        decoder_num_heads=decoder[2],
+        remat=False,
+        scan_blocks=True,
+    ))
+
+
+def check_config(cfg, check) -> None:
+    """Geometry checks of `config.model`; `check(ok, key, message)` raises naming the key."""
+    check(cfg.img_size % cfg.patch_size == 0, "model.img_size",
+          f"{cfg.img_size} is not a multiple of model.patch_size={cfg.patch_size}")
+    check(cfg.embed_dim % 4 == 0, "model.embed_dim",
+          f"{cfg.embed_dim} must be divisible by 4 (2-D sin-cos position embedding)")
+    check(cfg.embed_dim % cfg.num_heads == 0, "model.num_heads",
+          f"width {cfg.embed_dim} is not divisible by {cfg.num_heads} heads")
+    check(cfg.depth >= 1, "model.depth", f"{cfg.depth} (at least one block)")
+
+
+def pos_embed_with_cls(dim: int, grid: int) -> np.ndarray:
+    """(1 + grid*grid, dim) float32: a zero row for the cls token, then the 2-D sin-cos table."""
+    return np.concatenate([np.zeros((1, dim), np.float32), L.sincos_pos_embed_2d(dim, grid, grid)])
+
+
+# ---------------------------------------------------------------------------------------------
+# timm (0.3.2) ViT block: also MixMIM's and MAE's decoder blocks.
+# ---------------------------------------------------------------------------------------------
+
+
+class Attention(nnx.Module):
+    """timm ViT Attention: fused qkv, scale applied to the logits, then proj."""
+
+    def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = True, dtype=None,
+                 rngs: nnx.Rngs):
+        self.num_heads = num_heads
+        self.qkv = L.dense(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.proj = L.dense(dim, dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.proj(L.attend(self.qkv(x), self.num_heads, scale_queries=False))
+
+
+class Block(nnx.Module):
+    """Pre-norm: x + attn(norm1(x)), then x + mlp(norm2(x)); optional stochastic depth."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, *,
+                 qkv_bias: bool = True, eps: float = L.LN_EPS, dtype=None, rngs: nnx.Rngs):
+        self.norm1 = L.layer_norm(dim, eps=eps, rngs=rngs)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.norm2 = L.layer_norm(dim, eps=eps, rngs=rngs)
+        self.mlp = L.Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, rng=None, drop_rate=0.0):
+        rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
+        x = x + L.drop_path(self.attn(self.norm1(x)).astype(jnp.float32), drop_rate, rngs[0])
+        return x + L.drop_path(self.mlp(self.norm2(x)).astype(jnp.float32), drop_rate, rngs[1])
+
+
+def run_blocks(blocks, x, drop_rates, rng, *, remat: bool, scan: bool):
+    """The blocks in turn, each with its stochastic-depth rate and key (None: no drop path)."""
+    keys = None
+    if rng is not None and any(drop_rates):
+        keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(len(blocks)))
+    return L.apply_blocks(blocks, x, lambda blk, x, rate, key: blk(x, key, rate),
+                          (jnp.asarray(drop_rates, jnp.float32), keys), remat=remat, scan=scan)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoder.
+# ---------------------------------------------------------------------------------------------
+
+
+class PatchEmbed(nnx.Module):
+    """Conv(k=s=patch) stem, no norm (timm PatchEmbed as MAE uses it)."""
+
+    def __init__(self, patch: int, in_chans: int, dim: int, *, dtype=None, rngs: nnx.Rngs):
+        # MAE initialises the conv weight as a Linear: xavier_uniform on (dim, in*p*p).
+        fan_in = in_chans * patch * patch
+        self.proj = nnx.Conv(in_chans, dim, (patch, patch), strides=patch, padding="VALID",
+                             dtype=dtype, param_dtype=jnp.float32,
+                             kernel_init=nnx.initializers.xavier_uniform(in_axis=(0, 1, 2)),
+                             bias_init=L.conv_bias_init(fan_in), rngs=rngs)
+
+    def __call__(self, images):
+        x = self.proj(images)
+        b, h, w, c = x.shape
+        return x.reshape(b, h * w, c)
+
+
+class ViTEncoder(nnx.Module):
+    """patch_embed -> (+ pos) -> [visible tokens] -> cls -> blocks -> norm (or fc_norm later)."""
+
+    def __init__(self, cfg, *, final_norm: bool = True, learned_pos: bool = False, dtype=None,
+                 rngs: nnx.Rngs):
+        self.grid = cfg.img_size // cfg.patch_size
+        self.num_patches = self.grid * self.grid
+        self.patch_size = cfg.patch_size
+        self.embed_dim = cfg.embed_dim
+        self.remat = bool(cfg.get("remat", False))
+        self.scan = bool(cfg.get("scan_blocks", True))
+        eps = cfg.get("ln_eps", 1e-6)
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim, dtype=dtype,
+                                      rngs=rngs)
+        # MAE: torch.nn.init.normal_(cls_token, std=.02)
+        self.cls_token = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, 1, cfg.embed_dim)))
+        if learned_pos:
+            self.pos_embed = nnx.Param(jnp.asarray(pos_embed_with_cls(cfg.embed_dim,
+                                                                      self.grid))[None])
+        self.drop_rates = tuple(np.linspace(0.0, cfg.drop_path_rate, cfg.depth).tolist())
+        self.blocks = nnx.List([Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio,
+                                      qkv_bias=cfg.qkv_bias, eps=eps, dtype=dtype, rngs=rngs)
+                                for _ in range(cfg.depth)])
+        if final_norm:
+            self.norm = L.layer_norm(cfg.embed_dim, eps=eps, rngs=rngs)
+
+    def position_table(self):
+        """(1 + L, C): the learned table, or the fixed sin-cos one with its zero cls row."""
+        if hasattr(self, "pos_embed"):
+            return self.pos_embed[...][0]
+        return jnp.asarray(pos_embed_with_cls(self.embed_dim, self.grid))
+
+    def embed(self, images):
+        """(B, H, W, 3) -> (B, L, C) patch tokens with their position embedding added."""
+        return self.patch_embed(images).astype(jnp.float32) + self.position_table()[1:]
+
+    def encode(self, tokens, rng=None):
+        """(B, K, C) embedded tokens (all L, or a visible subset) -> (B, 1 + K, C) with cls first,
+        after the blocks and, if the encoder has one, the final norm."""
+        cls = self.cls_token[...] + self.position_table()[:1]
+        x = jnp.concatenate([jnp.broadcast_to(cls, (tokens.shape[0], 1, self.embed_dim)),
+                             tokens], axis=1)
+        x = run_blocks(self.blocks, x, self.drop_rates, rng, remat=self.remat, scan=self.scan)
+        return self.norm(x) if hasattr(self, "norm") else x
+
+
+class ViTClassifier(nnx.Module):
+    """MAE finetuning model (`models_vit.VisionTransformer`, global_pool=True): mean of the patch
+    tokens after the blocks, `fc_norm`, `head`; learned `pos_embed`; no final `norm`."""
+
+    def __init__(self, cfg, num_classes: int = 1000, *, dtype=None, rngs: nnx.Rngs):
+        from mixmae_jax.models.classifier import head_init
+
+        self.encoder = ViTEncoder(cfg, final_norm=False, learned_pos=True, dtype=dtype, rngs=rngs)
+        self.fc_norm = L.layer_norm(cfg.embed_dim, eps=cfg.get("ln_eps", 1e-6), rngs=rngs)
+        self.head = L.dense(cfg.embed_dim, num_classes, dtype=dtype, kernel_init=head_init,
+                            rngs=rngs)
+
+    def forward_features(self, images, rng=None):
+        x = self.encoder.encode(self.encoder.embed(images), rng)
+        return self.fc_norm(jnp.mean(x[:, 1:], axis=1))
+
+    def __call__(self, images, rng=None):
+        return self.head(self.forward_features(images, rng)).astype(jnp.float32)
