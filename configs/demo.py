@@ -10,7 +10,8 @@ Expect the reconstruction loss to fall clearly within the run (see README for me
 
   mixmim: Swin, 3 stages (16x16 -> 8x8 -> 4x4 tokens), mask on the 4x4 final grid (8 of 16
           cells mixed), a 2-block decoder predicting 16x16x3 patches.
-  mae:    ViT with 8x8 patches (8x8 grid), 75% of the 64 patches removed, a 2-block decoder.
+  mae:    ViT with 8x8-px patches (8x8 grid), 4 blocks, 75% of the 64 patches removed
+          (16 kept), a 2-block decoder predicting 8x8x3 patches.
   simmim: Swin, 3 stages, shifted windows, 16-px mask patches (4x4), 60% masked, L1.
 """
 
@@ -25,6 +26,11 @@ def get_config(arg=None):
                        window_sizes=(8, 8, 4), decoder_dim=128, decoder_depth=2,
                        decoder_num_heads=4)
         c.optim.base_lr = 1.5e-4 * 8  # a short run on little data: 8x the official blr
+    elif method == "mae":
+        c = sibling(__file__, "mae_vit_b.py").get_config()
+        c.model.update(img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=4,
+                       decoder_dim=128, decoder_depth=2, decoder_num_heads=4)
+        c.optim.base_lr = 1.5e-4 * 8  # as the mixmim demo
     else:
         raise ConfigError(f"config arg: unknown demo method {method!r} (mixmim, mae, simmim)")
     c.data.update(source="embedded", image_size=64, shuffle_buffer=2048)

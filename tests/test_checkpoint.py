@@ -77,14 +77,13 @@ def test_save_restore_is_bit_exact(tmp_path):
     state = _state()
     ckpt = checkpoint.Checkpointer(tmp_path, save_every=10, keep=3, config=_config())
     assert ckpt.latest_step() is None
-    assert ckpt.save(7, state, force=True, data_state={"epoch": 1, "position": 123})
+    assert ckpt.save(7, state, force=True)
     ckpt.close()
 
     ckpt = checkpoint.Checkpointer(tmp_path, save_every=10, keep=3, config=_config())
     assert ckpt.latest_step() == 7
     restored = ckpt.restore(None, _abstract(state))
     _assert_same(restored, state)
-    assert ckpt.restore_data() == {"epoch": 1, "position": 123}
     with pytest.raises(FileNotFoundError, match="step 8"):
         ckpt.restore(8, _abstract(state))
     ckpt.close()
@@ -100,7 +99,6 @@ def test_interval_keep_and_forced_saves(tmp_path):
     ckpt.wait()
     assert ckpt.all_steps() == [6, 7]
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["6", "7"]
-    assert ckpt.restore_data(7) is None
     ckpt.close()
 
 

@@ -378,7 +378,7 @@ def test_bf16_compute_keeps_fp32_params_and_close_loss(tiny):
         dtypes = {x.dtype for x in jax.tree.leaves(nnx.to_pure_dict(abstract))}
         assert dtypes == {jnp.dtype("float32")}
         batch = {"image": tiny["images"]}
-        loss = jax.jit(lambda p, g=graphdef, m=method: m.loss(bind(g, p), batch, plan, 1)[0])(
+        loss = jax.jit(lambda p, g=graphdef, m=method, x=batch: m.loss(bind(g, p), x, plan, 1)[0])(
             tiny["params"])
         losses[dtype] = float(loss)
     assert losses["bfloat16"] != losses["float32"]  # bf16 really ran

@@ -107,6 +107,32 @@ def test_schedule_matches_official_per_iteration_formula():
     np.testing.assert_allclose(float(schedule(1000)), 1e-6, rtol=1e-6)
 
 
+def test_multistep_schedule_matches_timm_with_warmup_lr():
+    """SimMIM: warmup from warmup_lr (timm: init + t * (peak - init) / warmup_t), then
+    peak * gamma ** (milestones passed), a milestone counting from its own step on."""
+    c = _config(schedule="multistep", warmup_lr=1e-6, decay_epochs=(6,), decay_rate=0.1,
+                lr_batch_divisor=512)
+    spe = 7
+    _, schedule = optim.make_optimizer(c, spe)
+    peak = 1.5e-4 * 512 / 512
+    assert optim.peak_lr(c) == pytest.approx(peak)
+    for step, expected in [(0, 1e-6), (7, 1e-6 + 7 * (peak - 1e-6) / 14), (14, peak), (41, peak),
+                           (42, peak * 0.1), (69, peak * 0.1)]:
+        # optax interpolates in fp32 from the peak: a few roundings of the peak's size
+        np.testing.assert_allclose(float(schedule(step)), expected, rtol=1e-6, atol=1e-6 * peak)
+
+
+def test_no_decay_patterns_exempt_named_tensors():
+    params = {"encoder": {"mask_token": jnp.ones((1, 1, 4)), "qkv": {"kernel": jnp.ones((4, 4)),
+                                                                      "bias": jnp.ones(4)}},
+              "decoder": {"0": {"kernel": jnp.ones((1, 1, 4, 8))}}}
+    plain = optim.decay_mask(params)
+    exempt = optim.decay_mask(params, no_decay=(r"^encoder/mask_token$",))
+    assert plain["encoder"]["mask_token"] and not exempt["encoder"]["mask_token"]
+    assert exempt["encoder"]["qkv"]["kernel"] and exempt["decoder"]["0"]["kernel"]
+    assert not exempt["encoder"]["qkv"]["bias"]
+
+
 def test_total_steps_override_keeps_warmup_fraction():
     c = _config()
     c.epochs, c.optim.warmup_epochs, c.total_steps = 600, 40, 60

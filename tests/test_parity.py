@@ -6,12 +6,8 @@ partner of sample i is n-1-i (torch's x.flip(0)). The reference keeps the consta
 itself (relative-position indices, sin-cos tables): the export's are checked against them, never
 loaded over them.
 
-Tolerances come from the numerics, not from one run: the torch reference also runs in float64
-(the exact answer, for these purposes), and the JAX float32 result must be no further from it
-than RATIO x the torch float32 result is (floor: a few fp32 roundings). Both fp32 results move
-with the CPU's kernels (AVX2 vs AVX-512), so the bound moves with them; a real bug (a constant,
-an eps, a loss weighting) moves only the JAX side. Errors are relative Frobenius errors
-||a - b|| / ||b||, printed per quantity (`pytest -s`).
+Tolerances: see parity.py (the JAX fp32 error against the float64 reference, bounded by the
+torch fp32 error).
 
 Also: the converter's round trip, error paths, atomic writes and window resizing.
 """
@@ -26,7 +22,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 from flax import nnx
-from numerics import U32, rel_err
+from numerics import rel_err
+from parity import (
+    FAST_COMPILE,
+    FLOOR,
+    FWD_TOL,
+    GRAD_TOL,
+    RATIO,
+    abstract_model,
+    check_against_exact,
+    load_with_own_constants,
+    nchw,
+    random_params,
+    random_torch_state_dict,
+)
 from recipes import mixmim_model
 
 from mixmae_jax.convert import from_torch, to_torch
@@ -37,22 +46,8 @@ from mixmae_jax.methods.mixmim import MixMIMModel, dual_reconstruction_loss
 from mixmae_jax.models.classifier import SwinClassifier
 from mixmae_jax.train.step import bind
 
-# JAX fp32 vs exact <= RATIO * max(torch fp32 vs exact, FLOOR). RATIO allows another summation
-# order (XLA fuses and tiles differently from ATen); FLOOR is 16 roundings, below which the
-# torch side's own error says little about the machine (measured: both sides 1e-7 to 9e-7 on
-# AVX-512). A LayerNorm eps of 1e-6 instead of 1e-5 moves gradients by 2e-5 to 7e-5, far above
-# RATIO * FLOOR = 3.8e-6 (and test_every_layer_norm_matches_the_references_own names it).
-RATIO = 4.0
-FLOOR = 16 * U32
-# Whatever the torch side does, fp32 forward values and gradients farther than these from exact
-# are wrong (the acceptance limits of the parity claim).
-FWD_TOL = 1e-5
 # Which official keys are constants does not depend on the size.
 LAYOUT = MixMIMLayout(mixmim_model("B"))
-GRAD_TOL = 1e-4
-# Tiny graphs compile ~3x faster at LLVM -O0; the HLO and the fp semantics (no fast-math) are
-# unchanged. The full-size MixMIM-B test compiles with the default options.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 TINY = {
     # grid 8 (8x8 -> 4x4), windows 4: 4 windows then one global window; stride 8.
@@ -72,32 +67,6 @@ def tiny_cfg(name, **kw):
     return cfg
 
 
-def abstract_model(build):
-    """(graphdef, abstract params) without allocating."""
-    graphdef, state = nnx.split(nnx.eval_shape(build), nnx.Param)
-    return graphdef, nnx.to_pure_dict(state)
-
-
-def random_params(abstract, seed):
-    """Random params with init-like scales, non-trivial norms and biases (numpy, float32)."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for path, leaf in K.flatten(abstract).items():
-        shape = tuple(leaf.shape)
-        noise = rng.standard_normal(shape, dtype=np.float32)
-        if path.endswith(".scale"):
-            v = 1.0 + 0.2 * noise
-        elif path.endswith(".bias"):
-            v = 0.1 * noise
-        elif path.endswith(".kernel"):
-            fan_in, fan_out = int(np.prod(shape[:-1])), shape[-1]
-            v = noise * np.float32(np.sqrt(2.0 / (fan_in + fan_out)))
-        else:  # relative_position_bias_table, mask_token
-            v = 0.5 * noise
-        out[path] = v.astype(np.float32)
-    return K.unflatten(out)
-
-
 def shared_mask(final_grid, batch, seed, count=None):
     """Final-grid mask with `count` ones (default int(L * 0.5)), the same for every sample."""
     n = final_grid * final_grid
@@ -106,41 +75,9 @@ def shared_mask(final_grid, batch, seed, count=None):
     return grid.reshape(final_grid, final_grid), np.tile(grid, (batch, 1))
 
 
-def nchw(images):
-    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-
-
-def load_with_own_constants(model, state_dict, **kw):
-    """Strict load of every exported tensor except the constants: the reference keeps the
-    indices and tables it computed itself, so a wrong exported constant cannot hide a wrong one
-    in the JAX model (`test_exported_constants_equal_the_references_own` compares them)."""
-    own = model.state_dict()
-    assert list(state_dict) == list(own), sorted(set(state_dict) ^ set(own))
-    model.load_state_dict({k: own[k] if LAYOUT.is_constant_key(k) else v
-                           for k, v in state_dict.items()}, strict=True, **kw)
-    return model
-
-
 def torch_pretrain(cfg, state_dict, dtype=torch.float32):
-    model = R.MixMIMPretrainTorch.from_mixmim_model(cfg)
-    return load_with_own_constants(model, state_dict).to(dtype).eval()
-
-
-def check_against_exact(title, jax_values, torch32, torch64, limit):
-    """Each JAX fp32 quantity vs the float64 reference, bounded by the torch fp32 error."""
-    rows, failures = [], []
-    for k, a in jax_values.items():
-        e_jax, e_t32 = rel_err(a, torch64[k]), rel_err(torch32[k], torch64[k])
-        tol = min(RATIO * max(e_t32, FLOOR), limit)
-        rows.append((k, e_jax, e_t32, tol))
-        if e_jax > tol:
-            failures.append(f"{k}: {e_jax:.3g} > {tol:.3g} (torch fp32: {e_t32:.3g})")
-    worst = max(rows, key=lambda r: r[1] / r[3])
-    print(f"\n[{title}] rel. error to float64; worst {worst[0]} = {worst[1]:.3g} "
-          f"(tol {worst[3]:.3g})\n    {'quantity':56s} {'jax fp32':>9s} {'torch fp32':>10s}")
-    for k, e_jax, e_t32, _ in rows:
-        print(f"    {k:56s} {e_jax:9.3g} {e_t32:10.3g}")
-    assert not failures, f"{title}: " + "; ".join(failures)
+    model = R.MixMIMPretrainTorch.from_model_config(cfg)
+    return load_with_own_constants(model, state_dict, LAYOUT).to(dtype).eval()
 
 
 def loss_and_grads(graphdef, norm_pix=True):
@@ -295,8 +232,8 @@ def test_finetune_features_parity():
     state_dict = to_torch.params_to_state_dict(params, MixMIMLayout(cfg), format="finetune",
                                                num_classes=10)
     assert list(state_dict)[0] == "absolute_pos_embed" and list(state_dict)[-1] == "head.bias"
-    tmodel = load_with_own_constants(R.MixMIMFinetuneTorch.from_mixmim_model(cfg, num_classes=10),
-                                     state_dict).eval()
+    tmodel = load_with_own_constants(R.MixMIMFinetuneTorch.from_model_config(cfg, num_classes=10),
+                                     state_dict, LAYOUT).eval()
     np.testing.assert_array_equal(state_dict["head.weight"].numpy(), params["head"]["kernel"].T)
 
     images = np.random.default_rng(8).standard_normal((3, 64, 64, 3), dtype=np.float32)
@@ -323,7 +260,7 @@ def test_every_layer_norm_matches_the_references_own():
     of 1e-6 instead of 1e-5 changes the output by ~2x here, by ~5e-6 at unit variance)."""
     cfg = tiny_cfg("2stage")
     model = MixMIMModel(cfg, rngs=nnx.Rngs(0))
-    tmodel = R.MixMIMPretrainTorch.from_mixmim_model(cfg)
+    tmodel = R.MixMIMPretrainTorch.from_model_config(cfg)
     torch_modules = dict(tmodel.named_modules())
     rng = np.random.default_rng(0)
     checked = 0
@@ -372,7 +309,7 @@ def test_exported_constants_equal_the_references_own(variant, res):
             assert v.dtype == want.dtype and v.shape == want.shape, k
             np.testing.assert_array_equal(v, want, err_msg=k)
     if variant.startswith("tiny"):  # the whole model: every constant the reference holds
-        own = R.MixMIMPretrainTorch.from_mixmim_model(cfg).state_dict()
+        own = R.MixMIMPretrainTorch.from_model_config(cfg).state_dict()
         exported = MixMIMLayout(cfg).constant_entries("pretrain")
         assert set(exported) == {k for k in own if LAYOUT.is_constant_key(k)}
         for k, v in exported.items():
@@ -392,7 +329,7 @@ def test_finetune_export_of_pretraining_params_has_fresh_head():
     again = to_torch.params_to_state_dict(params, MixMIMLayout(cfg), format="finetune",
                                           num_classes=10, seed=3)
     assert torch.equal(again["head.weight"], w)  # deterministic in `seed`
-    tmodel = R.MixMIMFinetuneTorch.from_mixmim_model(cfg, num_classes=10)
+    tmodel = R.MixMIMFinetuneTorch.from_model_config(cfg, num_classes=10)
     tmodel.load_state_dict(sd, strict=True)
 
 
@@ -401,28 +338,16 @@ def test_finetune_export_of_pretraining_params_has_fresh_head():
 # ---------------------------------------------------------------------------------------------
 
 
-def random_torch_state_dict(model, seed):
-    """The reference's state_dict with every trainable tensor randomised (norms, biases too)."""
-    gen = torch.Generator().manual_seed(seed)
-    sd = model.state_dict()
-    frozen = {k for k, p in model.named_parameters() if not p.requires_grad}
-    for k, v in sd.items():
-        if v.is_floating_point() and k not in frozen:
-            sd[k] = torch.randn(v.shape, generator=gen) * 0.1 + (1.0 if k.endswith("norm.weight")
-                                                                 else 0.0)
-    return sd
-
-
 @pytest.mark.parametrize("fmt", ["pretrain", "finetune"])
 @pytest.mark.parametrize("name", list(TINY))
 def test_round_trip_is_bit_exact(name, fmt):
     cfg = tiny_cfg(name)
     torch.manual_seed(0)
     if fmt == "pretrain":
-        tmodel = R.MixMIMPretrainTorch.from_mixmim_model(cfg)
+        tmodel = R.MixMIMPretrainTorch.from_model_config(cfg)
         build = lambda: MixMIMModel(cfg, rngs=nnx.Rngs(0))  # noqa: E731
     else:
-        tmodel = R.MixMIMFinetuneTorch.from_mixmim_model(cfg, num_classes=10)
+        tmodel = R.MixMIMFinetuneTorch.from_model_config(cfg, num_classes=10)
         build = lambda: SwinClassifier(cfg, 10, rngs=nnx.Rngs(0))  # noqa: E731
     sd = random_torch_state_dict(tmodel, seed=11)
     _, template = abstract_model(build)
@@ -445,7 +370,7 @@ def test_round_trip_is_bit_exact(name, fmt):
 def tiny_pretrain_sd():
     cfg = tiny_cfg("2stage")
     torch.manual_seed(0)
-    sd = R.MixMIMPretrainTorch.from_mixmim_model(cfg).state_dict()
+    sd = R.MixMIMPretrainTorch.from_model_config(cfg).state_dict()
     _, template = abstract_model(lambda: MixMIMModel(cfg, rngs=nnx.Rngs(0)))
     return cfg, sd, template
 
@@ -578,13 +503,13 @@ def test_bias_tables_are_resized_like_the_official_loader(tiny_pretrain_sd):
 def test_finetune_file_into_pretraining_template_keeps_fresh_decoder():
     cfg = tiny_cfg("2stage")
     torch.manual_seed(0)
-    sd = R.MixMIMFinetuneTorch.from_mixmim_model(cfg, num_classes=10).state_dict()
+    sd = R.MixMIMFinetuneTorch.from_model_config(cfg, num_classes=10).state_dict()
     _, abstract = abstract_model(lambda: MixMIMModel(cfg, rngs=nnx.Rngs(0)))
     template = random_params(abstract, seed=12)  # concrete: stands in for a fresh init
     params, rep = from_torch.state_dict_to_params(sd, MixMIMLayout(cfg), template)
     assert rep.file_format == "finetune" and rep.template_format == "pretrain"
     assert sorted(rep.skipped) == sorted(
-        f"{k}: finetuning head, the pretraining template has none" for k in ("head.weight",
+        f"{k}: finetuning-only, the pretraining template has none" for k in ("head.weight",
                                                                              "head.bias"))
     fresh = {p for p in K.flatten(template) if p.startswith("decoder.")}
     assert set(rep.kept_fresh) == fresh
@@ -613,7 +538,7 @@ def test_pretraining_file_into_finetuning_template(tiny_pretrain_sd):
 def test_finetune_head_with_another_number_of_classes():
     cfg = tiny_cfg("2stage")
     torch.manual_seed(0)
-    sd = R.MixMIMFinetuneTorch.from_mixmim_model(cfg, num_classes=10).state_dict()
+    sd = R.MixMIMFinetuneTorch.from_model_config(cfg, num_classes=10).state_dict()
     template = random_params(abstract_model(lambda: SwinClassifier(cfg, 5, rngs=nnx.Rngs(0)))[1],
                              seed=14)
     msg = _conversion_error(from_torch.state_dict_to_params, sd, MixMIMLayout(cfg), template)

@@ -180,11 +180,6 @@ def state_dict_to_params(state_dict, layout: K.Layout, template_params, *,
             problems.append(f"{name}: unexpected key for an official {fmt} checkpoint")
             continue
         path = torch_to_flax.get(name)
-        if path is None and layout.is_constant_key(name):
-            problem = layout.check_constant(name, value, sd, report, allow_ape_mismatch)
-            if problem:
-                problems.append(problem)
-            continue
         if path is None:
             if name.startswith(layout.pretrain_only) and not pretrain_template:
                 report.skipped.append(f"{name}: pretraining-only, the finetuning template has "
@@ -192,27 +187,27 @@ def state_dict_to_params(state_dict, layout: K.Layout, template_params, *,
             elif name.startswith(layout.finetune_only) and pretrain_template:
                 report.skipped.append(f"{name}: finetuning-only, the pretraining template has "
                                       "none")
+            elif layout.is_constant_key(name):  # computed by the target: checked, not loaded
+                problem = layout.check_constant(name, value, sd, report, allow_ape_mismatch)
+                if problem:
+                    problems.append(problem)
             else:
                 problems.append(f"{name}: the template has no parameter for it")
             continue
         shape, dtype = _leaf_meta(flat_template[path])
-        if tuple(value.shape) != shape:
+        array = layout.from_torch(path, K.tensor_to_numpy(value))
+        if array.shape != shape:
             resized = layout.resize(name, value, shape, report)
             if resized is None:
                 hint = ""
                 if name.startswith("head."):
-                    hint = (" (another number of classes: drop the head from the state_dict to "
-                            "keep the template's fresh head, as the official finetune loader "
-                            "does)")
-                problems.append(f"{name}: shape {tuple(value.shape)}, template {shape} (as "
-                                f"{path}){hint}")
+                    hint = (" (another number of classes: drop head.weight and head.bias from the "
+                            "state_dict to keep the template's fresh head, as the official "
+                            "finetune loader does)")
+                problems.append(f"{name}: shape {tuple(value.shape)} (as {path}: {array.shape}), "
+                                f"template {shape}{hint}")
                 continue
-            value = resized
-        array = layout.from_torch(path, K.tensor_to_numpy(value))
-        if array.shape != shape:
-            problems.append(f"{name}: shape {tuple(value.shape)} (as {path}: {array.shape}), "
-                            f"template {shape}")
-            continue
+            array = layout.from_torch(path, K.tensor_to_numpy(resized))
         values[path] = np.array(array, dtype=dtype)
         report.loaded += 1
 

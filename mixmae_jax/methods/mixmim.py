@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 
 from mixmae_jax.methods import base, mixing
+from mixmae_jax.methods.targets import patch_targets, pixels_of
 from mixmae_jax.models import layers as L
 from mixmae_jax.models.decoder import MaskedDecoder
 from mixmae_jax.models.swin import SwinEncoder
@@ -51,16 +52,6 @@ class MixMIMModel(nnx.Module):
 
     def __call__(self, images, mask, num_groups: int, rng=None):
         return self.reconstruct(self.encode_mixed(images, mask, num_groups, rng), mask)
-
-
-def patch_targets(images, patch: int, norm_pix: bool):
-    """Per-patch targets; norm_pix uses the unbiased variance + 1e-6 like the official code."""
-    target = L.patchify(images.astype(jnp.float32), patch)
-    if norm_pix:
-        mean = target.mean(axis=-1, keepdims=True)
-        var = target.var(axis=-1, ddof=1, keepdims=True)
-        target = (target - mean) / jnp.sqrt(var + 1e-6)
-    return target
 
 
 def dual_reconstruction_loss(images, rec, mask, num_groups: int, patch: int, norm_pix: bool):
@@ -168,12 +159,3 @@ class Method(base.Method):
 
         return MixMIMLayout(self.model_cfg)
 
-
-def pixels_of(pred, target, norm_pix: bool):
-    """Predicted patches back in pixel space: a norm-pix prediction takes the true patch's mean
-    and variance (the usual MAE visualisation)."""
-    if not norm_pix:
-        return pred
-    mean = target.mean(axis=-1, keepdims=True)
-    var = target.var(axis=-1, ddof=1, keepdims=True)
-    return pred * jnp.sqrt(var + 1e-6) + mean

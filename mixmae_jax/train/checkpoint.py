@@ -4,7 +4,8 @@ Layout of a workdir:
 
     config.json                 snapshot of the run config (checked on resume)
     checkpoints/<step>/state    the train state pytree (Orbax, tensorstore arrays)
-    checkpoints/<step>/data     optional JSON input-pipeline position
+
+The input position is not stored: it is a function of the step (see data/input_pipeline.py).
 
 Saves are asynchronous: `save` returns once it holds the arrays (so a train step may donate them
 next; tested), a background thread writes them, and the next save, `wait()` or `close()` waits.
@@ -152,7 +153,7 @@ class Checkpointer:
             create=True,
         )
         self._manager = ocp.CheckpointManager(
-            self.directory, item_names=("state", "data"), options=options
+            self.directory, item_names=("state",), options=options
         )
         if config is not None:
             try:
@@ -177,8 +178,8 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def save(self, step: int, state: Any, *, force: bool = False, data_state=None) -> bool:
-        """Start saving `state` (and the JSON-able `data_state`) at `step` if due; True if so.
+    def save(self, step: int, state: Any, *, force: bool = False) -> bool:
+        """Start saving `state` at `step` if due; True if so.
 
         Due means: a multiple of `save_every`, a preemption sync point, or `force`. A step that
         is already saved is never written twice.
@@ -186,25 +187,14 @@ class Checkpointer:
         step = int(step)
         if step in self._manager.all_steps():
             return False
-        items = {"state": ocp.args.StandardSave(state)}
-        if data_state is not None:
-            items["data"] = ocp.args.JsonSave(data_state)
-        return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+        return self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+                                  force=force)
 
     def restore(self, step: int | None, abstract_state: Any) -> Any:
         """The state saved at `step` (None: the latest), placed as `abstract_state`'s shardings."""
         step = self._resolve(step)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
         return self._manager.restore(step, args=args)["state"]
-
-    def restore_data(self, step: int | None = None) -> Any:
-        """The `data_state` saved with `step` (None: the latest), or None if none was saved."""
-        step = self._resolve(step)
-        if not (self.directory / str(step) / "data").exists():
-            return None
-        return self._manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))[
-            "data"
-        ]
 
     def _resolve(self, step: int | None) -> int:
         step = self.latest_step() if step is None else int(step)

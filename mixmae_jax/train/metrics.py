@@ -1,19 +1,19 @@
 """Training metrics: JSON lines + TensorBoard on process 0, step averaging, a console progress line.
 
-`workdir/metrics.jsonl` gets one object per logging step ({"step": 100, "loss": 0.81, ...}); it
-is appended to, so after a resume the steps between the last checkpoint and the interruption
-appear twice (readers keep the last occurrence). TensorBoard events go to `workdir/tensorboard`
-through `clu.metric_writers`, imported lazily because it imports TensorFlow.
+`create_writer` returns a `clu.metric_writers` writer: on process 0 a MultiWriter of a JSON-lines
+writer (`workdir/metrics.jsonl`, one object per logging step: {"step": 100, "loss": 0.81, ...})
+and clu's TensorBoard SummaryWriter (`workdir/tensorboard`); elsewhere one that writes nothing.
+The JSON-lines file is appended to, so after a resume the steps between the last checkpoint and
+the interruption appear twice (readers keep the last occurrence). clu imports TensorFlow, so it is
+imported only when a writer is made (the benchmark's import path stays free of it).
 """
 
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import os
 import time
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -23,56 +23,19 @@ JSONL_NAME = "metrics.jsonl"
 TB_DIR = "tensorboard"
 
 
-class MetricWriter:
-    """Writes scalars (JSON lines + TensorBoard) and images (TensorBoard) from process 0 only."""
+def create_writer(workdir: str | os.PathLike, *, is_primary: bool = True):
+    """The run's metric writer (clu interface: write_scalars, write_images, flush, close)."""
+    from clu import metric_writers  # imports TensorFlow
 
-    def __init__(self, workdir: str | os.PathLike, *, is_primary: bool = True):
-        self._enabled = is_primary
-        self._tb = None
-        self._jsonl = None
-        if not is_primary:
-            return
-        os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, JSONL_NAME), "a", encoding="utf-8")
-        try:
-            from clu import metric_writers  # imports TensorFlow: only here, only on process 0
-        except Exception as e:  # noqa: BLE001 - any import failure just disables TensorBoard
-            warnings.warn(
-                f"TensorBoard logging disabled ({e!r}); metrics go to {JSONL_NAME} only",
-                stacklevel=2,
-            )
-        else:
-            self._tb = metric_writers.SummaryWriter(os.path.join(workdir, TB_DIR))
+    from mixmae_jax.train.jsonl_writer import JsonLinesWriter
 
-    def write(self, step: int, scalars: Mapping[str, Any]) -> None:
-        if not self._enabled:
-            return
-        values = {k: float(np.asarray(v)) for k, v in scalars.items()}
-        self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
-        self._jsonl.flush()
-        if self._tb is not None:
-            self._tb.write_scalars(int(step), values)
-
-    def write_image(self, step: int, name: str, image: np.ndarray) -> None:
-        """A uint8 [H, W, C] image (or [N, H, W, C] batch) to TensorBoard."""
-        if self._enabled and self._tb is not None:
-            self._tb.write_images(int(step), {name: np.asarray(image)})
-
-    def flush(self) -> None:
-        if not self._enabled:
-            return
-        self._jsonl.flush()
-        if self._tb is not None:
-            self._tb.flush()
-
-    def close(self) -> None:
-        if not self._enabled:
-            return
-        self.flush()
-        self._jsonl.close()
-        if self._tb is not None:
-            self._tb.close()
-        self._enabled = False
+    if not is_primary:
+        return metric_writers.MultiWriter([])
+    os.makedirs(workdir, exist_ok=True)
+    return metric_writers.MultiWriter([
+        JsonLinesWriter(os.path.join(workdir, JSONL_NAME)),
+        metric_writers.SummaryWriter(os.path.join(workdir, TB_DIR)),
+    ])
 
 
 class MetricAverager:

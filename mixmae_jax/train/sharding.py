@@ -95,19 +95,7 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 def path_str(path: Sequence[Any]) -> str:
     """ "/"-joined keys of a pytree key path: ("encoder", 0, "kernel") -> "encoder/0/kernel"."""
-    parts = []
-    for k in path:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            parts.append(k.name)
-        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
-            parts.append(str(k.key))
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
+    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
 def expand_rules(rules: Sequence[Sequence]) -> tuple[tuple, ...]:

@@ -140,7 +140,7 @@ def train(config, workdir: str, *, print_fn=print, stop_at: int | None = None) -
              f"steps {start_step} -> {total_steps}")
 
     # ----- Loop ------------------------------------------------------------------------------
-    writer = metrics_lib.MetricWriter(workdir, is_primary=is_primary)
+    writer = metrics_lib.create_writer(workdir, is_primary=is_primary)
     progress = metrics_lib.ProgressLine(total_steps, config.batch_size,
                                         print_fn=print_fn if is_primary else lambda s: None)
     averager = metrics_lib.MetricAverager()
@@ -170,7 +170,7 @@ def train(config, workdir: str, *, print_fn=print, stop_at: int | None = None) -
                 last["images_per_sec"] = n_log * config.batch_size / max(dt, 1e-9)
                 if config.data.skip_corrupt:
                     last["corrupt_images"] = float(data.corrupt_count())
-                writer.write(step, last)
+                writer.write_scalars(step, last)
                 progress.update(step, {k: last[k] for k in ("loss", "lr") if k in last})
                 t_log, n_log = time.perf_counter(), 0
             if at_save or stop:

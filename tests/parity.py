@@ -1,0 +1,102 @@
+"""Parity machinery shared by the per-method parity tests (test_parity.py for MixMIM,
+test_mae.py, test_simmim.py): random params, loading an export into a torch reference, and the
+tolerance rule comparing the JAX fp32 result with the float64 reference.
+
+Tolerances come from the numerics, not from one run: the torch reference also runs in float64
+(the exact answer, for these purposes), and the JAX float32 result must be no further from it
+than RATIO x the torch float32 result is (floor: a few fp32 roundings). Both fp32 results move
+with the CPU's kernels (AVX2 vs AVX-512), so the bound moves with them; a real bug (a constant,
+an eps, a loss weighting) moves only the JAX side. Errors are relative Frobenius errors
+||a - b|| / ||b||, printed per quantity (`pytest -s`).
+"""
+
+import numpy as np
+import torch
+from flax import nnx
+from numerics import U32, rel_err
+
+from mixmae_jax.convert import keymap as K
+
+# JAX fp32 vs exact <= RATIO * max(torch fp32 vs exact, FLOOR). RATIO allows another summation
+# order (XLA fuses and tiles differently from ATen); FLOOR is 16 roundings, below which the
+# torch side's own error says little about the machine (measured: both sides 1e-7 to 9e-7 on
+# AVX-512). A LayerNorm eps of 1e-6 instead of 1e-5 moves gradients by 2e-5 to 7e-5, far above
+# RATIO * FLOOR = 3.8e-6 (and test_every_layer_norm_matches_the_references_own names it).
+RATIO = 4.0
+FLOOR = 16 * U32
+# Whatever the torch side does, fp32 forward values and gradients farther than these from exact
+# are wrong (the acceptance limits of the parity claim).
+FWD_TOL = 1e-5
+GRAD_TOL = 1e-4
+# Tiny graphs compile ~3x faster at LLVM -O0; the HLO and the fp semantics (no fast-math) are
+# unchanged. The full-size MixMIM-B test compiles with the default options.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+def abstract_model(build):
+    """(graphdef, abstract params) without allocating."""
+    graphdef, state = nnx.split(nnx.eval_shape(build), nnx.Param)
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def random_params(abstract, seed):
+    """Random params with init-like scales, non-trivial norms and biases (numpy, float32)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for path, leaf in K.flatten(abstract).items():
+        shape = tuple(leaf.shape)
+        noise = rng.standard_normal(shape, dtype=np.float32)
+        if path.endswith(".scale"):
+            v = 1.0 + 0.2 * noise
+        elif path.endswith(".bias"):
+            v = 0.1 * noise
+        elif path.endswith(".kernel"):
+            fan_in, fan_out = int(np.prod(shape[:-1])), shape[-1]
+            v = noise * np.float32(np.sqrt(2.0 / (fan_in + fan_out)))
+        else:  # relative_position_bias_table, mask_token
+            v = 0.5 * noise
+        out[path] = v.astype(np.float32)
+    return K.unflatten(out)
+
+
+def nchw(images):
+    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+
+
+def load_with_own_constants(model, state_dict, layout):
+    """Strict load of every exported tensor except the constants: the reference keeps the
+    indices and tables it computed itself, so a wrong exported constant cannot hide a wrong one
+    in the JAX model (`test_exported_constants_equal_the_references_own` compares them)."""
+    own = model.state_dict()
+    assert list(state_dict) == list(own), sorted(set(state_dict) ^ set(own))
+    model.load_state_dict({k: own[k] if layout.is_constant_key(k) else v
+                           for k, v in state_dict.items()}, strict=True)
+    return model
+
+
+def check_against_exact(title, jax_values, torch32, torch64, limit):
+    """Each JAX fp32 quantity vs the float64 reference, bounded by the torch fp32 error."""
+    rows, failures = [], []
+    for k, a in jax_values.items():
+        e_jax, e_t32 = rel_err(a, torch64[k]), rel_err(torch32[k], torch64[k])
+        tol = min(RATIO * max(e_t32, FLOOR), limit)
+        rows.append((k, e_jax, e_t32, tol))
+        if e_jax > tol:
+            failures.append(f"{k}: {e_jax:.3g} > {tol:.3g} (torch fp32: {e_t32:.3g})")
+    worst = max(rows, key=lambda r: r[1] / r[3])
+    print(f"\n[{title}] rel. error to float64; worst {worst[0]} = {worst[1]:.3g} "
+          f"(tol {worst[3]:.3g})\n    {'quantity':56s} {'jax fp32':>9s} {'torch fp32':>10s}")
+    for k, e_jax, e_t32, _ in rows:
+        print(f"    {k:56s} {e_jax:9.3g} {e_t32:10.3g}")
+    assert not failures, f"{title}: " + "; ".join(failures)
+
+
+def random_torch_state_dict(model, seed):
+    """The reference's state_dict with every trainable tensor randomised (norms, biases too)."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = model.state_dict()
+    frozen = {k for k, p in model.named_parameters() if not p.requires_grad}
+    for k, v in sd.items():
+        if v.is_floating_point() and k not in frozen:
+            sd[k] = torch.randn(v.shape, generator=gen) * 0.1 + (1.0 if k.endswith("norm.weight")
+                                                                 else 0.0)
+    return sd
