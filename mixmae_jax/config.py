@@ -54,15 +54,34 @@ def load_config(spec: str, overrides=()) -> ml_collections.ConfigDict:
     if not os.path.isfile(path):
         raise ConfigError(f"--config: no such file {path!r}")
     values = flags.FlagValues()
+    argv = ["mixmae", f"--config={spec}", *overrides]
     config_flags.DEFINE_config_file("config", None, "config file", flag_values=values,
-                                    lock_config=True)
+                                    lock_config=True, sys_argv=argv)
     try:
-        values(["mixmae", f"--config={spec}", *overrides])
+        values(argv)
         config = values.config
-    except flags.Error as e:
+    except (flags.Error, KeyError, AttributeError) as e:
+        if overrides:
+            _check_override_keys(spec, overrides)
         raise ConfigError(f"--config: {e}") from e
     config.unlock()
     return config
+
+
+def _check_override_keys(spec: str, overrides) -> None:
+    """ConfigError naming the first override whose key the config lacks, with the closest keys."""
+    import difflib
+
+    from flax import traverse_util
+
+    paths = traverse_util.flatten_dict(load_config(spec).to_dict())
+    keys = {".".join(p[:i]) for p in paths for i in range(1, len(p) + 1)}
+    for item in overrides:
+        key = item.split("=", 1)[0].removeprefix("--config.")
+        if key not in keys:
+            close = difflib.get_close_matches(key, sorted(keys), n=3)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise ConfigError(f"--config.{key}: no such config key in {spec}{hint}")
 
 
 def _check(ok: bool, key: str, message: str):

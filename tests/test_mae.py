@@ -297,3 +297,45 @@ def test_two_training_steps(tmp_path):
     c.total_steps = 2
     out = trainer.train(c, str(tmp_path / "w"), print_fn=lambda s: None)
     assert out["step"] == 2 and np.isfinite(out["loss"]) and 0.3 < out["loss"] < 3.0
+
+
+def test_convert_and_visualize_give_the_official_loss(tmp_path, capsys):
+    """mixmae-convert from-torch (with a --config override) then mixmae-visualize --mask: the
+    printed loss is the torch reference's loss on the same images and removed patches."""
+    from PIL import Image
+    from recipes import CONFIGS
+
+    from mixmae_jax import cli
+    from mixmae_jax.visualize import load_images
+
+    config = load("mae_vit_b.py", "tiny", ["--config.model.depth=3"])
+    torch.manual_seed(0)
+    ref = R.MAEPretrainTorch.from_model_config(config.model).eval()
+    assert len(ref.blocks) == 3
+    official = tmp_path / "mae_tiny.pth"
+    torch.save({"model": ref.state_dict()}, official)
+    workdir = tmp_path / "w"
+    cli.convert_main(["from-torch", "--checkpoint", str(official), "--config",
+                      f"{CONFIGS}/mae_vit_b.py:tiny", "--workdir", str(workdir),
+                      "--config.model.depth=3"])
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(2):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(paths[-1])
+    mask = np.zeros((2, 16), np.int64)
+    mask[0, :12] = 1
+    mask[1, 4:] = 1
+    np.save(tmp_path / "mask.npy", mask.reshape(2, 4, 4))
+    cli.visualize_main(["--workdir", str(workdir), "--images", *paths, "--out",
+                        str(tmp_path / "grid.png"), "--mask", str(tmp_path / "mask.npy")])
+    line = [s for s in capsys.readouterr().out.splitlines() if s.startswith("loss: ")]
+    jax_loss = float(line[0].split()[1])
+
+    x = (load_images(paths, 32) / 255.0 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+    x = torch.tensor(x, dtype=torch.float32).permute(0, 3, 1, 2)
+    noise = torch.tensor(mask + np.arange(16) / 160.0, dtype=torch.float32)  # keeps the 0s
+    with torch.no_grad():
+        loss, _, removed = ref(x, 0.75, noise)
+    assert torch.equal(removed, torch.tensor(mask, dtype=torch.float32))
+    assert abs(jax_loss - float(loss)) <= 1e-5 * abs(float(loss)) + 1e-6
