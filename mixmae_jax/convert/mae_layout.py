@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mixmae_jax.convert.keymap import Layout
-from mixmae_jax.convert.mixmim_layout import check_sincos, fresh_head
+from mixmae_jax.convert.keymap import Layout, check_sincos, fresh_head
 from mixmae_jax.models.vit import pos_embed_with_cls
 
 _PREFIXES = (

@@ -15,19 +15,11 @@ report records the largest deviation).
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 
-from mixmae_jax.convert.keymap import square_side, tensor_to_numpy
+from mixmae_jax.convert.keymap import check_sincos, fresh_head
 from mixmae_jax.convert.swin_layout import SwinLayout
 from mixmae_jax.models import layers as L
-
-# A stored sin-cos table equals ours to float32 rounding (both computed in float64); a resized
-# or trained table differs by orders of magnitude more.
-APE_ATOL = 1e-5
-# main_finetune.py re-initialises the head with timm trunc_normal_(std=2e-5) (bounds +-2).
-HEAD_INIT_STD = 2e-5
 
 _PREFIXES = (
     ("decoder.mask_token", "mask_token"),
@@ -38,16 +30,6 @@ _PREFIXES = (
     ("encoder.", ""),
     ("head.", "head."),
 )
-
-
-def fresh_head(num_classes: int, in_dim: int, seed: int, std: float = HEAD_INIT_STD) -> dict:
-    """A finetuning head as the official finetuning code initialises it."""
-    import torch
-
-    gen = torch.Generator().manual_seed(int(seed))
-    weight = torch.empty(num_classes, in_dim)
-    torch.nn.init.trunc_normal_(weight, std=std, a=-2.0, b=2.0, generator=gen)
-    return {"head.weight": weight, "head.bias": torch.zeros(num_classes)}
 
 
 class MixMIMLayout(SwinLayout):
@@ -100,35 +82,3 @@ class MixMIMLayout(SwinLayout):
 
     def fresh_finetune_entries(self, reference, num_classes, seed):
         return fresh_head(num_classes, reference["head.weight"][0][1], seed)
-
-
-def check_sincos(name: str, value, dim: int, target_grid: int, report,
-                 allow_mismatch: bool, *, cls_row: bool = False) -> str | None:
-    """A file's fixed position table: the 2-D sin-cos table of its own grid (a leading zero row
-    for the cls token if `cls_row`), else a problem (or, allowed, a warning and a note)."""
-    shape = tuple(value.shape)
-    extra = int(cls_row)
-    side = square_side(shape[1] - extra) if len(shape) == 3 else None
-    if len(shape) != 3 or shape[0] != 1 or shape[2] != dim or side is None:
-        return f"{name}: shape {shape}, expected (1, {'1 + ' if cls_row else ''}G*G, {dim})"
-    table = L.sincos_pos_embed_2d(dim, side, side)
-    if cls_row:
-        table = np.concatenate([np.zeros((1, dim), np.float32), table])
-    dev = float(np.max(np.abs(tensor_to_numpy(value)[0].astype(np.float64) - table)))
-    if dev > APE_ATOL:
-        msg = (f"{name}: not the 2-D sin-cos table of its {side}x{side} grid (max deviation "
-               f"{dev:.3g}), e.g. a table bicubic-resized by the official finetune loader. "
-               "mixmae-jax always adds the constant sin-cos table")
-        if not allow_mismatch:
-            return (msg + "; pass allow_ape_mismatch=True (--allow-ape-mismatch) to load anyway "
-                    f"with the sin-cos table of the {target_grid}x{target_grid} grid")
-        warnings.warn(msg + "; replaced by the sin-cos table (allow_ape_mismatch=True)",
-                      stacklevel=3)
-        report.notes.append(f"{name}: file table deviates from sin-cos by {dev:.3g}; replaced by "
-                            f"the {target_grid}x{target_grid} sin-cos table")
-    elif side != target_grid:
-        report.notes.append(
-            f"{name}: sin-cos at {side}x{side} in the file; mixmae-jax uses sin-cos at "
-            f"{target_grid}x{target_grid} (the official loader would bicubic-resize the table)")
-    report.constants.append(name)
-    return None
