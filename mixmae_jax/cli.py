@@ -34,46 +34,61 @@ def _fail(e: Exception) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# mixmae-pretrain (absl flags: `--config file.py[:arg]` and `--config.key=value` overrides)
+# mixmae-pretrain: `--config file.py[:arg]` and `--config.key=value` overrides
 # ---------------------------------------------------------------------------------------------
 
+PRETRAIN_USAGE = """
+  mixmae-pretrain --config configs/<name>.py[:variant] --workdir DIR [--config.KEY=VALUE ...]
 
-def _pretrain(argv):
-    from absl import flags, logging
+examples:
+  mixmae-pretrain --config configs/demo.py --workdir workdirs/demo
+  mixmae-pretrain --config configs/mixmim_b.py --workdir gs://BUCKET/mixmim_b \\
+      --config.data.manual_dir=/path/to/imagenet --config.compute_dtype=bfloat16
+
+Any config field can be overridden with --config.KEY=VALUE (e.g. --config.batch_size=256).
+An existing run in --workdir is resumed."""
+
+
+def pretrain_main(argv=None):
+    if argv is None:
+        _use_hugepage_malloc()
+    p = argparse.ArgumentParser(prog="mixmae-pretrain", usage=PRETRAIN_USAGE,
+                                description="Pretrain a model with a masked-image-modelling "
+                                "method (the config names both).")
+    p.add_argument("--config", required=True, help="config file, e.g. configs/demo.py[:variant]")
+    p.add_argument("--workdir", required=True, help="checkpoints, metrics and config snapshot "
+                   "(local or gs://); an existing run there is resumed")
+    p.add_argument("--coordinator_address", default=None, help="host:port of process 0 "
+                   "(multi-process GPU runs without SLURM; TPU pods and SLURM are detected)")
+    p.add_argument("--num_processes", type=int, default=None,
+                   help="number of processes (with --coordinator_address)")
+    p.add_argument("--process_id", type=int, default=None,
+                   help="this process's index (with --coordinator_address)")
+    p.add_argument("--jax_distributed", action="store_true", help="call "
+                   "jax.distributed.initialize() without arguments (Cloud TPU pods)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of errors")
+    args, rest = p.parse_known_args(argv)
+    overrides = [a for a in rest if a.startswith("--config.")]
+    unknown = [a for a in rest if not a.startswith("--config.")]
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from absl import logging
 
     from mixmae_jax.train import distributed
 
-    del argv
-    f = flags.FLAGS
-    distributed.maybe_initialize_distributed(f.coordinator_address, f.num_processes,
-                                             f.process_id, auto=f.jax_distributed)
+    distributed.maybe_initialize_distributed(args.coordinator_address, args.num_processes,
+                                             args.process_id, auto=args.jax_distributed)
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    from mixmae_jax import config as config_lib
     from mixmae_jax.train import trainer
 
     try:
-        trainer.train(f.config, f.workdir)
+        trainer.train(config_lib.load_config(args.config, overrides), args.workdir)
     except USER_ERRORS as e:
+        if args.debug:
+            raise
         _fail(e)
-
-
-def pretrain_main():
-    _use_hugepage_malloc()
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py[:arg].",
-                                    lock_config=True)
-    flags.DEFINE_string("workdir", None, "Checkpoints, metrics and config snapshot (local or "
-                        "gs://). An existing run there is resumed.")
-    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process "
-                        "GPU runs without SLURM; TPU pods and SLURM are detected).")
-    flags.DEFINE_integer("num_processes", None, "Number of processes (with coordinator).")
-    flags.DEFINE_integer("process_id", None, "This process's index (with coordinator).")
-    flags.DEFINE_bool("jax_distributed", False, "Call jax.distributed.initialize() without "
-                      "arguments (Cloud TPU pods; SLURM and explicit coordinators are detected).")
-    flags.mark_flags_as_required(["config", "workdir"])
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    app.run(_pretrain)
 
 
 # ---------------------------------------------------------------------------------------------

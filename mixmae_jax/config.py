@@ -118,7 +118,8 @@ def validate(config, *, num_devices: int = 1, process_count: int = 1) -> None:
     _check(0.0 < lo <= hi <= 1.0, "data.crop_scale", f"({lo}, {hi}): need 0 < lo <= hi <= 1")
 
     b = config.batch_size
-    _check(b > 0 and b % num_devices == 0, "batch_size",
+    _check(b > 0, "batch_size", f"{b}: the global batch must be a positive number of images")
+    _check(b % num_devices == 0, "batch_size",
            f"global batch {b} is not divisible by the {num_devices} devices")
     _check(b % process_count == 0, "batch_size",
            f"global batch {b} is not divisible by the {process_count} processes")

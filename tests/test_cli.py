@@ -146,3 +146,44 @@ def test_from_torch_refuses_a_workdir_with_checkpoints(setup, imported, capsys):
         _convert("from-torch", "--checkpoint", setup["official"], "--config", setup["config"],
                  "--workdir", imported, "--trust-pickle")
     assert "already holds checkpoints" in capsys.readouterr().err
+
+
+def test_pretrain_user_errors_are_one_line(tmp_path, capsys):
+    """A missing config file, a misspelt key and a bad value end in one `error:` line, exit 2."""
+    from recipes import CONFIGS
+
+    tiny = f"{CONFIGS}/mixmim_b.py:tiny"
+    for argv, expected in [
+        (["--config", f"{CONFIGS}/nope.py"], "error: --config: no such file"),
+        (["--config", tiny, "--config.batch_sise=8"],
+         "error: --config.batch_sise: no such config key in .* did you mean batch_size"),
+        (["--config", tiny, "--config.batch_size=-8"], "error: batch_size: -8: the global batch"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            cli.pretrain_main([*argv, "--workdir", str(tmp_path / "w")])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and re.match(expected, err), err
+    assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def test_pretrain_help_lists_its_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.pretrain_main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--config", "--workdir", "--config.KEY=VALUE", "--coordinator_address",
+                 "--jax_distributed", "--debug"):
+        assert flag in out, flag
+
+
+def test_from_torch_names_a_file_that_is_no_checkpoint(setup, tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a checkpoint\n")
+    with pytest.raises(SystemExit) as e:
+        _convert("from-torch", "--checkpoint", notes, "--config", setup["config"],
+                 "--workdir", tmp_path / "w")
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "notes.txt: " in err
+    assert "not a readable PyTorch checkpoint" in err or "safe loader" in err

@@ -22,6 +22,7 @@ mismatches raise ConversionError naming each offending key.
 from __future__ import annotations
 
 import dataclasses
+import os
 import pickle
 from collections.abc import Mapping
 
@@ -43,6 +44,8 @@ def load_torch_checkpoint(path, *, trust_pickle: bool = False) -> dict[str, torc
     `argparse.Namespace` -- are refused unless `trust_pickle=True` (`--trust-pickle`), which
     loads them with `weights_only=False`: arbitrary code can run, so only for trusted files.
     """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--checkpoint {path}: no such file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -66,8 +69,9 @@ def load_torch_checkpoint(path, *, trust_pickle: bool = False) -> dict[str, torc
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e2:
             raise K.ConversionError(f"{path}: not a readable PyTorch checkpoint ({e2})") from e2
-    except RuntimeError as e:
-        raise K.ConversionError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
+    except Exception as e:  # noqa: BLE001 - any other failure: the file is not a checkpoint
+        raise K.ConversionError(f"{path}: not a readable PyTorch checkpoint (torch.load: "
+                                f"{type(e).__name__}: {e})") from e
     return _extract_state_dict(obj, path)
 
 

@@ -1,0 +1,187 @@
+"""SimMIM (microsoft/SimMIM, `models/simmim.py`): a Swin encodes the whole image with random
+32-px squares replaced by a learned mask token; one 1x1 convolution and a pixel shuffle predict
+the pixels back; the loss is the L1 error over the masked pixels.
+
+The mask is drawn per sample on the mask-patch grid (6x6 at 192 px), exactly ceil(36 * 0.6) = 22
+squares, as the official `MaskGenerator` does on the host (`np.random.permutation`); here it is
+drawn on device from the step's key (argsort of uniform noise, the same distribution). It is
+upsampled to the token grid (x8: the mask token replaces the patch embeddings there) and to the
+pixel grid (x32: the loss).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mixmae_jax.methods import base
+from mixmae_jax.models import layers as L
+from mixmae_jax.models.swin import SwinEncoder
+
+LOSS_EPS = 1e-5  # official: sum(|x - x_rec| * m) / (sum(m) + 1e-5) / in_chans
+
+
+def pixel_shuffle(x, r: int):
+    """torch.nn.PixelShuffle(r) on NHWC: (B, h, w, c*r*r) -> (B, h*r, w*r, c), with output pixel
+    (h*r + i, w*r + j) of channel k taken from input channel k*r*r + i*r + j (torch's order)."""
+    b, h, w, crr = x.shape
+    c = crr // (r * r)
+    x = x.reshape(b, h, w, c, r, r).transpose(0, 1, 4, 2, 5, 3)
+    return x.reshape(b, h * r, w * r, c)
+
+
+def swin_init_pass(module: nnx.Module, rngs: nnx.Rngs) -> None:
+    """The official Swin init pass (`SwinTransformer._init_weights`): trunc-normal(.02) on every
+    Linear weight (timm bounds +-2), zero biases; LayerNorms are already 1 / 0, the conv stem
+    keeps torch's default init, the bias tables and the mask token their trunc-normal(.02)."""
+    for _, node in nnx.iter_graph(module):
+        if isinstance(node, nnx.Linear):
+            node.kernel[...] = L.table_init(rngs.params(), node.kernel[...].shape, jnp.float32)
+            if node.bias is not None:
+                node.bias[...] = jnp.zeros_like(node.bias[...])
+
+
+class SimMIMModel(nnx.Module):
+    """Pretraining model: `encoder` (official `encoder.*`, with `mask_token`) and `decoder`
+    (official `decoder.0`: Conv2d(C_last, stride**2 * 3, 1), then PixelShuffle(stride))."""
+
+    def __init__(self, cfg, *, dtype=None, rngs: nnx.Rngs):
+        self.encoder = SwinEncoder(cfg, mask_token=True, dtype=dtype, rngs=rngs)
+        swin_init_pass(self.encoder, rngs)
+        enc = self.encoder
+        self.decoder = nnx.Conv(enc.out_dim, enc.stride**2 * cfg.in_chans, (1, 1),
+                                padding="VALID", dtype=dtype, param_dtype=jnp.float32,
+                                kernel_init=L.conv_kernel_init,
+                                bias_init=L.conv_bias_init(enc.out_dim), rngs=rngs)
+
+    def encode_masked(self, images, token_mask, rng=None, return_stages=False):
+        """Patch embeddings where token_mask (B, G, G) is 1 replaced by the mask token, encoded:
+        (B, L_final, C_last) after the final norm."""
+        enc = self.encoder
+        tokens = enc.replace_masked(enc.embed(images), token_mask)
+        return enc.encode(tokens, rng=rng, return_stages=return_stages)
+
+    def decode(self, z):
+        """(B, L_final, C_last) -> x_rec (B, H, W, 3): 1x1 conv, pixel shuffle by the stride."""
+        b, n, c = z.shape
+        side = int(round(n**0.5))
+        y = self.decoder(z.reshape(b, side, side, c)).astype(jnp.float32)
+        return pixel_shuffle(y, self.encoder.stride)
+
+    def __call__(self, images, token_mask, rng=None):
+        return self.decode(self.encode_masked(images, token_mask, rng))
+
+
+def masked_l1_loss(images, x_rec, pixel_mask):
+    """Official loss: sum(|x - x_rec| * m) / (sum(m) + 1e-5) / in_chans, m (B, H, W) the
+    one-channel pixel mask (so the denominator counts pixels, not pixel-channels)."""
+    m = pixel_mask.astype(jnp.float32)
+    err = jnp.abs(images.astype(jnp.float32) - x_rec) * m[..., None]
+    return jnp.sum(err) / (jnp.sum(m) + LOSS_EPS) / images.shape[-1]
+
+
+class Method(base.Method):
+    """SimMIM on the official Swin (`config.model.name = "swin"`, shifted windows, no APE)."""
+
+    name = "simmim"
+    models = ("swin",)
+    mask_help = ("SimMIM: .npy (B, g, g) or (g, g) 0/1 on the mask-patch grid (g = img_size / "
+                 "method.mask_patch_size: 6x6 at 192 px with 32-px squares), 1 = masked, exactly "
+                 "ceil(g*g * mask_ratio) ones per image (22 of 36 at 0.6), as the official "
+                 "MaskGenerator draws")
+
+    def check_config(self, config, num_devices, check):
+        m, meth = config.model, config.method
+        check(m.shift_windows, "model.shift_windows",
+              "SimMIM's Swin shifts the windows of every odd block (official)")
+        check(m.ape == "none", "model.ape",
+              f"{m.ape!r}: the official SimMIM Swin has no absolute position embedding ('none')")
+        check(m.in_chans == 3, "model.in_chans",
+              f"{m.in_chans}: the official decoder predicts 3 channels")
+        mp, p = meth.mask_patch_size, m.patch_size
+        check(mp > 0 and mp % p == 0, "method.mask_patch_size",
+              f"{mp} is not a multiple of model.patch_size={p} (the mask covers whole tokens)")
+        check(m.img_size % mp == 0, "method.mask_patch_size",
+              f"{mp}-px squares do not tile model.img_size={m.img_size}")
+        r = meth.mask_ratio
+        check(0.0 < r < 1.0, "method.mask_ratio", f"{r} must lie inside (0, 1)")
+        stride = p * 2 ** (len(m.depths) - 1)
+        check(m.img_size % stride == 0, "model.img_size",
+              f"{m.img_size} is not a multiple of the encoder stride {stride}, the decoder's "
+              "pixel-shuffle factor")
+
+    def build_model(self, rngs: nnx.Rngs) -> SimMIMModel:
+        return SimMIMModel(self.model_cfg, dtype=self.compute_dtype, rngs=rngs)
+
+    # -- the mask -------------------------------------------------------------------------------
+
+    def mask_grid(self) -> int:
+        """Side of the mask-patch grid (official `rand_size`)."""
+        return self.model_cfg.img_size // self.cfg.mask_patch_size
+
+    def num_masked(self) -> int:
+        """Official `int(np.ceil(token_count * mask_ratio))` (the same float arithmetic)."""
+        return int(np.ceil(self.mask_grid() ** 2 * self.cfg.mask_ratio))
+
+    def make_plan(self, rng, batch_size: int, num_groups: int):
+        """Per-sample masks (num_groups plays no part): (B, g, g) float32, exactly
+        `num_masked()` ones per sample, a uniformly random subset (argsort of uniform noise)."""
+        g = self.mask_grid()
+        noise = jax.random.uniform(rng, (batch_size, g * g))
+        rank = jnp.argsort(jnp.argsort(noise, axis=1), axis=1)
+        mask = (rank < self.num_masked()).astype(jnp.float32)
+        return {"mask": mask.reshape(batch_size, g, g)}
+
+    def upsampled(self, mask, model: SimMIMModel):
+        """(token mask (B, G, G), pixel mask (B, H, W)) from the mask-patch grid mask."""
+        mp = self.cfg.mask_patch_size
+        return (L.upsample_grid(mask, mp // model.encoder.patch_size),
+                L.upsample_grid(mask, mp))
+
+    def loss(self, model: SimMIMModel, batch, plan, num_groups: int, rng=None):
+        """batch["image"]: normalised float (B, H, W, 3). Returns (loss, {})."""
+        images = batch["image"]
+        token_mask, pixel_mask = self.upsampled(plan["mask"], model)
+        return masked_l1_loss(images, model(images, token_mask, rng), pixel_mask), {}
+
+    # -- mixmae-visualize -----------------------------------------------------------------------
+
+    def mask_from_file(self, mask, batch_size, path):
+        g, count = self.mask_grid(), self.num_masked()
+        if isinstance(mask, dict):
+            raise ValueError(f"--mask {path}: expected one .npy array, got an .npz archive of "
+                             f"{len(mask)} arrays ({', '.join(sorted(mask))})")
+        mask = np.asarray(mask)
+        if mask.shape == (g, g):
+            mask = np.broadcast_to(mask, (batch_size, g, g))
+        if mask.shape != (batch_size, g, g):
+            raise ValueError(f"--mask {path}: expected ({batch_size}, {g}, {g}) or ({g}, {g}) on "
+                             f"the {self.cfg.mask_patch_size}-px mask-patch grid, got shape "
+                             f"{mask.shape}")
+        if not np.isin(mask, (0, 1)).all():
+            raise ValueError(f"--mask {path}: values must be 0 or 1")
+        counts = mask.reshape(batch_size, g * g).sum(axis=1)
+        if (counts != count).any():
+            raise ValueError(f"--mask {path}: each image must have exactly {count} masked "
+                             f"squares (1s), ceil({g * g} * {self.cfg.mask_ratio}) as the "
+                             f"official MaskGenerator draws; got {counts.tolist()}")
+        return {"mask": jnp.asarray(mask, jnp.float32)}
+
+    def panels(self, model: SimMIMModel, images, plan):
+        """original | masked input (masked squares grey: 0 is the mean colour) | the prediction
+        pasted into the masked squares."""
+        token_mask, pixel_mask = self.upsampled(plan["mask"], model)
+        x_rec = model(images, token_mask)
+        loss = masked_l1_loss(images, x_rec, pixel_mask)
+        m = pixel_mask[..., None]
+        columns = {"original": images,
+                   "masked": images * (1 - m),
+                   "reconstruction": images * (1 - m) + x_rec * m}
+        return loss, {}, columns
+
+    def torch_layout(self):
+        from mixmae_jax.convert.simmim_layout import SimMIMLayout
+
+        return SimMIMLayout(self.model_cfg)
