@@ -12,7 +12,8 @@ Expect the reconstruction loss to fall clearly within the run (see README for me
           cells mixed), a 2-block decoder predicting 16x16x3 patches.
   mae:    ViT with 8x8-px patches (8x8 grid), 4 blocks, 75% of the 64 patches removed
           (16 kept), a 2-block decoder predicting 8x8x3 patches.
-  simmim: Swin, 3 stages, shifted windows, 16-px mask patches (4x4), 60% masked, L1.
+  simmim: Swin, 3 stages (16x16 -> 8x8 -> 4x4 tokens), shifted windows, 10 of the 16 16-px
+          squares replaced by the mask token, L1 on their pixels.
 """
 
 from mixmae_jax.config import ConfigError, sibling
@@ -31,6 +32,13 @@ def get_config(arg=None):
         c.model.update(img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=4,
                        decoder_dim=128, decoder_depth=2, decoder_num_heads=4)
         c.optim.base_lr = 1.5e-4 * 8  # as the mixmim demo
+    elif method == "simmim":
+        c = sibling(__file__, "simmim_swin_b.py").get_config()
+        c.model.update(img_size=64, embed_dim=64, depths=(2, 2, 2), num_heads=(2, 4, 8),
+                       window_sizes=(4, 4, 4))
+        c.method.mask_patch_size = 16  # the final stride: a 4x4 grid of squares, 10 masked
+        # peak 1.5e-4 at batch 32, as the other demos; warmup from ~0, constant after it
+        c.optim.update(base_lr=1.5e-4 * 512 / 32, warmup_lr=0.0, min_lr=0.0)
     else:
         raise ConfigError(f"config arg: unknown demo method {method!r} (mixmim, mae, simmim)")
     c.data.update(source="embedded", image_size=64, shuffle_buffer=2048)

@@ -224,8 +224,15 @@ def _visualize(args) -> None:
         plan = method.mask_from_file(visualize.load_mask(args.mask), len(images), args.mask)
     else:  # one device group: the whole batch, as on one GPU
         plan = method.make_plan(jax.random.PRNGKey(args.seed), len(images), 1)
-    panels = jax.jit(lambda p, x, plan: method.panels(step_lib.bind(graphdef, p), x, plan))
-    loss, aux, columns = panels(params, imaging.normalize(images), plan)
+    names = []
+
+    def panels(p, x, plan):
+        loss, aux, columns = method.panels(step_lib.bind(graphdef, p), x, plan)
+        names[:] = columns  # the method's display order (jit would return the dict sorted)
+        return loss, aux, tuple(columns.values())
+
+    loss, aux, columns = jax.jit(panels)(params, imaging.normalize(images), plan)
+    columns = dict(zip(names, columns, strict=True))
     visualize.save_grid({k: imaging.denormalize(v) for k, v in columns.items()}, args.out)
     print(f"Wrote {args.out}: {len(images)} rows ({' | '.join(columns)}), {method.name}, "
           f"step {step}")

@@ -91,12 +91,12 @@ def check_against_exact(title, jax_values, torch32, torch64, limit):
 
 
 def random_torch_state_dict(model, seed):
-    """The reference's state_dict with every trainable tensor randomised (norms, biases too)."""
+    """The reference's state_dict with every trainable parameter randomised (norms, biases too);
+    buffers (index tables, attention masks) and frozen tables are left as the model made them."""
     gen = torch.Generator().manual_seed(seed)
     sd = model.state_dict()
-    frozen = {k for k, p in model.named_parameters() if not p.requires_grad}
-    for k, v in sd.items():
-        if v.is_floating_point() and k not in frozen:
-            sd[k] = torch.randn(v.shape, generator=gen) * 0.1 + (1.0 if k.endswith("norm.weight")
+    for k, p in model.named_parameters():
+        if p.requires_grad:
+            sd[k] = torch.randn(p.shape, generator=gen) * 0.1 + (1.0 if k.endswith("norm.weight")
                                                                  else 0.0)
     return sd

@@ -3,9 +3,10 @@ relative-position index buffers, checked on import, and the bias tables, resized
 official finetune loaders when the window changes.
 
 `relative_position_bias_table`s whose window differs from the target config are resized exactly
-like the official loaders (MixMIM `util/pos_embed.py`, SimMIM `utils.py`): [(2w-1)^2, h] ->
+like the official MixMIM finetune loader (`util/pos_embed.py`): [(2w-1)^2, h] ->
 (1, h, 2w-1, 2w-1), `F.interpolate(mode="bicubic", align_corners=False)`, back to
-[(2w'-1)^2, h], in float32 torch.
+[(2w'-1)^2, h], in float32 torch. (SimMIM's own loader interpolates on a geometric grid with
+scipy instead; the SimMIM layout notes the difference in its report.)
 """
 
 from __future__ import annotations
