@@ -44,6 +44,7 @@ def _assert_same_update(r, name, ref, lr):
         assert err <= bound, f"{name}: params {k} after one step differ by {err:.3g} > {bound:.3g}"
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one_device_and_fsdp(tmp_path):
     """One step on 8 devices (data parallel, FSDP 2x4, and 2-step accumulation) equals the same
     8 device groups computed on one device: loss, every gradient, the updated params."""
@@ -78,6 +79,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
     """2 processes x 4 devices (CPU collectives over localhost) == 1 process x 8 devices."""
     single = str(tmp_path / "single.npz")

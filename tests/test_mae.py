@@ -113,6 +113,7 @@ def test_tiny_gradient_parity(tiny_run):
                         GRAD_TOL)
 
 
+@pytest.mark.slow
 def test_vit_b_loss_parity():
     """MAE ViT-B/16 at 224, batch 2: the loss against the reference in float32 and float64."""
     config = load("mae_vit_b.py")
@@ -290,6 +291,7 @@ def test_method_and_model_must_fit():
         validate(mixmim_on_vit)
 
 
+@pytest.mark.slow
 def test_two_training_steps(tmp_path):
     from mixmae_jax.train import trainer
 

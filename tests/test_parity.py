@@ -179,6 +179,7 @@ def test_lopsided_mask_separates_the_dual_loss_from_the_mean_of_branches(tiny_ru
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_mixmim_b_loss_parity():
     t0 = time.perf_counter()
     cfg = mixmim_model("B", 224)

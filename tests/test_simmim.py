@@ -214,6 +214,7 @@ def test_initialisation_is_the_official_one():
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_swin_b_loss_parity():
     t0 = time.perf_counter()
     config = load("simmim_swin_b.py")
@@ -570,6 +571,7 @@ def test_check_config_names_the_key(key, value, match):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_step_training_run(tmp_path):
     from mixmae_jax.train import trainer
 
@@ -580,3 +582,45 @@ def test_two_step_training_run(tmp_path):
     assert out["step"] == 2
     assert np.isfinite(out["loss"]) and 0.1 < out["loss"] < 10.0, out
     assert np.isfinite(out["grad_norm"]) and out["grad_norm"] > 0
+
+
+def test_convert_and_visualize_give_the_official_loss(tmp_path, capsys):
+    """mixmae-convert from-torch then mixmae-visualize --mask (B, 4, 4): the printed loss is the
+    torch reference's loss on the same images and masked squares."""
+    from PIL import Image
+    from recipes import CONFIGS
+
+    from mixmae_jax import cli
+    from mixmae_jax.visualize import load_images
+
+    config = load("simmim_swin_b.py", "tiny")
+    layout = SimMIMLayout(config.model)
+    torch.manual_seed(0)
+    ref = layout.build_reference("pretrain", 1).eval()
+    official = tmp_path / "simmim_tiny.pth"
+    torch.save({"model": ref.state_dict()}, official)
+    workdir = tmp_path / "w"
+    cli.convert_main(["from-torch", "--checkpoint", str(official), "--config",
+                      f"{CONFIGS}/simmim_swin_b.py:tiny", "--workdir", str(workdir)])
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(2):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(rng.integers(0, 256, (70, 64, 3), dtype=np.uint8)).save(paths[-1])
+    mask = np.zeros((2, 16), np.int64)  # 64 px, 16-px squares: ceil(16 * 0.6) = 10 masked
+    mask[0, :10] = 1
+    mask[1, 6:] = 1
+    mask = mask.reshape(2, 4, 4)
+    np.save(tmp_path / "mask.npy", mask)
+    cli.visualize_main(["--workdir", str(workdir), "--images", *paths, "--out",
+                        str(tmp_path / "grid.png"), "--mask", str(tmp_path / "mask.npy")])
+    out = capsys.readouterr().out
+    assert "original | masked" in out  # the method's panel order
+    jax_loss = float([s for s in out.splitlines() if s.startswith("loss: ")][0].split()[1])
+
+    x = (load_images(paths, 64) / 255.0 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+    x = torch.tensor(x, dtype=torch.float32).permute(0, 3, 1, 2)
+    token_mask = torch.from_numpy(R.upsample_mask(mask, 16 // 4))  # to the 16x16 token grid
+    with torch.no_grad():
+        loss = ref(x, token_mask)
+    assert abs(jax_loss - float(loss)) <= 1e-5 * abs(float(loss)) + 1e-6

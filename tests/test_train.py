@@ -79,6 +79,7 @@ def test_two_step_run_on_mock_tfds(tmp_path):
     assert os.listdir(tmp_path / "tensorboard")
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path, image_folder):
     config = tiny_config(**{"data.source": "folder", "data.folder": image_folder})
     straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
@@ -124,6 +125,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_state(tmp_path, image_folder):
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(tmp_path, image_folder):
     workdir = str(tmp_path / "run")
     cmd = [os.path.join(os.path.dirname(sys.executable), "mixmae-pretrain"),
