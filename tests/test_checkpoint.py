@@ -89,6 +89,65 @@ def test_save_restore_is_bit_exact(tmp_path):
     ckpt.close()
 
 
+def _two_steps(tmp_path):
+    """Steps 2 and 4 saved (different states); returns the states."""
+    states = {2: _state(2), 4: _state(4)}
+    ckpt = checkpoint.Checkpointer(tmp_path, save_every=0, keep=0, config=_config())
+    for step, st in states.items():
+        ckpt.save(step, st, force=True)
+    ckpt.close()
+    return states
+
+
+def _truncate_largest_file(step_dir):
+    files = [p for p in step_dir.rglob("*") if p.is_file()]
+    biggest = max(files, key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage", ["truncated file", "missing metadata", "deleted directory"])
+def test_an_unreadable_newest_step_is_moved_aside_and_the_previous_one_restored(tmp_path,
+                                                                                damage):
+    states = _two_steps(tmp_path)
+    step4 = tmp_path / checkpoint.CHECKPOINT_DIR / "4"
+    if damage == "truncated file":
+        _truncate_largest_file(step4 / "state")
+    elif damage == "missing metadata":
+        for p in step4.rglob("_METADATA"):
+            p.unlink()
+    else:
+        for p in sorted(step4.rglob("*"), reverse=True):
+            p.unlink() if p.is_file() else p.rmdir()
+    warnings = []
+    ckpt = checkpoint.Checkpointer(tmp_path, save_every=0, keep=0)
+    step, restored = ckpt.restore_newest_intact(_abstract(states[2]), warn=warnings.append)
+    assert step == 2
+    _assert_same(restored, states[2])
+    assert ckpt.all_steps() == [2]
+    ckpt.close()
+    assert len(warnings) == 1 and "checkpoint step 4 (" in warnings[0]
+    assert "moved to" in warnings[0] and (step4.parent / "4.unreadable").exists()
+
+
+def test_nothing_is_moved_when_no_step_can_be_read(tmp_path):
+    states = _two_steps(tmp_path)
+    for step in (2, 4):
+        _truncate_largest_file(tmp_path / checkpoint.CHECKPOINT_DIR / str(step) / "state")
+    ckpt = checkpoint.Checkpointer(tmp_path, save_every=0, keep=0)
+    with pytest.raises(checkpoint.CheckpointReadError, match="steps 4, 2"):
+        ckpt.restore_newest_intact(_abstract(states[2]))
+    assert ckpt.all_steps() == [2, 4]
+    ckpt.close()
+
+
+def test_tools_restore_the_params_alone(tmp_path):
+    states = _two_steps(tmp_path)
+    ckpt = checkpoint.Checkpointer(tmp_path, save_every=0, keep=0)
+    params = ckpt.restore_params(4, _abstract(states[4])["params"])
+    ckpt.close()
+    _assert_same(params, states[4]["params"])
+
+
 def test_interval_keep_and_forced_saves(tmp_path):
     state = _state()
     ckpt = checkpoint.Checkpointer(tmp_path, save_every=2, keep=2)

@@ -86,6 +86,8 @@ def test_resume_is_exact(tmp_path, image_folder):
     trainer.train(config, straight, print_fn=lambda s: None)
     trainer.train(config, interrupted, print_fn=lambda s: None, stop_at=2)
     assert trainer.restore_params(interrupted)[2] == 2
+    with open(os.path.join(interrupted, "metrics.jsonl"), "a") as f:  # logged, never saved,
+        f.write('{"step": 3, "loss": 99.0}\n{"step": 4, "lo')  # then killed mid-line
     lines = []
     trainer.train(config, interrupted, print_fn=lines.append)  # resumes at 2, runs to 4
     assert any("Resumed from step 2" in s for s in lines)
@@ -99,6 +101,7 @@ def test_resume_is_exact(tmp_path, image_folder):
     by_step = lambda rows: {r["step"]: r["loss"] for r in rows}  # noqa: E731
     a, b = by_step(_jsonl(straight)), by_step(_jsonl(interrupted))
     assert a[3] == b[3] and a[4] == b[4]
+    assert [r["step"] for r in _jsonl(interrupted)] == [1, 2, 3, 4]  # reads as one run
 
 
 def test_resume_refuses_incompatible_config(tmp_path, image_folder):

@@ -3,14 +3,16 @@
 `create_writer` returns a `clu.metric_writers` writer: on process 0 a MultiWriter of a JSON-lines
 writer (`workdir/metrics.jsonl`, one object per logging step: {"step": 100, "loss": 0.81, ...})
 and clu's TensorBoard SummaryWriter (`workdir/tensorboard`); elsewhere one that writes nothing.
-The JSON-lines file is appended to, so after a resume the steps between the last checkpoint and
-the interruption appear twice (readers keep the last occurrence). clu imports TensorFlow, so it is
-imported only when a writer is made (the benchmark's import path stays free of it).
+The JSON-lines file is appended to; on resume the trainer first drops the lines past the restored
+step (`truncate_after`), so it reads as one run (TensorBoard's event files keep both). clu
+imports TensorFlow, so it is imported only when a writer is made (the benchmark's import path
+stays free of it).
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import os
 import time
@@ -36,6 +38,29 @@ def create_writer(workdir: str | os.PathLike, *, is_primary: bool = True):
         JsonLinesWriter(os.path.join(workdir, JSONL_NAME)),
         metric_writers.SummaryWriter(os.path.join(workdir, TB_DIR)),
     ])
+
+
+def truncate_after(workdir: str | os.PathLike, step: int) -> int:
+    """Drop the lines of metrics.jsonl past `step` (a resumed run logs those steps again, so the
+    file reads as one run); a line cut short by a kill is dropped too. Returns how many."""
+    path = os.path.join(workdir, JSONL_NAME)
+    if not os.path.exists(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass
+    if len(keep) < len(lines):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)  # readers see the old file or the new one
+    return len(lines) - len(keep)
 
 
 class MetricAverager:

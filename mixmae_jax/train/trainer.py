@@ -62,19 +62,33 @@ def load_config_snapshot(workdir: str) -> ml_collections.ConfigDict:
 
 
 def restore_params(workdir: str, step: int | None = None):
-    """(config, params, step) of a run's checkpoint, on this host's devices (for tools)."""
+    """(config, params, step) of a run's checkpoint, on this host's devices (for tools): the
+    params only, not the optimizer moments."""
     config = load_config_snapshot(workdir)
     mesh = sharding.single_device_mesh()
     *_, abstract, shardings = build_state_fns(config, mesh, steps_per_epoch=1)
+    target = sharding.abstract_with_shardings(abstract["params"], shardings["params"])
     ckpt = ckpt_lib.Checkpointer(workdir, save_every=0, keep=0)
     try:
+        steps = ckpt.all_steps()
         step = ckpt.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {workdir}")
-        state = ckpt.restore(step, sharding.abstract_with_shardings(abstract, shardings))
+        if step not in steps:
+            raise FileNotFoundError(f"--step {step}: no such checkpoint in {workdir} (steps: "
+                                    f"{', '.join(map(str, steps)) or 'none'})")
+        try:
+            params = ckpt.restore_params(step, target)
+        except Exception as e:  # noqa: BLE001 - any read failure: name the step and the others
+            others = [s for s in steps if s != step]
+            reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+            raise ValueError(
+                f"checkpoint step {step} in {ckpt.directory / str(step)} cannot be read "
+                f"({reason}); other steps: {', '.join(map(str, others)) or 'none'} (--step N)"
+            ) from e
     finally:
         ckpt.close()
-    return config, state["params"], int(step)
+    return config, params, int(step)
 
 
 def _device_prefetch(iterator, size: int, batch_sharding):
@@ -124,10 +138,18 @@ def train(config, workdir: str, *, print_fn=print, stop_at: int | None = None) -
     # ----- Model, optimizer and state --------------------------------------------------------
     method, tx, lr_schedule, graphdef, init_fn, abstract, state_sh = build_state_fns(
         config, mesh, steps_per_epoch)
-    if latest is not None:
-        state = ckpt.restore(start_step, sharding.abstract_with_shardings(abstract, state_sh))
-        print_fn(f"Resumed from step {start_step} in {workdir}")
-    else:
+    state = None
+    if latest is not None:  # the newest step that can be read; unreadable ones moved aside
+        start_step, state = ckpt.restore_newest_intact(
+            sharding.abstract_with_shardings(abstract, state_sh), warn=print_fn)
+        redo = f" ({latest - start_step} steps will be redone)" if start_step < latest else ""
+        print_fn(f"Resumed from step {start_step} in {workdir}{redo}")
+        if start_step != latest:  # an older step than the data stream was opened at
+            data = input_pipeline.create_train_iterator(
+                config.data, global_batch_size=config.batch_size, seed=config.seed,
+                process_index=jax.process_index(), process_count=jax.process_count(),
+                start_step=start_step)
+    if state is None:
         state = jax.jit(init_fn, out_shardings=state_sh)()
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract["params"]))
 
@@ -140,6 +162,10 @@ def train(config, workdir: str, *, print_fn=print, stop_at: int | None = None) -
              f"steps {start_step} -> {total_steps}")
 
     # ----- Loop ------------------------------------------------------------------------------
+    if is_primary and start_step:
+        dropped = metrics_lib.truncate_after(workdir, start_step)
+        if dropped:
+            print_fn(f"Dropped {dropped} lines of {metrics_lib.JSONL_NAME} past step {start_step}")
     writer = metrics_lib.create_writer(workdir, is_primary=is_primary)
     progress = metrics_lib.ProgressLine(total_steps, config.batch_size,
                                         print_fn=print_fn if is_primary else lambda s: None)
