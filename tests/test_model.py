@@ -404,3 +404,32 @@ def test_shifted_windows_attend_within_their_region(shift, expected):
     inside[tuple(np.array(sorted(expected)).T)] = True
     assert (change[~inside] == 0).all(), "a token outside the window/region saw the change"
     assert (change[inside] > 1e-4).all(), change[inside]
+
+
+def test_alternating_shifted_blocks_scan_in_pairs_with_the_same_numbers():
+    """A stage of 4 blocks alternating unshifted/shifted runs as a scan over 2 pairs: the same
+    output and gradients as the unrolled blocks (two programs: fp32 summation order only)."""
+    def build(scan):
+        cfg = mixmim_model("B")
+        cfg.update(img_size=32, embed_dim=16, depths=(4,), num_heads=(2,), window_sizes=(4,),
+                   shift_windows=True, scan_blocks=scan)
+        return nnx.split(SwinEncoder(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+
+    (g_scan, params), (g_unrolled, _) = build(True), build(False)
+    shifts = [b.shift for b in nnx.merge(g_scan, params).layers[0].blocks]
+    assert shifts == [0, 2, 0, 2]
+    images = np.random.default_rng(0).standard_normal((2, 32, 32, 3), dtype=np.float32)
+
+    def run(graphdef):
+        def loss(p):
+            z = bind(graphdef, p)(images)
+            return jnp.sum(z * jnp.sin(z)), z
+        return jax.jit(jax.value_and_grad(loss, has_aux=True), compiler_options=FAST_COMPILE)(
+            nnx.to_pure_dict(params))
+
+    (_, z_scan), g_s = run(g_scan)
+    (_, z_unrolled), g_u = run(g_unrolled)
+    hlo = jax.jit(lambda p: bind(g_scan, p)(images)).lower(nnx.to_pure_dict(params)).as_text()
+    assert "while" in hlo  # the pairs really ran as a loop
+    assert rel_err(z_scan, z_unrolled) <= SAME_MATH_RTOL
+    assert_tensors_close(K.flatten(g_s), K.flatten(g_u), SAME_MATH_RTOL, "paired-scan gradients")

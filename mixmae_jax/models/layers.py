@@ -70,7 +70,9 @@ def apply_blocks(blocks, x, call, per_block=(), *, remat: bool = False, scan: bo
     backward residual-gradient chain into every consumer and recomputes it from all later
     blocks, which is quadratic in depth (measured on CPU: MixMIM-B's backward took ~1.7x as long;
     optimization barriers do not help, XLA:CPU removes them before fusion). It also compiles
-    each stage's block once. per_block: arrays with a leading axis of len(blocks), or None.
+    each stage's block once; blocks that alternate between two structures (Swin's unshifted /
+    shifted pairs) run as a scan over pairs. per_block: arrays with a leading axis of
+    len(blocks), or None.
     remat: recompute each block in the backward pass (memory for compute). scan=False unrolls
     (XLA's cost analysis counts a scanned body once, so FLOP counting lowers it unrolled).
     """
@@ -82,17 +84,35 @@ def apply_blocks(blocks, x, call, per_block=(), *, remat: bool = False, scan: bo
 
     if remat:
         run = jax.checkpoint(run, static_argnums=(0,))
-    if not scan or len(blocks) < 2 or any(g != graphdef for g, _ in splits[1:]):
-        for j, (g, state) in enumerate(splits):
-            x = run(g, state, x, *[None if a is None else a[j] for a in per_block])
-        return x
-    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[st for _, st in splits])
 
-    def step(x, inputs):
-        state, args = inputs
-        return run(graphdef, state, x, *args), None
+    def same(part):
+        return all(g == part[0][0] for g, _ in part[1:])
 
-    x, _ = jax.lax.scan(step, x, (stacked, tuple(per_block)))
+    def stack(part):
+        return jax.tree.map(lambda *leaves: jnp.stack(leaves), *[st for _, st in part])
+
+    def every(k, start):
+        return tuple(None if a is None else a[start::k] for a in per_block)
+
+    if scan and len(blocks) >= 2 and same(splits):
+        def step(x, inputs):
+            state, args = inputs
+            return run(graphdef, state, x, *args), None
+
+        return jax.lax.scan(step, x, (stack(splits), every(1, 0)))[0]
+    # Swin's alternating unshifted / shifted blocks: scan over pairs.
+    if scan and len(blocks) >= 4 and len(blocks) % 2 == 0 and same(splits[0::2]) and same(
+            splits[1::2]):
+        g0, g1 = splits[0][0], splits[1][0]
+
+        def pair(x, inputs):
+            (s0, a0), (s1, a1) = inputs
+            return run(g1, s1, run(g0, s0, x, *a0), *a1), None
+
+        xs = ((stack(splits[0::2]), every(2, 0)), (stack(splits[1::2]), every(2, 1)))
+        return jax.lax.scan(pair, x, xs)[0]
+    for j, (g, state) in enumerate(splits):
+        x = run(g, state, x, *[None if a is None else a[j] for a in per_block])
     return x
 
 
