@@ -133,6 +133,18 @@ def test_visualize_rejects_a_bad_mask(imported, setup, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "x.png")
 
 
+def test_visualize_names_a_mask_file_that_is_no_array(imported, setup, tmp_path, capsys):
+    notes = tmp_path / "notes.npy"
+    notes.write_text("not an array\n")
+    paths = sorted(str(p) for p in setup["folder"].iterdir())[:2]
+    with pytest.raises(SystemExit) as e:
+        cli.visualize_main(["--workdir", imported, "--images", *paths, "--out",
+                            str(tmp_path / "x.png"), "--mask", str(notes)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.match(r"error: --mask .*notes\.npy: not a numpy", err)
+
+
 def test_pretrain_resumes_from_an_imported_checkpoint(setup, imported):
     config = config_lib.load_config(setup["config"])
     lines = []

@@ -104,6 +104,36 @@ def test_resume_is_exact(tmp_path, image_folder):
     assert [r["step"] for r in _jsonl(interrupted)] == [1, 2, 3, 4]  # reads as one run
 
 
+def test_resume_after_a_corrupt_newest_checkpoint_redoes_its_steps(tmp_path, image_folder):
+    """A finished run whose newest checkpoint (step 4) was cut short: the resume says which step
+    and file, moves it aside, restores step 2 and redoes 2 steps. A tool's restore of a step
+    without metadata names it and the steps that remain."""
+    config = tiny_config(**{"data.source": "folder", "data.folder": image_folder})
+    workdir = str(tmp_path / "run")
+    trainer.train(config, workdir, print_fn=lambda s: None)
+    step4 = os.path.join(workdir, "checkpoints", "4", "state")
+    files = [os.path.join(d, f) for d, _, fs in os.walk(step4) for f in fs]
+    biggest = max(files, key=os.path.getsize)
+    with open(biggest, "r+b") as f:
+        f.truncate(os.path.getsize(biggest) // 2)
+    lines = []
+    config.total_steps = 5
+    out = trainer.train(config, workdir, print_fn=lines.append)
+    assert any(s.startswith("checkpoint step 4 (") and "moved to" in s for s in lines), lines
+    assert any("Resumed from step 2" in s and "2 steps will be redone" in s for s in lines)
+    assert out["step"] == 5 and os.path.isdir(os.path.join(workdir, "checkpoints", "4.unreadable"))
+    assert [r["step"] for r in _jsonl(workdir)] == [1, 2, 3, 4, 5]
+
+    for d, _, fs in os.walk(os.path.join(workdir, "checkpoints", "5")):
+        for f in fs:
+            if f == "_METADATA":
+                os.remove(os.path.join(d, f))
+    with pytest.raises(ValueError, match=r"checkpoint step 5 in .*cannot be read.*other steps: "
+                                         r"2, 4 \(--step N\)"):
+        trainer.restore_params(workdir)
+    assert trainer.restore_params(workdir, 4)[2] == 4
+
+
 def test_resume_refuses_incompatible_config(tmp_path, image_folder):
     config = tiny_config(**{"data.source": "folder", "data.folder": image_folder,
                             "total_steps": 2})
