@@ -23,6 +23,15 @@ from flax import traverse_util
 from mixmae_jax.models import layers as L
 
 FORMATS = ("pretrain", "finetune")
+# MAE-style decoders (MAE's and MixMIM's) are flat official names: decoder_embed, decoder_blocks,
+# decoder_norm, decoder_pred and a top-level mask_token; ours sit under `decoder`.
+FLAT_DECODER_PREFIXES = (
+    ("decoder.mask_token", "mask_token"),
+    ("decoder.embed.", "decoder_embed."),
+    ("decoder.blocks.", "decoder_blocks."),
+    ("decoder.norm.", "decoder_norm."),
+    ("decoder.pred.", "decoder_pred."),
+)
 # A stored sin-cos table equals ours to float32 rounding (both computed in float64); a resized
 # or trained table differs by orders of magnitude more.
 APE_ATOL = 1e-5

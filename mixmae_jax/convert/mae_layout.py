@@ -14,15 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from mixmae_jax.convert.keymap import Layout, check_sincos, fresh_head
+from mixmae_jax.convert.keymap import FLAT_DECODER_PREFIXES, Layout, check_sincos, fresh_head
 from mixmae_jax.models.vit import pos_embed_with_cls
 
-_PREFIXES = (
-    ("decoder.mask_token", "mask_token"),
-    ("decoder.embed.", "decoder_embed."),
-    ("decoder.blocks.", "decoder_blocks."),
-    ("decoder.norm.", "decoder_norm."),
-    ("decoder.pred.", "decoder_pred."),
+_PREFIXES = FLAT_DECODER_PREFIXES + (
     ("encoder.", ""),
     ("fc_norm.", "fc_norm."),
     ("head.", "head."),

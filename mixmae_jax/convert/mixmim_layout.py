@@ -17,16 +17,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from mixmae_jax.convert.keymap import check_sincos, fresh_head
+from mixmae_jax.convert.keymap import FLAT_DECODER_PREFIXES, check_sincos, fresh_head
 from mixmae_jax.convert.swin_layout import SwinLayout
 from mixmae_jax.models import layers as L
 
-_PREFIXES = (
-    ("decoder.mask_token", "mask_token"),
-    ("decoder.embed.", "decoder_embed."),
-    ("decoder.blocks.", "decoder_blocks."),
-    ("decoder.norm.", "decoder_norm."),
-    ("decoder.pred.", "decoder_pred."),
+_PREFIXES = FLAT_DECODER_PREFIXES + (
     ("encoder.", ""),
     ("head.", "head."),
 )
