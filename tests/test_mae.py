@@ -341,3 +341,25 @@ def test_convert_and_visualize_give_the_official_loss(tmp_path, capsys):
         loss, _, removed = ref(x, 0.75, noise)
     assert torch.equal(removed, torch.tensor(mask, dtype=torch.float32))
     assert abs(jax_loss - float(loss)) <= 1e-5 * abs(float(loss)) + 1e-6
+
+
+def _official_shape(path, shape):
+    if path.endswith("patch_embed.proj.kernel"):
+        return (shape[3], shape[2], shape[0], shape[1])  # HWIO -> OIHW
+    return tuple(shape[::-1]) if path.endswith(".kernel") else tuple(shape)
+
+
+@pytest.mark.parametrize("variant", ["B", "L", "H"])
+def test_every_size_maps_onto_the_official_layouts(variant):
+    """ViT-B/16, L/16, H/14: each Flax parameter has its official key and shape, and params plus
+    computed tables (plus a fresh head and fc_norm for a pretraining export) cover the layout."""
+    cfg = load(f"mae_vit_{variant.lower()}.py").model
+    layout = MAELayout(cfg)
+    for fmt, build in (("pretrain", lambda: MAEModel(cfg, rngs=nnx.Rngs(0))),
+                       ("finetune", lambda: ViTClassifier(cfg, 1000, rngs=nnx.Rngs(0)))):
+        reference = layout.reference_layout(fmt, 1000)
+        flat = K.flatten(abstract_model(build)[1])
+        mapped = {layout.torch_name(p, fmt): _official_shape(p, v.shape) for p, v in flat.items()}
+        assert all(reference[k][0] == shape for k, shape in mapped.items()), fmt
+        covered = set(mapped) | set(layout.constant_entries(fmt))
+        assert covered == set(reference), sorted(set(reference) ^ covered)
