@@ -3,21 +3,29 @@
 import json
 import os
 
+import pytest
+
 from mixmae_jax import bench
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
-def test_bench_reports_mfu_and_flops(capsys):
-    config = os.path.join(CONFIGS, "mixmim_b.py") + ":tiny"
-    assert bench.main(["--config", config, "--steps", "1"]) == 0
+@pytest.mark.parametrize("config, flops_range", [
+    # Forward + backward of a 1.1 GFLOP-per-step tiny model: XLA counts the unrolled blocks.
+    ("mixmim_b.py:tiny", (0.5e9, 5e9)),
+    ("mae_vit_b.py:tiny", (1e6, 5e9)),
+    ("simmim_swin_b.py:tiny", (1e7, 5e9)),
+])
+def test_bench_reports_mfu_and_flops(capsys, config, flops_range):
+    """Every method's pretraining config benches through the same step."""
+    assert bench.main(["--config", os.path.join(CONFIGS, config), "--steps", "1"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     result = json.loads(out[-1])
     for key in ("step_time_s", "images_per_sec", "flops_per_step", "tflops_per_sec", "mfu",
-                "peak_flops", "peak_source", "peak_memory_bytes", "device"):
+                "peak_flops", "peak_source", "peak_memory_bytes", "device", "method", "model"):
         assert key in result, key
-    # Forward + backward of a 1.1 GFLOP-per-step tiny model: XLA counts the unrolled blocks.
-    assert 0.5e9 < result["flops_per_step"] < 5e9
+    assert result["method"] == config.split("_")[0]
+    assert flops_range[0] < result["flops_per_step"] < flops_range[1]
     assert 0 < result["mfu"] < 1.5 and result["peak_flops"] > 1e9
     assert result["images_per_sec"] == result["batch"] / result["step_time_s"]
 
