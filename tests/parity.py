@@ -100,3 +100,16 @@ def random_torch_state_dict(model, seed):
             sd[k] = torch.randn(p.shape, generator=gen) * 0.1 + (1.0 if k.endswith("norm.weight")
                                                                  else 0.0)
     return sd
+
+
+def assert_exports_back_exactly(params, state_dict, layout, fmt, num_classes):
+    """Exporting imported params gives back the file: the same keys in the same order, dtypes
+    and values bit for bit; returns the export."""
+    from mixmae_jax.convert import to_torch
+
+    back = to_torch.params_to_state_dict(params, layout, format=fmt, num_classes=num_classes)
+    assert list(back) == list(state_dict)
+    for k, v in state_dict.items():
+        assert back[k].dtype == v.dtype, k
+        assert torch.equal(back[k], v), k
+    return back

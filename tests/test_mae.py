@@ -17,6 +17,7 @@ from parity import (
     FWD_TOL,
     GRAD_TOL,
     abstract_model,
+    assert_exports_back_exactly,
     check_against_exact,
     load_with_own_constants,
     nchw,
@@ -189,10 +190,7 @@ def test_round_trip_is_bit_exact(fmt):
     _, template = abstract_model(build)
     params, rep = from_torch.state_dict_to_params(sd, layout, template)
     assert rep.file_format == fmt and not rep.skipped and not rep.kept_fresh
-    back = to_torch.params_to_state_dict(params, layout, format=fmt, num_classes=10)
-    assert list(back) == list(sd)
-    for k, v in sd.items():
-        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+    assert_exports_back_exactly(params, sd, layout, fmt, 10)
 
 
 def test_pretraining_export_to_finetune_layout_loads_strictly():

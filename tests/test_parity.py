@@ -30,6 +30,7 @@ from parity import (
     GRAD_TOL,
     RATIO,
     abstract_model,
+    assert_exports_back_exactly,
     check_against_exact,
     load_with_own_constants,
     nchw,
@@ -354,11 +355,7 @@ def test_round_trip_is_bit_exact(name, fmt):
     _, template = abstract_model(build)
     params, rep = from_torch.state_dict_to_params(sd, MixMIMLayout(cfg), template)
     assert rep.file_format == fmt and not rep.resized and not rep.skipped and not rep.kept_fresh
-    back = to_torch.params_to_state_dict(params, MixMIMLayout(cfg), format=fmt, num_classes=10)
-    assert list(back) == list(sd)
-    for k, v in sd.items():
-        assert back[k].dtype == v.dtype, k
-        assert torch.equal(back[k], v), k
+    back = assert_exports_back_exactly(params, sd, MixMIMLayout(cfg), fmt, 10)
     assert back[next(k for k in sd if k.endswith("relative_position_index"))].dtype == torch.int64
 
 

@@ -25,6 +25,7 @@ from parity import (
     GRAD_TOL,
     RATIO,
     abstract_model,
+    assert_exports_back_exactly,
     check_against_exact,
     load_with_own_constants,
     nchw,
@@ -58,13 +59,7 @@ def tiny_config(mask_patch=MASK_PATCH):
     return c
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Tiny torch graphs gain nothing from intra-op threads on a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,11 +266,7 @@ def test_round_trip_is_bit_exact(fmt):
     constants = [k for k in sd if layout.is_constant_key(k)]
     assert sorted(rep.constants) == sorted(constants) and len(constants) == 6 + 2
     assert rep.loaded == len(sd) - len(constants)
-    back = to_torch.params_to_state_dict(params, layout, format=fmt, num_classes=10)
-    assert list(back) == list(sd)
-    for k, v in sd.items():
-        assert back[k].dtype == v.dtype, k
-        assert torch.equal(back[k], v), k
+    back = assert_exports_back_exactly(params, sd, layout, fmt, 10)
     tmodel.load_state_dict(back, strict=True)
 
 

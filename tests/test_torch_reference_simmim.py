@@ -27,14 +27,7 @@ TINY = {
 TINY_MASK = {"input_size": 32, "mask_patch_size": 8, "model_patch_size": 4}  # 4x4 -> 8x8 tokens
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # The tiny models gain nothing from intra-op threads, and on a busy 2-core machine the
-    # OpenMP hand-offs made each op ~10 ms; restored for the rest of the session afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_pretrain(seed=0, **kw):

@@ -165,12 +165,13 @@ def state_dict_to_params(state_dict, layout: K.Layout, template_params, *,
     if fmt not in K.FORMATS:
         raise ValueError(f"format must be one of {K.FORMATS} or None, got {format!r}")
     flat_template = K.flatten(template_params)
-    torch_to_flax = {}
+    flax_to_torch = {}
     for p in flat_template:
         try:
-            torch_to_flax[layout.torch_name(p, fmt)] = p
+            flax_to_torch[p] = layout.torch_name(p, fmt)
         except K.ConversionError:
             pass
+    torch_to_flax = {n: p for p, n in flax_to_torch.items()}
     report = ConversionReport(file_format=fmt, template_format=layout.template_format(
         flat_template))
     pretrain_template = report.template_format == "pretrain"
@@ -225,7 +226,7 @@ def state_dict_to_params(state_dict, layout: K.Layout, template_params, *,
     for path, leaf in flat_template.items():
         if path in values:
             continue
-        name = next((n for n, p in torch_to_flax.items() if p == path), None)
+        name = flax_to_torch.get(path)
         if name is not None and (name in sd or (
                 name in expected and not (head_optional and name.startswith("head.")))):
             continue  # already reported as missing or bad

@@ -150,21 +150,23 @@ class Layout:
             return name[: -len("scale")] + "weight"
         return name
 
-    def to_torch(self, path: str, value: np.ndarray) -> np.ndarray:
-        value = np.asarray(value)
+    def _torch_axes(self, path: str) -> tuple[int, ...] | None:
+        """The axis order of a Flax leaf in its torch layout (None: the same layout)."""
         if self.conv_kernels.search(path):
-            return np.ascontiguousarray(value.transpose(3, 2, 0, 1))  # HWIO -> OIHW
+            return (3, 2, 0, 1)  # HWIO -> OIHW
         if path.endswith(".kernel"):
-            return np.ascontiguousarray(value.T)  # [in, out] -> [out, in]
-        return value
+            return (1, 0)  # [in, out] -> [out, in]
+        return None
+
+    def to_torch(self, path: str, value: np.ndarray) -> np.ndarray:
+        axes = self._torch_axes(path)
+        value = np.asarray(value)
+        return value if axes is None else np.ascontiguousarray(value.transpose(axes))
 
     def from_torch(self, path: str, value: np.ndarray) -> np.ndarray:
+        axes = self._torch_axes(path)
         value = np.asarray(value)
-        if self.conv_kernels.search(path):
-            return np.ascontiguousarray(value.transpose(2, 3, 1, 0))  # OIHW -> HWIO
-        if path.endswith(".kernel"):
-            return np.ascontiguousarray(value.T)
-        return value
+        return value if axes is None else np.ascontiguousarray(value.transpose(np.argsort(axes)))
 
     def detect_format(self, keys) -> str:
         """What a file is: pretraining if it has pretraining-only keys."""

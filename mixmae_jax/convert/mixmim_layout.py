@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from mixmae_jax.convert.keymap import FLAT_DECODER_PREFIXES, check_sincos, fresh_head
-from mixmae_jax.convert.swin_layout import SwinLayout
+from mixmae_jax.convert.swin_layout import SwinLayout, file_windows
 from mixmae_jax.models import layers as L
 
 _PREFIXES = FLAT_DECODER_PREFIXES + (
@@ -64,8 +64,6 @@ class MixMIMLayout(SwinLayout):
         return key in ("absolute_pos_embed", "decoder_pos_embed") or super().is_constant_key(key)
 
     def check_constant(self, name, value, state_dict, report, allow_mismatch=False):
-        from mixmae_jax.convert.swin_layout import file_windows
-
         if name.endswith("relative_position_index"):
             return self.check_index(name, value, file_windows(state_dict))
         grid, final = self.grids()
