@@ -3,6 +3,7 @@ r"""Demo: a real pretraining run on the embedded photo crops, on CPU, in a few m
   make demo      # or: mixmae-pretrain --config configs/demo.py --workdir workdirs/demo
   mixmae-pretrain --config configs/demo.py:mae --workdir workdirs/demo_mae
   mixmae-pretrain --config configs/demo.py:simmim --workdir workdirs/demo_simmim
+  mixmae-pretrain --config configs/demo.py:ummae --workdir workdirs/demo_ummae
 
 The variant is the method (default mixmim). Each is its method's recipe (configs/<method>_*.py)
 shrunk for a 2-core CPU: 64 px images, a narrow model, batch 32, 600 steps, a short warmup.
@@ -14,6 +15,9 @@ Expect the reconstruction loss to fall clearly within the run (see README for me
           (16 kept), a 2-block decoder predicting 8x8x3 patches.
   simmim: Swin, 3 stages (16x16 -> 8x8 -> 4x4 tokens), shifted windows, 10 of the 16 16-px
           squares replaced by the mask token, L1 on their pixels.
+  ummae:  UM-MAE's Swin on the compact grid of uniform sampling (8x8 -> 4x4 -> 2x2 tokens from
+          one kept 8-px unit of every 2x2 block: 16 of 64 units, 4 of them secondary-masked),
+          shifted windows in stage 1, a 2-block decoder predicting the 48 removed units.
 """
 
 from mixmae_jax.config import ConfigError, sibling
@@ -39,8 +43,15 @@ def get_config(arg=None):
         c.method.mask_patch_size = 16  # the final stride: a 4x4 grid of squares, 10 masked
         # peak 1.5e-4 at batch 32, as the other demos; warmup from ~0, constant after it
         c.optim.update(base_lr=1.5e-4 * 512 / 32, warmup_lr=0.0, min_lr=0.0)
+    elif method == "ummae":
+        c = sibling(__file__, "ummae_swin_t.py").get_config()
+        c.model.update(img_size=64, embed_dim=64, depths=(2, 2, 2), num_heads=(2, 4, 8),
+                       window_size=4, posmlp_dim=16, unit_size=8, decoder_dim=128,
+                       decoder_depth=2, decoder_num_heads=4)
+        c.optim.base_lr = 1.5e-4 * 8  # as the mae demo
     else:
-        raise ConfigError(f"config arg: unknown demo method {method!r} (mixmim, mae, simmim)")
+        raise ConfigError(f"config arg: unknown demo method {method!r} (mixmim, mae, simmim, "
+                          "ummae)")
     c.data.update(source="embedded", image_size=64, shuffle_buffer=2048)
     c.batch_size = 32
     c.total_steps = 600

@@ -3,7 +3,7 @@
 
 import importlib
 
-NAMES = ("mixmim", "mae", "simmim")
+NAMES = ("mixmim", "mae", "simmim", "ummae")
 
 
 def get_method(config):

@@ -23,15 +23,6 @@ from mixmae_jax.models.swin import SwinEncoder
 LOSS_EPS = 1e-5  # official: sum(|x - x_rec| * m) / (sum(m) + 1e-5) / in_chans
 
 
-def pixel_shuffle(x, r: int):
-    """torch.nn.PixelShuffle(r) on NHWC: (B, h, w, c*r*r) -> (B, h*r, w*r, c), with output pixel
-    (h*r + i, w*r + j) of channel k taken from input channel k*r*r + i*r + j (torch's order)."""
-    b, h, w, crr = x.shape
-    c = crr // (r * r)
-    x = x.reshape(b, h, w, c, r, r).transpose(0, 1, 4, 2, 5, 3)
-    return x.reshape(b, h * r, w * r, c)
-
-
 def swin_init_pass(module: nnx.Module, rngs: nnx.Rngs) -> None:
     """The official Swin init pass (`SwinTransformer._init_weights`): trunc-normal(.02) on every
     Linear weight (timm bounds +-2), zero biases; LayerNorms are already 1 / 0, the conv stem
@@ -68,10 +59,38 @@ class SimMIMModel(nnx.Module):
         b, n, c = z.shape
         side = int(round(n**0.5))
         y = self.decoder(z.reshape(b, side, side, c)).astype(jnp.float32)
-        return pixel_shuffle(y, self.encoder.stride)
+        return L.pixel_shuffle(y, self.encoder.stride)
 
     def __call__(self, images, token_mask, rng=None):
         return self.decode(self.encode_masked(images, token_mask, rng))
+
+
+class UnitSimMIMModel(nnx.Module):
+    """The UM-MAE paper's SimMIM baselines (`models_simmim_swin.py`, `models_simmim_pvt.py`):
+    UM-MAE's Swin or PVT on the full grid with `mask_token` (not normalised), `decoder_pred`
+    Linear(C_last, 4 * unit**2 * 3) then PixelShuffle(2): each final-stage token predicts the
+    2x2 units it covers, unit*unit*3 pixels each."""
+
+    def __init__(self, cfg, *, dtype=None, rngs: nnx.Rngs):
+        from mixmae_jax.models.pvt import PVTEncoder
+        from mixmae_jax.models.ummae_swin import UMSwinEncoder
+
+        encoder = {"ummae_swin": UMSwinEncoder, "pvt": PVTEncoder}[cfg.name]
+        self.encoder = encoder(cfg, mask_token=True, dtype=dtype, rngs=rngs)
+        self.unit = cfg.unit_size
+        self.decoder_pred = L.dense(self.encoder.out_dim, 4 * self.unit**2 * cfg.in_chans,
+                                    dtype=dtype, rngs=rngs)
+
+    def __call__(self, images, token_mask, rng=None):
+        enc = self.encoder
+        w = token_mask[..., None].astype(jnp.float32)
+        tokens = enc.embed(images) * (1.0 - w) + enc.mask_token[...].reshape(-1) * w
+        z = enc.encode_full(tokens, rng)
+        b, n2, _ = z.shape
+        n = int(round(n2**0.5))
+        y = self.decoder_pred(z).astype(jnp.float32).reshape(b, n, n, -1)
+        units = L.pixel_shuffle(y, 2).reshape(b, 4 * n2, -1)
+        return L.unpatchify(units, self.unit, images.shape[1], images.shape[2])
 
 
 def masked_l1_loss(images, x_rec, pixel_mask):
@@ -83,10 +102,12 @@ def masked_l1_loss(images, x_rec, pixel_mask):
 
 
 class Method(base.Method):
-    """SimMIM on the official Swin (`config.model.name = "swin"`, shifted windows, no APE)."""
+    """SimMIM on the official Swin (`config.model.name = "swin"`, shifted windows, no APE), or on
+    UM-MAE's Swin / PVT (the UM-MAE paper's baselines, `UnitSimMIMModel`)."""
 
     name = "simmim"
-    models = ("swin",)
+    # The official Swin; UM-MAE's Swin and PVT for the UM-MAE paper's baselines.
+    models = ("swin", "ummae_swin", "pvt")
     mask_help = ("SimMIM: .npy (B, g, g) or (g, g) 0/1 on the mask-patch grid (g = img_size / "
                  "method.mask_patch_size: 6x6 at 192 px with 32-px squares), 1 = masked, exactly "
                  "ceil(g*g * mask_ratio) ones per image (22 of 36 at 0.6), as the official "
@@ -94,10 +115,20 @@ class Method(base.Method):
 
     def check_config(self, config, num_devices, check):
         m, meth = config.model, config.method
-        check(m.shift_windows, "model.shift_windows",
-              "SimMIM's Swin shifts the windows of every odd block (official)")
-        check(m.ape == "none", "model.ape",
-              f"{m.ape!r}: the official SimMIM Swin has no absolute position embedding ('none')")
+        if m.name == "swin":
+            check(m.shift_windows, "model.shift_windows",
+                  "SimMIM's Swin shifts the windows of every odd block (official)")
+            check(m.ape == "none", "model.ape", f"{m.ape!r}: the official SimMIM Swin has no "
+                  "absolute position embedding ('none')")
+        else:
+            from mixmae_jax.models import get_model_module
+
+            stride = m.patch_size * 2 ** (len(m.depths) - 1)
+            check(stride == 2 * m.unit_size, "model.unit_size",
+                  f"{m.unit_size}: the decoder's PixelShuffle(2) turns each final-stage token "
+                  f"({stride} px) into 2x2 units, so the unit must be {stride // 2} px")
+            get_model_module(m.name).check_grid(m, m.img_size // m.patch_size, "the token grid",
+                                                check)
         check(m.in_chans == 3, "model.in_chans",
               f"{m.in_chans}: the official decoder predicts 3 channels")
         mp, p = meth.mask_patch_size, m.patch_size
@@ -112,8 +143,9 @@ class Method(base.Method):
               f"{m.img_size} is not a multiple of the encoder stride {stride}, the decoder's "
               "pixel-shuffle factor")
 
-    def build_model(self, rngs: nnx.Rngs) -> SimMIMModel:
-        return SimMIMModel(self.model_cfg, dtype=self.compute_dtype, rngs=rngs)
+    def build_model(self, rngs: nnx.Rngs):
+        cls = SimMIMModel if self.model_cfg.name == "swin" else UnitSimMIMModel
+        return cls(self.model_cfg, dtype=self.compute_dtype, rngs=rngs)
 
     # -- the mask -------------------------------------------------------------------------------
 
@@ -182,6 +214,10 @@ class Method(base.Method):
         return loss, {}, columns
 
     def torch_layout(self):
+        if self.model_cfg.name != "swin":
+            from mixmae_jax.convert.ummae_layout import layout_for
+
+            return layout_for(self.model_cfg, self.cfg)
         from mixmae_jax.convert.simmim_layout import SimMIMLayout
 
         return SimMIMLayout(self.model_cfg)

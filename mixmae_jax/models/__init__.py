@@ -3,7 +3,7 @@
 
 import importlib
 
-NAMES = ("swin", "vit")
+NAMES = ("swin", "vit", "ummae_swin", "pvt")
 
 
 def get_model_module(name: str):

@@ -202,6 +202,15 @@ def unpatchify(patches, patch: int, h: int, w: int, channels: int = 3):
     return x.reshape(b, h, w, channels)
 
 
+def pixel_shuffle(x, r: int):
+    """torch.nn.PixelShuffle(r) on NHWC: (B, h, w, c*r*r) -> (B, h*r, w*r, c), with output pixel
+    (h*r + i, w*r + j) of channel k taken from input channel k*r*r + i*r + j (torch's order)."""
+    b, h, w, crr = x.shape
+    c = crr // (r * r)
+    x = x.reshape(b, h, w, c, r, r).transpose(0, 1, 4, 2, 5, 3)
+    return x.reshape(b, h * r, w * r, c)
+
+
 def upsample_grid(ids, factor: int):
     """Nearest-neighbour upsampling of a (B, h, w) map by an integer factor."""
     return jnp.repeat(jnp.repeat(ids, factor, axis=1), factor, axis=2)
@@ -239,20 +248,28 @@ add_shared_bias.defvjp(_add_shared_bias_fwd, _add_shared_bias_bwd)
 
 
 def attend(qkv, num_heads: int, *, scale_queries: bool, bias=None, labels=None):
-    """Multi-head attention on a fused qkv projection.
+    """Multi-head attention on a fused qkv projection (N, T, 3*C) laid out [q | k | v] with
+    heads contiguous inside each part; see `attention`."""
+    n, t, c3 = qkv.shape
+    qkv = qkv.reshape(n, t, 3, num_heads, c3 // (3 * num_heads))
+    return attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], scale_queries=scale_queries,
+                     bias=bias, labels=labels)
 
-    qkv: (N, T, 3*C) laid out [q | k | v] with heads contiguous inside each part.
+
+def attention(q, k, v, *, scale_queries: bool, bias=None, labels=None):
+    """Multi-head attention: q (N, Tq, heads, d), k and v (N, Tk, heads, d) -> (N, Tq, heads*d).
+
     scale_queries: MixMIM's window attention scales q before q.k^T; timm's ViT Attention scales
     the logits afterwards. Both are kept so each side reproduces its reference's rounding.
-    bias: (heads, T, T) added to the logits. labels: (N, T) integer ids or None; a query attends
-    only to keys with the same label: cross-source pairs get NEG_INF added after the bias, as in
-    the official code (an additive mask: XLA:CPU runs a broadcast select several times slower).
+    bias: added to the logits, (heads, Tq, Tk) shared by all N, or (M, heads, Tq, Tk) with N a
+    multiple of M: row i of the N gets bias i % M (per window of one image, shared over the
+    batch), or its own when M == N (UM-MAE's per-sample bias).
+    labels: (N, T) integer ids or None; a query attends only to keys with the same label:
+    cross-source pairs get NEG_INF added after the bias, as in the official code (an additive
+    mask: XLA:CPU runs a broadcast select several times slower).
     Logits and softmax in float32 whatever the compute dtype.
     """
-    n, t, c3 = qkv.shape
-    head_dim = c3 // (3 * num_heads)
-    qkv = qkv.reshape(n, t, 3, num_heads, head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    n, _, num_heads, head_dim = q.shape
     scale = head_dim**-0.5
     if scale_queries:
         q = q * jnp.asarray(scale, q.dtype)
@@ -260,10 +277,66 @@ def attend(qkv, num_heads: int, *, scale_queries: bool, bias=None, labels=None):
     if not scale_queries:
         logits = logits * scale
     if bias is not None:
-        logits = add_shared_bias(logits, bias.astype(jnp.float32))
+        bias = bias.astype(jnp.float32)
+        if bias.ndim == 3:
+            logits = add_shared_bias(logits, bias)
+        elif bias.shape[0] == n:
+            logits = logits + bias
+        else:
+            m = bias.shape[0]
+            logits = add_shared_bias(logits.reshape(n // m, *bias.shape), bias)
+            logits = logits.reshape(n, *bias.shape[1:])
     if labels is not None:
         cross = labels[:, None, :, None] != labels[:, None, None, :]
         logits = logits + cross.astype(jnp.float32) * NEG_INF
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("nhqk,nkhd->nqhd", probs, v)
-    return out.reshape(n, t, num_heads * head_dim)
+    return out.reshape(n, q.shape[1], num_heads * head_dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# Uniform sampling (UM-MAE): one kept mask unit per 2x2 block of units.
+# ---------------------------------------------------------------------------------------------
+# slot (B, g, g) int in {0, 1, 2, 3} names the kept unit of each block: row di = slot // 2,
+# column dj = slot % 2, i.e. unit (2a + di, 2b + dj) of the (2g, 2g) unit grid.
+
+
+def compact_kept_units(x, slot, unit: int):
+    """The kept units of a (B, 2g*unit, 2g*unit, ...) map packed into (B, g*unit, g*unit, ...).
+
+    unit: tokens per unit side. Compact unit (a, b) is unit (2a + di, 2b + dj) of the input: the
+    same values the official dilated all-ones convolution sums out of otherwise zeroed blocks,
+    here a selection (exact, and its gradient is zero on removed units). x may have a batch of 1
+    (a constant such as the coordinate grid), broadcast against slot.
+    """
+    b, g = slot.shape[0], slot.shape[1]
+    rest = x.shape[3:]
+    x = x.reshape(x.shape[0], g, 2, unit, g, 2, unit, *rest)
+    tail = (1,) * len(rest)
+    di = (slot // 2).reshape(b, g, 1, g, 1, 1, *tail)
+    dj = (slot % 2).reshape(b, g, 1, g, 1, *tail)
+    x = jnp.where(di == 0, x[:, :, 0], x[:, :, 1])  # (B, g, unit, g, 2, unit, ...)
+    x = jnp.where(dj == 0, x[:, :, :, :, 0], x[:, :, :, :, 1])  # (B, g, unit, g, unit, ...)
+    return x.reshape(b, g * unit, g * unit, *rest)
+
+
+def removed_units(slot):
+    """(B, 2g, 2g) float32 unit mask, 1 = removed (three of every 2x2 block)."""
+    b, g = slot.shape[0], slot.shape[1]
+    kept = jax.nn.one_hot(slot, 4, dtype=jnp.float32).reshape(b, g, g, 2, 2)
+    return 1.0 - kept.transpose(0, 1, 3, 2, 4).reshape(b, 2 * g, 2 * g)
+
+
+def kept_unit_ids(slot):
+    """(B, g*g) row-major ids on the (2g, 2g) unit grid of the kept units, in compact order."""
+    b, g = slot.shape[0], slot.shape[1]
+    a = jnp.arange(g)
+    rows = 2 * a[None, :, None] + slot // 2
+    cols = 2 * a[None, None, :] + slot % 2
+    return (rows * 2 * g + cols).reshape(b, g * g)
+
+
+def ids_where(mask, count: int):
+    """(B, count) ascending positions of the first `count` ones of a (B, L) 0/1 mask (the
+    row-major order of boolean indexing, with a static count)."""
+    return jnp.argsort(1.0 - mask, axis=1, stable=True)[:, :count].astype(jnp.int32)

@@ -121,7 +121,7 @@ class WindowAttention(nnx.Module):
         return self.proj(out)
 
 
-def _shift_regions(h: int, w: int, window: int, shift: int) -> np.ndarray:
+def shift_regions(h: int, w: int, window: int, shift: int) -> np.ndarray:
     """Swin's region ids for a cyclically shifted map: tokens attend within their region."""
     regions = np.zeros((h, w), np.int32)
     cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
@@ -160,7 +160,7 @@ class SwinBlock(nnx.Module):
         labels = source_ids
         if self.shift:
             y = jnp.roll(y, (-self.shift, -self.shift), axis=(1, 2))
-            regions = jnp.asarray(_shift_regions(h, w, self.window, self.shift))
+            regions = jnp.asarray(shift_regions(h, w, self.window, self.shift))
             if labels is None:
                 labels = jnp.broadcast_to(regions, (b, h, w))
             else:  # same source AND same shifted region
