@@ -280,3 +280,15 @@ def test_mask_from_file_names_what_is_wrong():
     for arrays, message in cases:
         with pytest.raises(ValueError, match=message):
             method.mask_from_file(arrays, 2, "m.npz")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BACKBONES)
+def test_two_training_steps(tmp_path, name):
+    """The trainer runs UM-MAE end to end on each backbone."""
+    from mixmae_jax.train import trainer
+
+    c = tiny(name)
+    c.total_steps = 2
+    out = trainer.train(c, str(tmp_path / "w"), print_fn=lambda s: None)
+    assert out["step"] == 2 and np.isfinite(out["loss"]) and 0.3 < out["loss"] < 3.0
