@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from mixmae_jax.models import layers as L
-from mixmae_jax.models.ummae_swin import conv, stage_blocks, stem_kernel_init
+from mixmae_jax.models.pyramid import conv, run_stages, stage_blocks, stem_kernel_init
 
 VARIANTS = {
     "S": dict(embed_dims=(64, 128, 320, 512), depths=(3, 4, 6, 3), num_heads=(1, 2, 5, 8),
@@ -129,8 +129,8 @@ class PVTBlock(nnx.Module):
         self.norm2 = L.layer_norm(dim, rngs=rngs)
         self.mlp = L.Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, rng=None, drop_rate=0.0):
-        """x (B, H, W, C) float32."""
+    def __call__(self, x, context=None, rng=None, drop_rate=0.0):
+        """x (B, H, W, C) float32 (context: unused, see `pyramid.run_stages`)."""
         b, h, w, c = x.shape
         rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
         y = self.attn(self.norm1(x)).astype(jnp.float32).reshape(b, h, w, c)
@@ -145,8 +145,8 @@ class Merge(nnx.Module):
     def __init__(self, in_dim: int, out_dim: int, *, dtype=None, rngs: nnx.Rngs):
         self.proj = conv(in_dim, out_dim, 2, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x):
-        return self.proj(x).astype(jnp.float32)
+    def __call__(self, x, context=None):
+        return self.proj(x).astype(jnp.float32), context
 
 
 class PatchEmbed(nnx.Module):
@@ -217,22 +217,7 @@ class PVTEncoder(nnx.Module):
     def encode(self, x, rng=None):
         """x (B, h, w, C) stage-1 tokens with their position embedding (full or compact grid)
         -> (B, L_last, C_last), after the final norm if the encoder has one."""
-        x = x.astype(jnp.float32)
-        for idx in self.stages:
-            rates = jnp.asarray(self.drop_rates[idx.start:idx.stop], jnp.float32)
-            keys = None
-            if rng is not None and any(self.drop_rates[idx.start:idx.stop]):
-                keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(idx.start,
-                                                                                 idx.stop))
-            first = self.blocks[idx.start]
-            if hasattr(first, "downsample"):
-                x = first.downsample(x)
-            x = first(x, None if keys is None else keys[0], rates[0])
-            if len(idx) > 1:
-                x = L.apply_blocks([self.blocks[i] for i in idx[1:]], x,
-                                   lambda blk, x, rate, key: blk(x, key, rate),
-                                   (rates[1:], None if keys is None else keys[1:]),
-                                   remat=self.remat, scan=self.scan)
+        x = run_stages(self, x.astype(jnp.float32), None, rng)
         b, h, w, c = x.shape
         x = x.reshape(b, h * w, c)
         return self.norm(x) if hasattr(self, "norm") else x

@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from mixmae_jax.models import layers as L
+from mixmae_jax.models.pyramid import conv, run_stages, stage_blocks, stem_kernel_init
 from mixmae_jax.models.swin import shift_regions
 
 # mae_swin_tiny_256 / mae_swin_large_256 (dec512d8b64pmd) and swin_tiny_256 / swin_large_256.
@@ -42,11 +43,6 @@ VARIANTS = {
     "L": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), posmlp_dim=64,
               decoder_depth=8),
 }
-
-# Official init (`_init_weights`): Conv2d normal(0, sqrt(2 / fan_out)) with fan_out =
-# k*k*out_channels, zero bias; the stem is then re-initialised xavier-uniform as a Linear.
-conv_kernel_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
-stem_kernel_init = nnx.initializers.xavier_uniform(in_axis=(0, 1, 2))
 
 
 def model_config(variant: str = "T", img_size: int = 256, *, window_size: int = 8,
@@ -122,12 +118,6 @@ def token_coords(h: int, w: int) -> np.ndarray:
     """(1, h, w, 2) float32 (row, col) of every token (the official `pos_hw`)."""
     rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     return np.stack([rows, cols], axis=-1)[None].astype(np.float32)
-
-
-def conv(in_dim: int, out_dim: int, k: int, *, dtype=None, rngs: nnx.Rngs, kernel_init=None):
-    return nnx.Conv(in_dim, out_dim, (k, k), strides=k, padding="VALID", dtype=dtype,
-                    param_dtype=jnp.float32, kernel_init=kernel_init or conv_kernel_init,
-                    bias_init=nnx.initializers.zeros, rngs=rngs)
 
 
 class WindowAttention(nnx.Module):
@@ -218,12 +208,6 @@ class PatchEmbed(nnx.Module):
         return self.norm(self.proj(images).astype(jnp.float32))
 
 
-def stage_blocks(depths) -> list[range]:
-    """Indices into the flat block list, per stage."""
-    ends = np.cumsum(depths)
-    return [range(int(e - d), int(e)) for d, e in zip(depths, ends)]
-
-
 class UMSwinEncoder(nnx.Module):
     """`patch_embed`, optional `vis_mask_token` / `mask_token`, flat `blocks`, optional `norm`.
 
@@ -284,24 +268,7 @@ class UMSwinEncoder(nnx.Module):
         if x.shape[1:3] != (self.run_grid, self.run_grid):
             raise ValueError(f"tokens of shape {x.shape}: this encoder runs on the "
                              f"{self.run_grid}x{self.run_grid} grid")
-        x = x.astype(jnp.float32)
-        coords = coords.astype(jnp.float32)
-        for idx in self.stages:
-            rates = jnp.asarray(self.drop_rates[idx.start:idx.stop], jnp.float32)
-            keys = None
-            if rng is not None and any(self.drop_rates[idx.start:idx.stop]):
-                keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(idx.start,
-                                                                                 idx.stop))
-            first = self.blocks[idx.start]
-            if hasattr(first, "downsample"):
-                x, coords = first.downsample(x, coords)
-            x = first(x, coords, None if keys is None else keys[0], rates[0])
-            if len(idx) > 1:
-                x = L.apply_blocks(
-                    [self.blocks[i] for i in idx[1:]], x,
-                    lambda blk, x, rate, key, c=coords: blk(x, c, key, rate),
-                    (rates[1:], None if keys is None else keys[1:]),
-                    remat=self.remat, scan=self.scan)
+        x = run_stages(self, x.astype(jnp.float32), coords.astype(jnp.float32), rng)
         b, h, w, c = x.shape
         x = x.reshape(b, h * w, c)
         return self.norm(x) if hasattr(self, "norm") else x
