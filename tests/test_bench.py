@@ -17,6 +17,7 @@ CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
     ("simmim_swin_b.py:tiny", (1e7, 5e9)),
     ("ummae_swin_t.py:tiny", (1e7, 5e9)),
     ("simmim_ummae_pvt_s.py:tiny", (1e7, 5e9)),
+    ("mixedae_vit_b.py:tiny", (1e6, 5e9)),
 ])
 def test_bench_reports_mfu_and_flops(capsys, config, flops_range):
     """Every method's pretraining config benches through the same step."""

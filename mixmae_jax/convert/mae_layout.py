@@ -62,3 +62,15 @@ class MAELayout(Layout):
         dim = reference["fc_norm.weight"][0][0]
         return {**fresh_head(num_classes, reference["head.weight"][0][1], seed),
                 "fc_norm.weight": torch.ones(dim), "fc_norm.bias": torch.zeros(dim)}
+
+
+class MixedAELayout(MAELayout):
+    """MixedAE has no official code: its encoder and decoder are MAE's (the names of
+    `models_mae`), so a run exports to MAE's finetuning layout (`models_vit`, what MixedAE
+    finetunes with) and, when it has none of MixedAE's own parts (segment embeddings, a
+    contrastive projection head), to MAE's pretraining layout too."""
+
+    name = "mixedae"
+    prefixes = {fmt: (("segment_embed", "segment_embed"), ("contrast_head.", "contrast_head."))
+                + table for fmt, table in MAELayout.prefixes.items()}
+    pretrain_only = MAELayout.pretrain_only + ("segment_embed", "contrast_head.")

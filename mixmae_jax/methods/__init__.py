@@ -3,7 +3,7 @@
 
 import importlib
 
-NAMES = ("mixmim", "mae", "simmim", "ummae")
+NAMES = ("mixmim", "mae", "simmim", "ummae", "mixedae")
 
 
 def get_method(config):

@@ -36,12 +36,15 @@ class MAEDecoder(nnx.Module):
         self.norm = L.layer_norm(dim, eps=eps, rngs=rngs)
         self.pred = L.dense(dim, cfg.patch_size**2 * cfg.in_chans, dtype=dtype, rngs=rngs)
 
-    def __call__(self, latent, ids_restore):
-        """latent (B, 1 + K, C) with cls first; ids_restore (B, L) -> (B, L, p*p*3)."""
+    def __call__(self, latent, ids_restore, fill_offset=None):
+        """latent (B, 1 + K, C) with cls first; ids_restore (B, L) -> (B, L, p*p*3).
+        fill_offset: (B, 1, C) added to each sample's mask tokens, or None."""
         x = self.embed(latent).astype(jnp.float32)
         b, k = x.shape[0], x.shape[1] - 1
         n = ids_restore.shape[1]
         fill = jnp.broadcast_to(self.mask_token[...], (b, n - k, self.dim))
+        if fill_offset is not None:
+            fill = fill + fill_offset
         shuffled = jnp.concatenate([x[:, 1:], fill], axis=1)  # kept tokens, then mask tokens
         restored = jnp.take_along_axis(shuffled, ids_restore[..., None], axis=1)
         x = jnp.concatenate([x[:, :1], restored], axis=1) + pos_embed_with_cls(self.dim, self.grid)

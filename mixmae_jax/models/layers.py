@@ -62,8 +62,12 @@ class Mlp(nnx.Module):
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
 
 
-def apply_blocks(blocks, x, call, per_block=(), *, remat: bool = False, scan: bool = True):
+def apply_blocks(blocks, x, call, per_block=(), *, remat: bool = False, scan: bool = True,
+                 with_aux: bool = False):
     """x -> call(block_j, x, *per_block[j]) for each block in turn.
+
+    with_aux: `call` returns (x, aux) with aux a scalar (e.g. a per-layer metric); the result is
+    (x, aux of every block stacked in block order).
 
     Blocks that share one structure run as a `lax.scan` over their stacked params: the
     activation and its gradient are materialised between blocks. Unrolled, XLA fuses the
@@ -80,7 +84,8 @@ def apply_blocks(blocks, x, call, per_block=(), *, remat: bool = False, scan: bo
     graphdef = splits[0][0]
 
     def run(g, state, x, *args):
-        return call(nnx.merge(g, state), x, *args)
+        out = call(nnx.merge(g, state), x, *args)
+        return out if with_aux else (out, jnp.zeros((), jnp.float32))
 
     if remat:
         run = jax.checkpoint(run, static_argnums=(0,))
@@ -94,12 +99,15 @@ def apply_blocks(blocks, x, call, per_block=(), *, remat: bool = False, scan: bo
     def every(k, start):
         return tuple(None if a is None else a[start::k] for a in per_block)
 
+    def result(x, aux):
+        return (x, aux) if with_aux else x
+
     if scan and len(blocks) >= 2 and same(splits):
         def step(x, inputs):
             state, args = inputs
-            return run(graphdef, state, x, *args), None
+            return run(graphdef, state, x, *args)
 
-        return jax.lax.scan(step, x, (stack(splits), every(1, 0)))[0]
+        return result(*jax.lax.scan(step, x, (stack(splits), every(1, 0))))
     # Swin's alternating unshifted / shifted blocks: scan over pairs.
     if scan and len(blocks) >= 4 and len(blocks) % 2 == 0 and same(splits[0::2]) and same(
             splits[1::2]):
@@ -107,13 +115,18 @@ def apply_blocks(blocks, x, call, per_block=(), *, remat: bool = False, scan: bo
 
         def pair(x, inputs):
             (s0, a0), (s1, a1) = inputs
-            return run(g1, s1, run(g0, s0, x, *a0), *a1), None
+            x, aux0 = run(g0, s0, x, *a0)
+            x, aux1 = run(g1, s1, x, *a1)
+            return x, jnp.stack([aux0, aux1])
 
         xs = ((stack(splits[0::2]), every(2, 0)), (stack(splits[1::2]), every(2, 1)))
-        return jax.lax.scan(pair, x, xs)[0]
+        x, aux = jax.lax.scan(pair, x, xs)
+        return result(x, aux.reshape(-1))
+    auxes = []
     for j, (g, state) in enumerate(splits):
-        x = run(g, state, x, *[None if a is None else a[j] for a in per_block])
-    return x
+        x, aux = run(g, state, x, *[None if a is None else a[j] for a in per_block])
+        auxes.append(aux)
+    return result(x, jnp.stack(auxes))
 
 
 def drop_path(x, rate, rng):
