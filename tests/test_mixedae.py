@@ -120,24 +120,30 @@ def test_only_encoder_segment_embeddings_tell_the_encoder_the_slot(segment, leak
         np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5 * np.abs(a).max())
 
 
-def test_contrastive_loss_matches_a_brute_force_supcon():
+@pytest.mark.parametrize("across", [False, True])
+def test_contrastive_loss_matches_a_brute_force_supcon(across):
+    """Positives: the anchor's other tokens of the same source (and mixed sample); the
+    denominator: every other token of its mixed sample, or of all mixed samples of its device
+    batch (`contrast_across_samples`, here 2 devices of 2 mixed samples)."""
     method, graphdef, params, images, plan = setup(
-        ["--config.method.contrast_temperature=0.5"])
+        ["--config.method.contrast_temperature=0.5",
+         f"--config.method.contrast_across_samples={across}"], batch=16)
     model = bind(graphdef, params)
-    latent = jax.random.normal(jax.random.key(3), (2, 4 + 16, 32))
+    latent = jax.random.normal(jax.random.key(3), (4, 4 + 16, 32))
     source = plan["source"]
-    got = float(method.contrastive_loss(model, latent, source, 1))
+    got = float(method.contrastive_loss(model, latent, source, 2))
     z = np.asarray(latent)[:, 4:].astype(np.float64)
     z /= np.linalg.norm(z, axis=-1, keepdims=True)
     src = np.asarray(source)
+    tokens = [(g, t) for g in range(4) for t in range(16)]
     losses = []
-    for g in range(2):
-        sim = z[g] @ z[g].T / 0.5
-        for i in range(16):
-            others = [a for a in range(16) if a != i]
-            log_den = np.log(np.sum(np.exp(sim[i, others])))
-            pos = [p for p in others if src[g, p] == src[g, i]]
-            losses.append(-np.mean([sim[i, p] - log_den for p in pos]))
+    for g, i in tokens:
+        pool = [(h, t) for h, t in tokens if (h, t) != (g, i)
+                and (h == g or (across and h // 2 == g // 2))]
+        sims = {(h, t): z[g, i] @ z[h, t] / 0.5 for h, t in pool}
+        log_den = np.log(np.sum(np.exp(list(sims.values()))))
+        pos = [(h, t) for h, t in pool if h == g and src[h, t] == src[g, i]]
+        losses.append(-np.mean([sims[p] - log_den for p in pos]))
     assert got == pytest.approx(np.mean(losses), rel=1e-5)
 
 
@@ -221,6 +227,13 @@ def test_exports_to_the_mae_finetuning_layout_and_back():
 def test_bad_values_are_refused_naming_the_key(override, key):
     with pytest.raises(config_lib.ConfigError, match=key.replace(".", r"\.")):
         config_lib.validate(tiny([override]))
+
+
+def test_naive_mixing_baseline_config():
+    c = load("mixedae_vit_b.py", "naive")
+    config_lib.validate(c)
+    assert (c.method.attention, c.method.contrast_weight) == ("full", 0.0)
+    assert c.method.num_sources == 4 and get_method(c).topk() == 49
 
 
 def test_per_layer_attention_modes():

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from parity import FAST_COMPILE
 from recipes import load
 
 from mixmae_jax import config as config_lib
@@ -119,6 +120,7 @@ def test_removed_units_do_not_change_the_encoder_output(tiny_setup):
             return model.encoder.encode(kept)
         return model.encode(x, plan)
 
+    latent = jax.jit(latent, compiler_options=FAST_COMPILE)
     np.testing.assert_array_equal(latent(images), latent(noisy))
     # ... while the kept units do change it
     kept_noise = images + (1 - pixel_mask) * 0.5
@@ -132,8 +134,8 @@ def test_secondary_masking_hides_the_kept_units_it_hits(tiny_setup):
     sm_units = method.secondary_units(plan).reshape(images.shape[0], method.unit_grid(), -1)
     pixel_sm = L.upsample_grid(sm_units, method.unit_size())[..., None]
     loss = lambda x: method.loss(model, {"image": x}, plan, 1)[0]  # noqa: E731
-    # the target changes with these pixels? no: SM units are kept units, never targets
-    grad = jax.grad(loss)(images)
+    # (SM units are kept units, never targets: the loss sees their pixels through nothing)
+    grad = jax.jit(jax.grad(loss), compiler_options=FAST_COMPILE)(images)
     assert float(jnp.abs(grad * pixel_sm).max()) == 0.0
     visible = (1 - L.upsample_grid(L.removed_units(plan["slot"]), method.unit_size()))[..., None]
     assert float(jnp.abs(grad * visible * (1 - pixel_sm)).max()) > 0.0
@@ -152,12 +154,14 @@ def test_decoder_orders_agree_exactly_when_every_block_keeps_the_same_slot():
     images = jax.random.normal(jax.random.key(1), (4, size, size, 3))
     plan = methods["true"].make_plan(jax.random.key(2), 4, 1)
     g = plan["slot"].shape[1]
+    losses = {o: jax.jit(lambda p, m=m: m.loss(model, {"image": images}, p, 1)[0],
+                         compiler_options=FAST_COMPILE) for o, m in methods.items()}
     for s in range(4):
         same = dict(plan, slot=jnp.full((4, g, g), s, jnp.int32))
-        a, b = (float(methods[o].loss(model, {"image": images}, same, 1)[0]) for o in methods)
+        a, b = (float(fn(same)) for fn in losses.values())
         assert a == b, (s, a, b)
     # Random slots: most latents get another unit's position (rounding alone would be ~1e-7).
-    a, b = (float(methods[o].loss(model, {"image": images}, plan, 1)[0]) for o in methods)
+    a, b = (float(fn(plan)) for fn in losses.values())
     assert abs(a - b) > 1e-5 * abs(a), (a, b)
 
 
