@@ -1,0 +1,1 @@
+"""Evaluation of frozen and finetuned encoders (k-NN now; linear probe and finetuning to come)."""

@@ -1,0 +1,67 @@
+"""Weighted k-nearest-neighbour classification of frozen features, the common SSL monitor (as in
+DINO's `knn_classifier`): cosine similarity to every training feature, the k most similar vote for
+their class with weight exp(similarity / T), the class with the largest summed weight wins.
+
+Defaults k = 20, T = 0.07. Queries are processed in chunks so that only (chunk, train) similarities
+live at once; top-5 accuracy counts a query as right when its class is among the five classes with
+the largest votes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def normalize(x):
+    """Rows scaled to unit L2 norm (zero rows stay zero)."""
+    x = jnp.asarray(x, jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "num_classes"))
+def votes(queries, train, train_labels, *, k: int, num_classes: int, temperature: float):
+    """(Q, num_classes) summed weights of each query's k nearest training features (cosine)."""
+    sim = normalize(queries) @ normalize(train).T
+    top_sim, top_idx = jax.lax.top_k(sim, k)
+    weights = jnp.exp(top_sim / temperature)
+    onehot = jax.nn.one_hot(train_labels[top_idx], num_classes, dtype=jnp.float32)
+    return jnp.einsum("qk,qkc->qc", weights, onehot)
+
+
+def knn_accuracy(train_features, train_labels, test_features, test_labels, *, k: int = 20,
+                 temperature: float = 0.07, num_classes: int | None = None,
+                 chunk: int = 1024) -> dict[str, float]:
+    """Top-1 and top-5 accuracy (fractions) of the weighted k-NN classifier.
+
+    Raises ValueError naming the argument when shapes or labels do not fit."""
+    train_features, test_features = np.asarray(train_features), np.asarray(test_features)
+    train_labels = np.asarray(train_labels, np.int64)
+    test_labels = np.asarray(test_labels, np.int64)
+    if train_features.ndim != 2 or test_features.ndim != 2 or (
+            train_features.shape[1] != test_features.shape[1]):
+        raise ValueError(f"features must be (N, D) with one D: train {train_features.shape}, "
+                         f"test {test_features.shape}")
+    if train_labels.shape != (len(train_features),) or test_labels.shape != (
+            len(test_features),):
+        raise ValueError(f"labels must have one entry per feature row: train "
+                         f"{train_labels.shape} for {len(train_features)}, test "
+                         f"{test_labels.shape} for {len(test_features)}")
+    if not 1 <= k <= len(train_features):
+        raise ValueError(f"k={k} must lie in [1, {len(train_features)}] (the training features)")
+    num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
+    if train_labels.min() < 0 or max(train_labels.max(), test_labels.max()) >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes})")
+    top1 = top5 = 0
+    for start in range(0, len(test_features), chunk):
+        v = np.asarray(votes(test_features[start:start + chunk], train_features, train_labels,
+                             k=k, num_classes=num_classes, temperature=temperature))
+        y = test_labels[start:start + chunk]
+        top1 += int(np.sum(np.argmax(v, axis=1) == y))
+        order = np.argsort(-v, axis=1, kind="stable")[:, :min(5, num_classes)]
+        top5 += int(np.sum(np.any(order == y[:, None], axis=1)))
+    n = len(test_features)
+    return {"top1": top1 / n, "top5": top5 / n}

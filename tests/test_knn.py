@@ -1,0 +1,53 @@
+"""The weighted k-NN monitor (mixmae_jax/eval/knn.py) against its definition."""
+
+import numpy as np
+import pytest
+
+from mixmae_jax.eval import knn
+
+
+def brute_force(train, train_y, test, test_y, k, t, c):
+    """Loops over queries: cosine similarities, the k largest vote with exp(s / t)."""
+    tn = train / np.linalg.norm(train, axis=1, keepdims=True)
+    qn = test / np.linalg.norm(test, axis=1, keepdims=True)
+    top1 = top5 = 0
+    for q, y in zip(qn, test_y):
+        sim = tn @ q
+        nearest = np.argsort(-sim, kind="stable")[:k]
+        v = np.zeros(c)
+        for i in nearest:
+            v[train_y[i]] += np.exp(sim[i] / t)
+        top1 += int(np.argmax(v) == y)
+        top5 += int(y in np.argsort(-v, kind="stable")[:5])
+    return top1 / len(test), top5 / len(test)
+
+
+def test_features_equal_to_one_hot_labels_give_100_percent():
+    labels = np.arange(100) % 10
+    feats = np.eye(10, dtype=np.float32)[labels]
+    acc = knn.knn_accuracy(feats, labels, feats, labels, k=5)
+    assert acc == {"top1": 1.0, "top5": 1.0}
+
+
+def test_matches_a_brute_force_classifier_in_chunks():
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((7, 16))
+    train_y, test_y = rng.integers(0, 7, 300), rng.integers(0, 7, 101)
+    train = centers[train_y] + 1.5 * rng.standard_normal((300, 16))
+    test = centers[test_y] + 1.5 * rng.standard_normal((101, 16))
+    got = knn.knn_accuracy(train, train_y, test, test_y, k=20, temperature=0.07, chunk=32)
+    want = brute_force(train, train_y, test, test_y, 20, 0.07, 7)
+    assert (got["top1"], got["top5"]) == pytest.approx(want)
+    assert 0.2 < got["top1"] < 1.0  # a case where the votes decide, not a trivial one
+
+
+def test_bad_input_names_the_argument():
+    f, y = np.ones((4, 3)), np.zeros(4, np.int64)
+    with pytest.raises(ValueError, match="one D"):
+        knn.knn_accuracy(f, y, np.ones((2, 5)), np.zeros(2, np.int64))
+    with pytest.raises(ValueError, match="one entry per feature row"):
+        knn.knn_accuracy(f, y[:3], f, y)
+    with pytest.raises(ValueError, match=r"k=9 must lie in \[1, 4\]"):
+        knn.knn_accuracy(f, y, f, y, k=9)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
+        knn.knn_accuracy(f, y, f, y + 3, k=2, num_classes=2)
