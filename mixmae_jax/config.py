@@ -110,8 +110,8 @@ def validate(config, *, num_devices: int = 1, process_count: int = 1) -> None:
     d = config.data
     _check(d.image_size == config.model.img_size, "data.image_size",
            f"{d.image_size} differs from model.img_size={config.model.img_size}")
-    _check(d.source in ("tfds", "folder", "embedded"), "data.source",
-           f"unknown source {d.source!r} (tfds, folder or embedded)")
+    _check(d.source in ("tfds", "folder", "embedded", "digits"), "data.source",
+           f"unknown source {d.source!r} (tfds, folder, embedded or digits)")
     if d.source == "folder":
         _check(bool(d.folder), "data.folder", "data.source='folder' needs data.folder")
     lo, hi = tuple(d.crop_scale)
@@ -169,7 +169,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.method = ml_collections.ConfigDict(dict(name=placeholder(str)))  # a methods/<name>.py
     c.data = ml_collections.ConfigDict(
         dict(
-            source="tfds",  # "tfds" | "folder" | "embedded"
+            source="tfds",  # "tfds" | "folder" | "embedded" (photo crops) | "digits" (labelled)
             name="imagenet2012",  # tfds dataset name (source="tfds")
             split="train",
             # Optional strings are typed placeholders so `--config.data.folder=...` works.

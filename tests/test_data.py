@@ -119,6 +119,42 @@ def test_embedded_source_batches(embedded_builder):
     assert images.reshape(16, -1).std(1).min() > 2.0
 
 
+def test_digits_are_the_real_scans_with_their_labels_in_a_fixed_split(tmp_path):
+    """1,200 + 597 examples, every class in both splits, the images are sklearn's scans
+    (upscaled), and the pretraining pipeline reads them (labels ignored)."""
+    from sklearn.datasets import load_digits
+
+    from mixmae_jax.data import digits
+
+    builder = digits.prepare(str(tmp_path))
+    splits = builder.info.splits
+    assert (splits["train"].num_examples, splits["test"].num_examples) == (1200, 597)
+    train = list(builder.as_dataset(split="train").as_numpy_iterator())
+    test = list(builder.as_dataset(split="test").as_numpy_iterator())
+    for part in (train, test):
+        assert set(int(ex["label"]) for ex in part) == set(range(10))
+    sk = load_digits()
+    images, labels = digits.load_digits()
+    assert sorted(labels.tolist()) == sorted(sk.target.tolist())
+    # The stored split is the seeded permutation of sklearn's scans, stored losslessly; each
+    # image's 4x4 block means are its scan (0..16 scale) up to the bicubic ringing.
+    order = np.random.default_rng(digits.SEED).permutation(len(sk.target))
+    stored = {ex["image"].tobytes(): int(ex["label"]) for ex in train}
+    small = images[..., 0].astype(np.float64).reshape(-1, 8, 4, 8, 4).mean(axis=(2, 4))
+    small = small.reshape(-1, 64) * 16.0 / 255.0
+    scans = sk.images.reshape(-1, 64)
+    nearest = np.argmin(((small[:, None] - scans[None]) ** 2).sum(-1), axis=1)
+    for i in range(1200):
+        assert stored[images[i].tobytes()] == labels[i] == sk.target[order[i]]
+        # the scan nearest to its 4x4 block means is its own (or an identical copy)
+        np.testing.assert_array_equal(scans[nearest[i]], scans[order[i]])
+    assert len({ex["image"].tobytes() for ex in train + test}) > 1780  # a few scans repeat
+    cfg = data_cfg(source="digits", data_dir=str(tmp_path), image_size=32)
+    it = ip.create_train_iterator(cfg, global_batch_size=16, seed=0)
+    (batch,) = take(it, 1)
+    assert batch.shape == (16, 32, 32, 3) and it.num_examples == 1200
+
+
 # ------------------------------------------------------------------------------------------------
 # Sources and the stream
 # ------------------------------------------------------------------------------------------------

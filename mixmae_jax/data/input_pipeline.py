@@ -149,15 +149,20 @@ def folder_source(folder: str, *, process_index: int = 0, process_count: int = 1
 
 
 def source_from_config(data_cfg, *, process_index: int = 0, process_count: int = 1) -> Source:
-    """The source named by `data_cfg.source`: "tfds", "folder" or "embedded"."""
+    """The source named by `data_cfg.source`: "tfds", "folder", "embedded" (the photo crops) or
+    "digits" (scikit-learn's handwritten digits, labelled)."""
     share = dict(process_index=process_index, process_count=process_count)
-    if data_cfg.source in ("tfds", "embedded"):
+    if data_cfg.source in ("tfds", "embedded", "digits"):
         if data_cfg.source == "tfds":
             builder = tfds.builder(data_cfg.name, data_dir=data_cfg.data_dir)
             # No-op when prepared; imagenet2012 and friends are prepared from manual_dir.
             builder.download_and_prepare(
                 download_config=tfds.download.DownloadConfig(manual_dir=data_cfg.manual_dir)
             )
+        elif data_cfg.source == "digits":
+            from mixmae_jax.data import digits
+
+            builder = digits.prepare(data_cfg.data_dir)
         else:
             from mixmae_jax.data import embedded
 
@@ -171,7 +176,8 @@ def source_from_config(data_cfg, *, process_index: int = 0, process_count: int =
         )
     if data_cfg.source == "folder":
         return folder_source(data_cfg.folder, **share)
-    raise ValueError(f"data.source={data_cfg.source!r}: expected 'tfds', 'folder' or 'embedded'")
+    raise ValueError(f"data.source={data_cfg.source!r}: expected 'tfds', 'folder', 'embedded' or "
+                     "'digits'")
 
 
 # ------------------------------------------------------------------------------------------------
