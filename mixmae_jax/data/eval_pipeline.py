@@ -1,0 +1,103 @@
+"""The labelled evaluation input: every example of a split exactly once, deterministic.
+
+Each process reads every process_count-th example of the split in the split's stored order
+(process p: examples p, p + P, ...), decodes it, resizes its shorter side to
+round(image_size / crop_pct) with bicubic interpolation and takes the central image_size square
+(the official eval transforms: Resize then CenterCrop; crop_pct 0.875 is 224 / 256). Batches are
+padded so that every process yields the same number of them: padded rows are zero images with
+`valid` = False, and whoever reduces a metric must weight by `valid`.
+
+Batches: {"image": uint8 (local_batch, S, S, 3), "label": int32 (local_batch,),
+"valid": bool (local_batch,), "index": int64 (local_batch,) position in the split (-1: padding)}.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from mixmae_jax.data import tf_setup  # noqa: F401  (hides GPUs from TF before tfds uses it)
+
+
+def labelled_builder(data_cfg) -> tfds.core.DatasetBuilder:
+    """The prepared TFDS builder of `data_cfg` ("tfds" by name, or the embedded "digits"), with a
+    `label` feature; ValueError naming the dataset otherwise."""
+    if data_cfg.source == "digits":
+        from mixmae_jax.data import digits
+
+        builder = digits.prepare(data_cfg.data_dir)
+    elif data_cfg.source == "tfds":
+        builder = tfds.builder(data_cfg.name, data_dir=data_cfg.data_dir)
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=data_cfg.manual_dir))
+    else:
+        raise ValueError(f"data.source={data_cfg.source!r}: evaluation needs labels: a TFDS "
+                         "dataset ('tfds') or the embedded digits ('digits')")
+    features = builder.info.features
+    if "label" not in features or "image" not in features:
+        raise ValueError(f"tfds dataset {builder.name!r} has no 'image' and 'label' features "
+                         f"(it has {sorted(features.keys())}): evaluation needs labels")
+    return builder
+
+
+def center_crop(encoded, image_size: int, crop_pct: float):
+    """Encoded image -> uint8 [S, S, 3]: shorter side to round(S / crop_pct), bicubic, then the
+    central S x S square."""
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    short = tf.cast(round(image_size / crop_pct), tf.float32)
+    scale = short / tf.cast(tf.minimum(h, w), tf.float32)
+    nh = tf.cast(tf.round(tf.cast(h, tf.float32) * scale), tf.int32)
+    nw = tf.cast(tf.round(tf.cast(w, tf.float32) * scale), tf.int32)
+    resized = tf.image.resize(tf.cast(image, tf.float32), (nh, nw), method="bicubic",
+                              antialias=True)
+    top, left = (nh - image_size) // 2, (nw - image_size) // 2
+    crop = resized[top:top + image_size, left:left + image_size]
+    return tf.cast(tf.clip_by_value(tf.round(crop), 0, 255), tf.uint8)
+
+
+class EvalIterator:
+    """One pass over a labelled split, this process's share, padded to a common batch count.
+
+    Attributes: num_examples (the split), num_batches (the same on every process),
+    local_batch_size, num_classes.
+    """
+
+    def __init__(self, builder, split: str, *, global_batch_size: int, image_size: int,
+                 crop_pct: float = 0.875, process_index: int = 0, process_count: int = 1):
+        if global_batch_size % process_count:
+            raise ValueError(f"eval batch {global_batch_size} is not divisible by the "
+                             f"{process_count} processes")
+        if split not in builder.info.splits:
+            raise ValueError(f"tfds dataset {builder.name!r} has no split {split!r} (it has "
+                             f"{sorted(builder.info.splits.keys())})")
+        self.local_batch_size = global_batch_size // process_count
+        self.num_examples = builder.info.splits[split].num_examples
+        self.num_classes = builder.info.features["label"].num_classes
+        local = math.ceil(self.num_examples / process_count)
+        self.num_batches = math.ceil(local / self.local_batch_size)
+        ds = builder.as_dataset(split=split, shuffle_files=False,
+                                decoders={"image": tfds.decode.SkipDecoding()})
+        ds = ds.enumerate().shard(process_count, process_index)
+
+        def prepare(i, ex):
+            return {"image": center_crop(ex["image"], image_size, crop_pct),
+                    "label": tf.cast(ex["label"], tf.int32), "valid": True, "index": i}
+
+        pad = {"image": tf.zeros((image_size, image_size, 3), tf.uint8),
+               "label": tf.constant(0, tf.int32), "valid": tf.constant(False),
+               "index": tf.constant(-1, tf.int64)}
+        count = self.num_batches * self.local_batch_size
+        ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat()).take(count)
+        self._ds = ds.batch(self.local_batch_size).prefetch(2)
+
+    def __iter__(self):
+        for batch in self._ds.as_numpy_iterator():
+            yield {k: np.asarray(v) for k, v in batch.items()}
+
+    def __len__(self) -> int:
+        return self.num_batches
