@@ -90,7 +90,8 @@ def shrink(c, backbone: str, method: str) -> None:
     elif backbone == "pvt_s":
         c.model.update(img_size=64, embed_dims=(32, 64, 128), depths=(2, 2, 2),
                        num_heads=(1, 2, 4), mlp_ratios=(4.0, 4.0, 4.0),
-                       sr_ratios=(4, 2, 1) if full else (2, 1, 1), unit_size=8,
+                       sr_ratios=(4, 2, 1) if full else (2, 1, 1), full_sr_ratios=(4, 2, 1),
+                       unit_size=8,
                        decoder_dim=32, decoder_depth=1, decoder_num_heads=2)
     else:
         c.model.update(img_size=64, embed_dim=32, depths=(2, 2, 2), num_heads=(1, 2, 4),

@@ -74,6 +74,13 @@ class Method(abc.ABC):
         """(loss, metrics, columns): columns are normalised (B, H, W, 3) images, one per panel,
         in display order (original first)."""
 
+    # -- evaluation ---------------------------------------------------------------------------
+
+    def features(self, model, images):
+        """(B, C) frozen features of whole, unmasked images (k-NN, linear probe): the mean of the
+        encoder's final tokens (patch tokens for a ViT) after its final norm."""
+        return model.encoder.features(images)
+
     # -- conversion ---------------------------------------------------------------------------
 
     @abc.abstractmethod

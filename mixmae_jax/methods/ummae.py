@@ -288,6 +288,27 @@ class Method(base.Method):
         sm = plan["sm"].reshape(b, -1)
         return jnp.zeros((b, self.unit_grid() ** 2)).at[jnp.arange(b)[:, None], kept_ids].set(sm)
 
+    # -- evaluation ---------------------------------------------------------------------------
+
+    def features(self, model, images):
+        """Whole images on the full grid with the official finetuning geometry (Swin: twice the
+        pretraining window, covering the same image area; PVT: `model.full_sr_ratios`): the same
+        weights in an encoder built for that grid."""
+        if self.model_cfg.name == "vit":
+            return model.encoder.features(images)
+        return nnx.merge(self.full_grid_graph(), nnx.state(model.encoder)).features(images)
+
+    def full_grid_graph(self):
+        m = self.model_cfg.copy_and_resolve_references()
+        secondary = self.cfg.vis_mask_ratio > 0
+        if m.name == "ummae_swin":
+            m.window_size = 2 * m.window_size
+            build = lambda: UMSwinEncoder(m, vis_mask_token=secondary, rngs=nnx.Rngs(0))  # noqa
+        else:
+            m.sr_ratios = tuple(m.full_sr_ratios)
+            build = lambda: PVTEncoder(m, vis_mask_token=secondary, rngs=nnx.Rngs(0))  # noqa
+        return nnx.split(nnx.eval_shape(build))[0]
+
     def torch_layout(self):
         from mixmae_jax.convert.ummae_layout import layout_for
 

@@ -13,7 +13,8 @@ LayerNorm eps as the official code builds them: the blocks' norms and the attent
 are plain nn.LayerNorm (1e-5); the final and decoder norms take `ln_eps` (1e-6).
 
 The model config (`config.model`, name "pvt"): img_size, patch_size, in_chans, embed_dims,
-depths, num_heads, mlp_ratios, sr_ratios, qkv_bias, ln_eps, drop_path_rate, unit_size (the mask
+depths, num_heads, mlp_ratios, sr_ratios, full_sr_ratios (the full grid's, for finetuning and
+features), qkv_bias, ln_eps, drop_path_rate, unit_size (the mask
 unit and decoder patch, the official `stride`), decoder_dim, decoder_depth, decoder_num_heads,
 decoder_mlp_ratio, remat, scan_blocks.
 """
@@ -40,8 +41,11 @@ SR_FULL = (8, 4, 2, 1)
 
 
 def model_config(variant: str = "S", img_size: int = 256, *, sr_ratios=SR_COMPACT,
+                 full_sr_ratios=SR_FULL,
                  decoder: tuple[int, int, int] = (512, 2, 16)) -> ml_collections.ConfigDict:
-    """`config.model` of a PVT variant with UM-MAE's decoder (width, depth, heads)."""
+    """`config.model` of a PVT variant with UM-MAE's decoder (width, depth, heads).
+    full_sr_ratios: the official finetuning ratios on the full grid, which UM-MAE's frozen
+    features use too."""
     if variant not in VARIANTS:
         raise ValueError(f"model.variant: unknown PVT variant {variant!r} ({sorted(VARIANTS)})")
     return ml_collections.ConfigDict(dict(
@@ -52,6 +56,7 @@ def model_config(variant: str = "S", img_size: int = 256, *, sr_ratios=SR_COMPAC
         in_chans=3,
         **VARIANTS[variant],
         sr_ratios=tuple(sr_ratios),
+        full_sr_ratios=tuple(full_sr_ratios),
         qkv_bias=True,
         ln_eps=1e-6,
         drop_path_rate=0.0,
@@ -229,6 +234,10 @@ class PVTEncoder(nnx.Module):
     def __call__(self, images, rng=None):
         """Full-grid encoding (finetuning, features)."""
         return self.encode_full(self.embed(images), rng)
+
+    def features(self, images):
+        """(B, C_last): the mean of the final tokens of the whole image (full grid)."""
+        return jnp.mean(self(images), axis=1)
 
 
 class PVTClassifier(nnx.Module):

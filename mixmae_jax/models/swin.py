@@ -296,3 +296,7 @@ class SwinEncoder(nnx.Module):
 
     def __call__(self, images, source_ids=None, rng=None):
         return self.encode(self.embed(images), source_ids, rng)
+
+    def features(self, images):
+        """(B, C_last): the mean of the final normalised tokens of the whole image."""
+        return jnp.mean(self(images), axis=1)

@@ -281,6 +281,10 @@ class UMSwinEncoder(nnx.Module):
         """Full-grid encoding (finetuning, features)."""
         return self.encode_full(self.embed(images), rng)
 
+    def features(self, images):
+        """(B, C_last): the mean of the final tokens of the whole image (full grid)."""
+        return jnp.mean(self(images), axis=1)
+
 
 class UMSwinClassifier(nnx.Module):
     """Finetuning model (`models_swin.Swin`): blocks on the full grid, mean over the final

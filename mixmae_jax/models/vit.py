@@ -179,6 +179,11 @@ class ViTEncoder(nnx.Module):
         x = run_blocks(self.blocks, x, self.drop_rates, rng, remat=self.remat, scan=self.scan)
         return self.norm(x) if hasattr(self, "norm") else x
 
+    def features(self, images):
+        """(B, C): the mean of the patch tokens of the whole image after the blocks (and the
+        final norm), the pooling MAE's finetuning uses."""
+        return jnp.mean(self.encode(self.embed(images))[:, 1:], axis=1)
+
 
 class ViTClassifier(nnx.Module):
     """MAE finetuning model (`models_vit.VisionTransformer`, global_pool=True): mean of the patch
