@@ -29,6 +29,7 @@ setup(
             "mixmae-convert=mixmae_jax.cli:convert_main",
             "mixmae-visualize=mixmae_jax.cli:visualize_main",
             "mixmae-bench=mixmae_jax.cli:bench_main",
+            "mixmae-eval=mixmae_jax.cli:eval_main",
         ]
     },
 )

@@ -242,6 +242,73 @@ def _visualize(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# mixmae-eval
+# ---------------------------------------------------------------------------------------------
+
+
+def eval_main(argv=None):
+    p = argparse.ArgumentParser(
+        prog="mixmae-eval", description="Evaluate the frozen encoder of a pretraining workdir "
+        "on a labelled dataset.", epilog="mixmae-eval knn --workdir DIR [--data digits] "
+        "[--k 20] [--temperature 0.07]")
+    sub = p.add_subparsers(dest="command", required=True)
+    k = sub.add_parser("knn", help="weighted k-NN accuracy of the frozen features (cosine)")
+    k.add_argument("--workdir", required=True, help="a mixmae-pretrain workdir")
+    k.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    k.add_argument("--data", default="digits", help="'digits' (the embedded handwritten "
+                   "digits) or a TFDS dataset name with image and label features")
+    k.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's)")
+    k.add_argument("--train-split", default="train", help="the labelled neighbours")
+    k.add_argument("--test-split", default="test", help="the queries")
+    k.add_argument("--k", type=int, default=20, help="neighbours that vote")
+    k.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(sim / T)")
+    k.add_argument("--batch", type=int, default=128, help="images per feature batch")
+    k.add_argument("--crop-pct", type=float, default=0.875,
+                   help="resize the short side to size / crop_pct, then centre-crop")
+    args = p.parse_args(argv)
+    try:
+        _eval_knn(args)
+    except USER_ERRORS as e:
+        _fail(e)
+
+
+def _eval_knn(args) -> None:
+    import json
+
+    import jax
+    import ml_collections
+
+    from mixmae_jax.data import eval_pipeline
+    from mixmae_jax.eval import knn
+    from mixmae_jax.methods import get_method
+    from mixmae_jax.train import step as step_lib
+    from mixmae_jax.train.trainer import restore_params
+
+    config, params, step = restore_params(args.workdir, args.step)
+    method = get_method(config)
+    graphdef, _ = step_lib.graphdef_and_abstract_params(method)
+    model_fn = jax.jit(lambda p, x: method.features(step_lib.bind(graphdef, p), x))
+    source = "digits" if args.data == "digits" else "tfds"
+    builder = eval_pipeline.labelled_builder(ml_collections.ConfigDict(dict(
+        source=source, name=args.data, data_dir=args.data_dir, manual_dir=None)))
+    split_features = {}
+    for split in (args.train_split, args.test_split):
+        it = eval_pipeline.EvalIterator(builder, split, global_batch_size=args.batch,
+                                        image_size=config.model.img_size,
+                                        crop_pct=args.crop_pct)
+        split_features[split] = knn.frozen_features(method, model_fn, params, it)
+    (xf, xl), (qf, ql) = split_features[args.train_split], split_features[args.test_split]
+    acc = knn.knn_accuracy(xf, xl, qf, ql, k=args.k, temperature=args.temperature,
+                           num_classes=builder.info.features["label"].num_classes)
+    print(f"k-NN ({method.name}, step {step}, {builder.name} {args.train_split} -> "
+          f"{args.test_split}, k={args.k}, T={args.temperature}): top-1 {acc['top1']:.4f}  "
+          f"top-5 {acc['top5']:.4f}  ({len(ql)} queries, {len(xl)} neighbours, features "
+          f"{xf.shape[1]})")
+    print(json.dumps({"method": method.name, "step": step, "dataset": builder.name,
+                      "k": args.k, "temperature": args.temperature, **acc}))
+
+
+# ---------------------------------------------------------------------------------------------
 # mixmae-bench
 # ---------------------------------------------------------------------------------------------
 

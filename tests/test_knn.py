@@ -51,3 +51,30 @@ def test_bad_input_names_the_argument():
         knn.knn_accuracy(f, y, f, y, k=9)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
         knn.knn_accuracy(f, y, f, y + 3, k=2, num_classes=2)
+
+
+@pytest.mark.slow
+def test_mixmae_eval_knn_on_a_pretraining_workdir(tmp_path, capsys):
+    """A 2-step MAE run, then `mixmae-eval knn` on the embedded digits: one JSON line with the
+    accuracies; the frozen features of even a barely trained encoder keep the digits apart."""
+    import json
+
+    from recipes import load
+
+    from mixmae_jax import cli
+    from mixmae_jax.train import trainer
+
+    c = load("mae_vit_b.py", "tiny")
+    c.total_steps = 2
+    trainer.train(c, str(tmp_path / "w"), print_fn=lambda s: None)
+    data_dir = str(tmp_path / "tfds")
+    cli.eval_main(["knn", "--workdir", str(tmp_path / "w"), "--data-dir", data_dir])
+    out = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(out[-1])
+    assert result["method"] == "mae" and result["step"] == 2
+    assert result["dataset"] == "mixmae_digits" and 0.3 < result["top1"] <= result["top5"] <= 1
+    with pytest.raises(SystemExit) as e:
+        cli.eval_main(["knn", "--workdir", str(tmp_path / "w"), "--data", "no_such_set",
+                       "--data-dir", data_dir])
+    assert e.value.code == 2
+    assert "tfds dataset 'no_such_set': not found" in capsys.readouterr().err

@@ -30,7 +30,12 @@ def labelled_builder(data_cfg) -> tfds.core.DatasetBuilder:
 
         builder = digits.prepare(data_cfg.data_dir)
     elif data_cfg.source == "tfds":
-        builder = tfds.builder(data_cfg.name, data_dir=data_cfg.data_dir)
+        try:
+            builder = tfds.builder(data_cfg.name, data_dir=data_cfg.data_dir)
+        except tfds.core.registered.DatasetNotFoundError as e:  # its message lists ~400 names
+            raise ValueError(f"tfds dataset {data_cfg.name!r}: not found (data dir "
+                             f"{data_cfg.data_dir or 'TFDS default'}): "
+                             f"{str(e).splitlines()[0]}") from None
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=data_cfg.manual_dir))
     else:

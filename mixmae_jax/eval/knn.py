@@ -65,3 +65,19 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, *, k:
         top5 += int(np.sum(np.any(order == y[:, None], axis=1)))
     n = len(test_features)
     return {"top1": top1 / n, "top5": top5 / n}
+
+
+def frozen_features(method, model_fn, params, iterator):
+    """(features (N, C), labels (N,)) of a labelled split in its stored order: `model_fn(params,
+    images)` is the jitted `Method.features` of the run; padding rows are dropped."""
+    from mixmae_jax import imaging
+
+    feats, labels, index = [], [], []
+    for batch in iterator:
+        f = np.asarray(model_fn(params, imaging.normalize(batch["image"])))
+        valid = batch["valid"]
+        feats.append(f[valid])
+        labels.append(batch["label"][valid])
+        index.append(batch["index"][valid])
+    order = np.argsort(np.concatenate(index))
+    return np.concatenate(feats)[order], np.concatenate(labels)[order]
