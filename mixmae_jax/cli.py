@@ -246,33 +246,49 @@ def _visualize(args) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def _add_feature_args(p) -> None:
+    """What every `mixmae-eval` subcommand reads: the run and the labelled data."""
+    p.add_argument("--workdir", required=True, help="a mixmae-pretrain workdir")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    p.add_argument("--data", default="digits", help="'digits' (the embedded handwritten "
+                   "digits) or a TFDS dataset name with image and label features")
+    p.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's)")
+    p.add_argument("--train-split", default="train", help="the labelled training features")
+    p.add_argument("--test-split", default="test", help="the features evaluated")
+    p.add_argument("--batch", type=int, default=128, help="images per feature batch")
+    p.add_argument("--crop-pct", type=float, default=0.875,
+                   help="resize the short side to size / crop_pct, then centre-crop")
+
+
 def eval_main(argv=None):
     p = argparse.ArgumentParser(
         prog="mixmae-eval", description="Evaluate the frozen encoder of a pretraining workdir "
         "on a labelled dataset.", epilog="mixmae-eval knn --workdir DIR [--data digits] "
-        "[--k 20] [--temperature 0.07]")
+        "[--k 20] [--temperature 0.07];  mixmae-eval linprobe --workdir DIR [--epochs 90] "
+        "[--base-lr 0.1]")
     sub = p.add_subparsers(dest="command", required=True)
     k = sub.add_parser("knn", help="weighted k-NN accuracy of the frozen features (cosine)")
-    k.add_argument("--workdir", required=True, help="a mixmae-pretrain workdir")
-    k.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
-    k.add_argument("--data", default="digits", help="'digits' (the embedded handwritten "
-                   "digits) or a TFDS dataset name with image and label features")
-    k.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's)")
-    k.add_argument("--train-split", default="train", help="the labelled neighbours")
-    k.add_argument("--test-split", default="test", help="the queries")
+    _add_feature_args(k)
     k.add_argument("--k", type=int, default=20, help="neighbours that vote")
     k.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(sim / T)")
-    k.add_argument("--batch", type=int, default=128, help="images per feature batch")
-    k.add_argument("--crop-pct", type=float, default=0.875,
-                   help="resize the short side to size / crop_pct, then centre-crop")
+    lp = sub.add_parser("linprobe", help="linear probe of the frozen features (MAE's BatchNorm "
+                        "+ linear head, LARS, warmup + cosine)")
+    _add_feature_args(lp)
+    lp.add_argument("--epochs", type=int, default=90)
+    lp.add_argument("--warmup-epochs", type=int, default=10)
+    lp.add_argument("--probe-batch", type=int, default=256, help="probe training batch")
+    lp.add_argument("--base-lr", type=float, default=0.1,
+                    help="lr = base_lr x batch / 256 (official 0.1 at batch 16384; raise it for "
+                    "small datasets)")
+    lp.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
-        _eval_knn(args)
+        _eval(args)
     except USER_ERRORS as e:
         _fail(e)
 
 
-def _eval_knn(args) -> None:
+def _eval(args) -> None:
     import json
 
     import jax
@@ -298,14 +314,24 @@ def _eval_knn(args) -> None:
                                         crop_pct=args.crop_pct)
         split_features[split] = knn.frozen_features(method, model_fn, params, it)
     (xf, xl), (qf, ql) = split_features[args.train_split], split_features[args.test_split]
-    acc = knn.knn_accuracy(xf, xl, qf, ql, k=args.k, temperature=args.temperature,
-                           num_classes=builder.info.features["label"].num_classes)
-    print(f"k-NN ({method.name}, step {step}, {builder.name} {args.train_split} -> "
-          f"{args.test_split}, k={args.k}, T={args.temperature}): top-1 {acc['top1']:.4f}  "
-          f"top-5 {acc['top5']:.4f}  ({len(ql)} queries, {len(xl)} neighbours, features "
-          f"{xf.shape[1]})")
-    print(json.dumps({"method": method.name, "step": step, "dataset": builder.name,
-                      "k": args.k, "temperature": args.temperature, **acc}))
+    num_classes = builder.info.features["label"].num_classes
+    where = (f"{method.name}, step {step}, {builder.name} {args.train_split} -> "
+             f"{args.test_split}")
+    if args.command == "knn":
+        acc = knn.knn_accuracy(xf, xl, qf, ql, k=args.k, temperature=args.temperature,
+                               num_classes=num_classes)
+        settings = {"k": args.k, "temperature": args.temperature}
+    else:
+        from mixmae_jax.eval.linear_probe import linear_probe
+
+        acc = linear_probe(xf, xl, qf, ql, num_classes=num_classes, epochs=args.epochs,
+                           warmup_epochs=args.warmup_epochs, batch_size=args.probe_batch,
+                           base_lr=args.base_lr, seed=args.seed)
+        settings = {"epochs": args.epochs, "base_lr": args.base_lr}
+    print(f"{args.command} ({where}, {settings}): top-1 {acc['top1']:.4f}  top-5 "
+          f"{acc['top5']:.4f}  ({len(ql)} test, {len(xl)} train, features {xf.shape[1]})")
+    print(json.dumps({"eval": args.command, "method": method.name, "step": step,
+                      "dataset": builder.name, **settings, **acc}))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -73,6 +73,11 @@ def test_mixmae_eval_knn_on_a_pretraining_workdir(tmp_path, capsys):
     result = json.loads(out[-1])
     assert result["method"] == "mae" and result["step"] == 2
     assert result["dataset"] == "mixmae_digits" and 0.3 < result["top1"] <= result["top5"] <= 1
+    cli.eval_main(["linprobe", "--workdir", str(tmp_path / "w"), "--data-dir", data_dir,
+                   "--epochs", "30", "--warmup-epochs", "3", "--probe-batch", "64",
+                   "--base-lr", "50"])
+    probe = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert probe["eval"] == "linprobe" and 0.3 < probe["top1"] <= probe["top5"] <= 1
     with pytest.raises(SystemExit) as e:
         cli.eval_main(["knn", "--workdir", str(tmp_path / "w"), "--data", "no_such_set",
                        "--data-dir", data_dir])
