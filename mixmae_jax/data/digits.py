@@ -78,12 +78,6 @@ class MixmaeDigits(tfds.core.GeneratorBasedBuilder):
 
 def prepare(data_dir: str | None = None) -> MixmaeDigits:
     """Builds the dataset into `data_dir` (TFDS default when None) unless it is there already."""
-    builder = MixmaeDigits(data_dir=data_dir)
-    try:
-        builder.download_and_prepare()
-    except OSError:
-        # Another process finished the same build first and its rename won; use its copy.
-        builder = MixmaeDigits(data_dir=data_dir)
-        if not builder.is_prepared():
-            raise
-    return builder
+    from mixmae_jax.data.embedded import prepare_builder
+
+    return prepare_builder(MixmaeDigits, data_dir)

@@ -98,14 +98,20 @@ class MixmaeEmbedded(tfds.core.GeneratorBasedBuilder):
             yield f"{photo}_{i:05d}", {"image": crop, "photo": photo}
 
 
-def prepare(data_dir: str | None = None) -> MixmaeEmbedded:
-    """Builds the dataset into `data_dir` (TFDS default when None) unless it is there already."""
-    builder = MixmaeEmbedded(data_dir=data_dir)
+def prepare_builder(builder_cls, data_dir: str | None = None):
+    """Builds an embedded dataset into `data_dir` (TFDS default when None) unless it is there
+    already; shared by the photo crops and the digits."""
+    builder = builder_cls(data_dir=data_dir)
     try:
         builder.download_and_prepare()
     except OSError:
         # Another process finished the same build first and its rename won; use its copy.
-        builder = MixmaeEmbedded(data_dir=data_dir)
+        builder = builder_cls(data_dir=data_dir)
         if not builder.is_prepared():
             raise
     return builder
+
+
+def prepare(data_dir: str | None = None) -> MixmaeEmbedded:
+    """Builds the dataset into `data_dir` (TFDS default when None) unless it is there already."""
+    return prepare_builder(MixmaeEmbedded, data_dir)
