@@ -28,7 +28,13 @@ import numpy as np
 from flax import nnx
 
 from mixmae_jax.models import layers as L
-from mixmae_jax.models.pyramid import conv, run_stages, stage_blocks, stem_kernel_init
+from mixmae_jax.models.pyramid import (
+    PooledClassifier,
+    conv,
+    run_stages,
+    stage_blocks,
+    stem_kernel_init,
+)
 
 VARIANTS = {
     "S": dict(embed_dims=(64, 128, 320, 512), depths=(3, 4, 6, 3), num_heads=(1, 2, 5, 8),
@@ -240,21 +246,10 @@ class PVTEncoder(nnx.Module):
         return jnp.mean(self(images), axis=1)
 
 
-class PVTClassifier(nnx.Module):
+class PVTClassifier(PooledClassifier):
     """Finetuning model (`models_pvt.PVT`): learned `pos_embed`, mean over the final tokens,
     `fc_norm`, `head`; no final `norm`."""
 
     def __init__(self, cfg, num_classes: int = 1000, *, dtype=None, rngs: nnx.Rngs):
-        from mixmae_jax.models.classifier import head_init
-
-        self.encoder = PVTEncoder(cfg, learned_pos=True, final_norm=False, dtype=dtype,
-                                  rngs=rngs)
-        dim = self.encoder.out_dim
-        self.fc_norm = L.layer_norm(dim, eps=cfg.ln_eps, rngs=rngs)
-        self.head = L.dense(dim, num_classes, dtype=dtype, kernel_init=head_init, rngs=rngs)
-
-    def forward_features(self, images, rng=None):
-        return self.fc_norm(jnp.mean(self.encoder(images, rng), axis=1))
-
-    def __call__(self, images, rng=None):
-        return self.head(self.forward_features(images, rng)).astype(jnp.float32)
+        super().__init__(PVTEncoder(cfg, learned_pos=True, final_norm=False, dtype=dtype,
+                                    rngs=rngs), cfg.ln_eps, num_classes, dtype=dtype, rngs=rngs)

@@ -55,3 +55,23 @@ def run_stages(encoder, x, context, rng=None):
                                (rates[1:], None if keys is None else keys[1:]),
                                remat=encoder.remat, scan=encoder.scan)
     return x
+
+
+class PooledClassifier(nnx.Module):
+    """The finetuning model of both (`models_swin.Swin`, `models_pvt.PVT`): the encoder on the
+    full grid without a final norm, the mean of its final tokens, `fc_norm`, `head`."""
+
+    def __init__(self, encoder, ln_eps: float, num_classes: int, *, dtype=None,
+                 rngs: nnx.Rngs):
+        from mixmae_jax.models.classifier import head_init
+
+        self.encoder = encoder
+        self.fc_norm = L.layer_norm(encoder.out_dim, eps=ln_eps, rngs=rngs)
+        self.head = L.dense(encoder.out_dim, num_classes, dtype=dtype, kernel_init=head_init,
+                            rngs=rngs)
+
+    def forward_features(self, images, rng=None):
+        return self.fc_norm(jnp.mean(self.encoder(images, rng), axis=1))
+
+    def __call__(self, images, rng=None):
+        return self.head(self.forward_features(images, rng)).astype(jnp.float32)
