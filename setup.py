@@ -26,6 +26,7 @@ setup(
     entry_points={
         "console_scripts": [
             "mixmae-pretrain=mixmae_jax.cli:pretrain_main",
+            "mixmae-finetune=mixmae_jax.cli:finetune_main",
             "mixmae-convert=mixmae_jax.cli:convert_main",
             "mixmae-visualize=mixmae_jax.cli:visualize_main",
             "mixmae-bench=mixmae_jax.cli:bench_main",

@@ -1,4 +1,5 @@
-"""Console entry points: mixmae-pretrain, mixmae-convert, mixmae-visualize, mixmae-bench.
+"""Console entry points: mixmae-pretrain, mixmae-finetune, mixmae-convert, mixmae-visualize,
+mixmae-eval, mixmae-bench.
 
 Errors a user can fix (bad config, bad files, incompatible resume) print one `error: ...` line and
 exit with status 2 instead of a traceback.
@@ -49,15 +50,36 @@ Any config field can be overridden with --config.KEY=VALUE (e.g. --config.batch_
 An existing run in --workdir is resumed."""
 
 
-def pretrain_main(argv=None):
+FINETUNE_USAGE = """
+  mixmae-finetune --config configs/finetune_<name>.py[:variant] --workdir DIR \\
+      --init PRETRAIN_WORKDIR|FILE.pth [--config.KEY=VALUE ...]
+
+examples:
+  mixmae-finetune --config configs/finetune_mixmim_b.py --workdir gs://BUCKET/mixmim_b_ft \\
+      --init gs://BUCKET/mixmim_b --config.data.manual_dir=/path/to/imagenet
+  mixmae-finetune --config configs/digits.py:finetune --workdir workdirs/digits_ft \\
+      --init workdirs/digits
+
+--init takes a pretraining workdir (its newest intact step) or an official PyTorch checkpoint
+(pretraining or fine-tuning layout); without it the classifier starts from random weights.
+An existing run in --workdir is resumed (--init is then ignored)."""
+
+
+def _train_main(argv, *, finetune: bool):
     if argv is None:
         _use_hugepage_malloc()
-    p = argparse.ArgumentParser(prog="mixmae-pretrain", usage=PRETRAIN_USAGE,
-                                description="Pretrain a model with a masked-image-modelling "
-                                "method (the config names both).")
+    prog = "mixmae-finetune" if finetune else "mixmae-pretrain"
+    p = argparse.ArgumentParser(
+        prog=prog, usage=FINETUNE_USAGE if finetune else PRETRAIN_USAGE,
+        description="Fine-tune a pretrained encoder with its method's official recipe, "
+        "evaluating top-1/top-5 on the eval split." if finetune else "Pretrain a model with a "
+        "masked-image-modelling method (the config names both).")
     p.add_argument("--config", required=True, help="config file, e.g. configs/demo.py[:variant]")
     p.add_argument("--workdir", required=True, help="checkpoints, metrics and config snapshot "
                    "(local or gs://); an existing run there is resumed")
+    if finetune:
+        p.add_argument("--init", default=None, help="pretraining workdir or official .pth to "
+                       "start from (sets config.init)")
     p.add_argument("--coordinator_address", default=None, help="host:port of process 0 "
                    "(multi-process GPU runs without SLURM; TPU pods and SLURM are detected)")
     p.add_argument("--num_processes", type=int, default=None,
@@ -84,11 +106,27 @@ def pretrain_main(argv=None):
     from mixmae_jax.train import trainer
 
     try:
-        trainer.train(config_lib.load_config(args.config, overrides), args.workdir)
+        config = config_lib.load_config(args.config, overrides)
+        is_finetune = config.get("task", "pretrain") == "finetune"
+        if is_finetune != finetune:
+            raise config_lib.ConfigError(
+                f"--config {args.config}: a {'fine-tuning' if is_finetune else 'pretraining'} "
+                f"config; run it with {'mixmae-finetune' if is_finetune else 'mixmae-pretrain'}")
+        if finetune and args.init is not None:
+            config.init = args.init
+        trainer.train(config, args.workdir)
     except USER_ERRORS as e:
         if args.debug:
             raise
         _fail(e)
+
+
+def pretrain_main(argv=None):
+    _train_main(argv, finetune=False)
+
+
+def finetune_main(argv=None):
+    _train_main(argv, finetune=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,10 +139,16 @@ def _to_torch(args) -> None:
     from mixmae_jax.methods import get_method
     from mixmae_jax.train.trainer import restore_params
 
-    config, params, step = restore_params(args.workdir, args.step)
+    config, params, step = restore_params(args.workdir, args.step, best=args.best)
     layout = get_method(config).torch_layout()
+    num_classes = args.num_classes
+    if config.get("task", "pretrain") == "finetune":  # a trained classifier: its own head
+        if args.format != "finetune":
+            raise ValueError(f"--format {args.format}: {args.workdir} is a fine-tuning run; "
+                             "it exports to --format finetune")
+        num_classes = config.num_classes
     state_dict = to_torch.params_to_state_dict(params, layout, format=args.format,
-                                               num_classes=args.num_classes)
+                                               num_classes=num_classes)
     to_torch.save_torch_checkpoint(state_dict, args.out)
     print(f"Wrote {args.out}: {len(state_dict)} entries (official {config.method.name} "
           f"{args.format} layout) from step {step} of {args.workdir}")
@@ -153,11 +197,15 @@ def convert_main(argv=None):
     t = sub.add_parser("to-torch", help="Orbax workdir -> {'model': state_dict} .pth")
     t.add_argument("--workdir", required=True)
     t.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
+    t.add_argument("--best", action="store_true", help="a fine-tuning run's best-top-1 params "
+                   "(DIR/best) instead of its checkpoints")
     t.add_argument("--out", required=True)
     t.add_argument("--format", choices=("pretrain", "finetune"), default="pretrain",
                    help="pretrain: the official pretraining model (MixMIM-B: 456 entries); "
-                   "finetune: its finetuning model, encoder + a fresh head (MixMIM-B: 354)")
-    t.add_argument("--num-classes", type=int, default=1000)
+                   "finetune: its finetuning model, encoder + a fresh head (MixMIM-B: 354), or "
+                   "a fine-tuning run's trained classifier")
+    t.add_argument("--num-classes", type=int, default=1000,
+                   help="classes of the fresh head (a fine-tuning run keeps its own)")
     f = sub.add_parser("from-torch", help="official .pth -> a workdir mixmae-pretrain resumes",
                        epilog="Config overrides as for mixmae-pretrain: --config.KEY=VALUE.")
     f.add_argument("--checkpoint", required=True)

@@ -89,9 +89,11 @@ def _check(ok: bool, key: str, message: str):
         raise ConfigError(f"{key}: {message}")
 
 
-def validate(config, *, num_devices: int = 1, process_count: int = 1) -> None:
+def validate(config, *, num_devices: int = 1, process_count: int = 1,
+             method_checks: bool = True) -> None:
     """Checks the recipe is complete, the model and method fit each other, the model geometry
-    (its module's `check_config`), the method's own values and the batch layout.
+    (its module's `check_config`), the method's own values (unless `method_checks` is False:
+    fine-tuning runs no pretraining method) and the batch layout.
     Raises ConfigError naming the key; runs before anything compiles."""
     from mixmae_jax.methods import get_method
     from mixmae_jax.models import get_model_module
@@ -105,7 +107,8 @@ def validate(config, *, num_devices: int = 1, process_count: int = 1) -> None:
            f"method {method.name!r} cannot run model.name={config.model.name!r} (it runs "
            f"{', '.join(repr(m) for m in method.models)})")
     module.check_config(config.model, _check)
-    method.check_config(config, num_devices, _check)
+    if method_checks:
+        method.check_config(config, num_devices, _check)
 
     d = config.data
     _check(d.image_size == config.model.img_size, "data.image_size",
@@ -127,7 +130,7 @@ def validate(config, *, num_devices: int = 1, process_count: int = 1) -> None:
     per_device = b // num_devices
     _check(accum >= 1 and per_device % accum == 0, "optim.grad_accum_steps",
            f"{accum} does not divide the per-device batch {per_device}")
-    need = method.min_images_per_group
+    need = method.min_images_per_group if method_checks else 1
     _check(per_device // accum >= need, "batch_size",
            f"{method.name} needs at least {need} images in each device's micro-batch (got "
            f"{per_device // accum}: batch_size {b} over {num_devices} devices, "
@@ -217,6 +220,29 @@ def defaults() -> ml_collections.ConfigDict:
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
     return c
+
+
+def finetune_defaults(c: ml_collections.ConfigDict) -> None:
+    """Turns a pretraining recipe's config (its model and method) into a fine-tuning config;
+    the fine-tuning file then spells out its recipe's values."""
+    c.task = "finetune"  # trainer.task_for: the classifier, labels, eval, best checkpoint
+    c.init = ""  # --init: a pretraining workdir or an official .pth ("": random init)
+    c.init_trust_pickle = False  # allow a .pth that pickles more than tensors (official files)
+    c.num_classes = placeholder(int)
+    c.data.update(eval_split="validation",
+                  crop_pct=0.875)  # eval: shorter side to size / crop_pct, centre crop
+    c.augment = ml_collections.ConfigDict(dict(
+        randaug="",  # RandAugment policy; not implemented yet, must stay ""
+        reprob=0.0,  # RandomErasing probability (mode "pixel")
+        mixup=0.0,  # Mixup alpha (0: off)
+        cutmix=0.0,  # CutMix alpha (0: off)
+        mix_prob=1.0,  # probability a batch is mixed at all
+        switch_prob=0.5,  # CutMix instead of Mixup when both are on
+        smoothing=0.0,  # label smoothing
+    ))
+    c.optim.layer_decay = 1.0  # layer-wise lr decay (1: none); the rule is the method's
+    c.eval_every_epochs = 1.0  # evaluate on data.eval_split (0: only at the end)
+    c.eval_batch_size = placeholder(int)
 
 
 def tiny_overrides(c: ml_collections.ConfigDict) -> None:

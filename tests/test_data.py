@@ -236,7 +236,7 @@ def test_per_process_split_is_disjoint_and_covers(folder, embedded_builder):
         source = ip.tfds_source(
             embedded_builder, "validation", shuffle_buffer=64, process_index=p, process_count=2
         )
-        keys.append([k for k, _ in source.epoch(seed(0)).as_numpy_iterator()])
+        keys.append([k for k, _, _ in source.epoch(seed(0)).as_numpy_iterator()])
     assert len(keys[0]) == len(keys[1]) == embedded.NUM_VALIDATION // 2
     assert len(set(keys[0]) | set(keys[1])) == embedded.NUM_VALIDATION
 

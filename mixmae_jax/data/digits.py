@@ -5,7 +5,8 @@ Digits, CC BY 4.0), shipped inside the scikit-learn wheel: no download. `prepare
 the TFDS dataset `mixmae_digits` into the TFDS data dir on first use (like the photo crops of
 `embedded.py`): each scan upscaled to IMAGE_SIZE with bicubic interpolation (values 0..16 scaled
 to 0..255) and repeated over three channels, with its `label` 0..9. The split is fixed: a seeded
-permutation, the first NUM_TRAIN examples `train` and the other 597 `test`, every class in both.
+permutation, the first NUM_TRAIN examples `train` and the other 597 `test`, every class in both;
+`train_10pc` holds the first 10 `train` examples of each class (100, the few-label setting).
 Pretraining reads only the images (`--config.data.source=digits`); evaluation reads the labels.
 """
 
@@ -21,7 +22,15 @@ IMAGE_SIZE = 32
 NUM_TRAIN = 1200
 NUM_EXAMPLES = 1797
 NUM_CLASSES = 10
+FEW_LABELS = 10  # per class in the `train_10pc` split
 SEED = 0
+
+
+def few_label_indices(labels: np.ndarray, per_class: int) -> np.ndarray:
+    """Indices of the first `per_class` examples of each class, in order (the few-label split)."""
+    keep = np.concatenate([np.flatnonzero(labels == c)[:per_class]
+                           for c in range(NUM_CLASSES)])
+    return np.sort(keep)
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -42,8 +51,9 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
 class MixmaeDigits(tfds.core.GeneratorBasedBuilder):
     """scikit-learn's handwritten digits, upscaled, with labels (offline evaluation data)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release.",
+                     "1.1.0": "train_10pc: the first 10 training examples of each class."}
 
     @tfds.core.utils.classproperty
     @classmethod
@@ -66,14 +76,17 @@ class MixmaeDigits(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing to download
         images, labels = load_digits()
+        few = few_label_indices(labels[:NUM_TRAIN], FEW_LABELS)
         return {
             "train": self._generate_examples(images[:NUM_TRAIN], labels[:NUM_TRAIN], 0),
+            "train_10pc": self._generate_examples(images[few], labels[few], 0, ids=few),
             "test": self._generate_examples(images[NUM_TRAIN:], labels[NUM_TRAIN:], NUM_TRAIN),
         }
 
-    def _generate_examples(self, images, labels, offset):
-        for i, (image, label) in enumerate(zip(images, labels)):
-            yield f"digit_{offset + i:04d}", {"image": image, "label": int(label)}
+    def _generate_examples(self, images, labels, offset, ids=None):
+        ids = range(offset, offset + len(labels)) if ids is None else ids
+        for i, image, label in zip(ids, images, labels):
+            yield f"digit_{i:04d}", {"image": image, "label": int(label)}
 
 
 def prepare(data_dir: str | None = None) -> MixmaeDigits:

@@ -45,9 +45,10 @@ class CorruptImageError(ValueError):
 class Source:
     """A source, reduced to what the pipeline needs: this process's share in per-epoch order.
 
-    epoch: stateless seed (int64 [2]) -> one epoch of (key, data) string pairs, `size` of them,
-      in an order that depends only on the seed. `key` names the example in error messages;
-      `data` is the encoded image, or its path when `data_is_path`.
+    epoch: stateless seed (int64 [2]) -> one epoch of (key, data, label) triples, `size` of
+      them, in an order that depends only on the seed. `key` names the example in error
+      messages; `data` is the encoded image, or its path when `data_is_path`; `label` is the
+      int32 class (-1 for a source read without labels).
     size: examples per epoch in this process's share; the same for every process.
     name: names the dataset in error messages.
     """
@@ -71,11 +72,20 @@ def tfds_source(
     cache: bool = False,
     process_index: int = 0,
     process_count: int = 1,
+    with_labels: bool = False,
 ) -> Source:
     """This process's share of a prepared TFDS image dataset, images left encoded."""
     name = f"tfds dataset {builder.name!r} split {split!r}"
     if "image" not in builder.info.features:
         raise ValueError(f"{name} has no 'image' feature")
+    if with_labels and "label" not in builder.info.features:
+        raise ValueError(f"{name} has no 'label' feature (it has "
+                         f"{sorted(builder.info.features.keys())}): training a classifier "
+                         "needs labels")
+
+    def record(ex):
+        label = tf.cast(ex["label"], tf.int32) if with_labels else tf.constant(-1, tf.int32)
+        return ex["tfds_id"], ex["image"], label
 
     def read(part):
         ds = builder.as_dataset(
@@ -87,7 +97,7 @@ def tfds_source(
         size = int(ds.cardinality())
         if size < 0:  # unknown cardinality: trust the metadata
             size = builder.info.splits[part].num_examples
-        ds = ds.map(lambda ex: (ex["tfds_id"], ex["image"]))
+        ds = ds.map(record)
         return (ds.cache() if cache else ds), size
 
     # Equal, disjoint, contiguous shares per process, each cut into k equal chunks; one chunk
@@ -129,18 +139,38 @@ def list_images(folder: str) -> list[str]:
     return sorted(paths)
 
 
-def folder_source(folder: str, *, process_index: int = 0, process_count: int = 1) -> Source:
-    """This process's share of an image folder: every process_count-th path, equal counts."""
+def folder_classes(folder: str) -> list[str]:
+    """The class sub-folders of a labelled image folder, sorted (label i = the i-th name)."""
+    return sorted(d.rstrip("/") for d in tf.io.gfile.listdir(folder)
+                  if tf.io.gfile.isdir(f"{folder.rstrip('/')}/{d}"))
+
+
+def folder_source(folder: str, *, process_index: int = 0, process_count: int = 1,
+                  with_labels: bool = False) -> Source:
+    """This process's share of an image folder: every process_count-th path, equal counts.
+    With labels, each image's class is its top-level sub-folder (`folder_classes`)."""
     name = f"image folder {folder!r}"
     if not folder or not tf.io.gfile.isdir(folder):
         raise ValueError(f"data.folder={folder!r} is not a directory")
     paths = list_images(folder)
     if not paths:
         raise ValueError(f"{name} holds no {'/'.join(IMAGE_EXTENSIONS)} files")
+    labels = [-1] * len(paths)
+    if with_labels:
+        classes = folder_classes(folder)
+        root = folder.rstrip("/") + "/"
+        index = {c: i for i, c in enumerate(classes)}
+        labels = [index.get(p[len(root):].split("/")[0], -1) if len(p[len(root):].split("/")) > 1
+                  else -1 for p in paths]
+        if not classes or -1 in labels:
+            stray = paths[labels.index(-1)] if -1 in labels else folder
+            raise ValueError(f"{name}: training a classifier needs one sub-folder per class "
+                             f"with the images inside; {stray!r} is not in a class sub-folder")
     size = len(paths) // process_count
     # Strided, so class-sorted folders spread every class over all processes.
     local = paths[process_index::process_count][:size]
-    ds = tf.data.Dataset.from_tensor_slices((local, local))
+    local_labels = np.asarray(labels[process_index::process_count][:size], np.int32)
+    ds = tf.data.Dataset.from_tensor_slices((local, local, local_labels))
 
     def epoch(seed):
         return ds.shuffle(max(size, 1), seed=seed[0])  # paths are tiny: shuffle the whole epoch
@@ -148,10 +178,12 @@ def folder_source(folder: str, *, process_index: int = 0, process_count: int = 1
     return Source(epoch, size, name, data_is_path=True)
 
 
-def source_from_config(data_cfg, *, process_index: int = 0, process_count: int = 1) -> Source:
+def source_from_config(data_cfg, *, process_index: int = 0, process_count: int = 1,
+                       with_labels: bool = False) -> Source:
     """The source named by `data_cfg.source`: "tfds", "folder", "embedded" (the photo crops) or
     "digits" (scikit-learn's handwritten digits, labelled)."""
-    share = dict(process_index=process_index, process_count=process_count)
+    share = dict(process_index=process_index, process_count=process_count,
+                 with_labels=with_labels)
     if data_cfg.source in ("tfds", "embedded", "digits"):
         if data_cfg.source == "tfds":
             builder = tfds.builder(data_cfg.name, data_dir=data_cfg.data_dir)
@@ -186,7 +218,8 @@ def source_from_config(data_cfg, *, process_index: int = 0, process_count: int =
 
 
 class TrainIterator(Iterator):
-    """Endless iterator of {"image": uint8 [local_batch, S, S, 3]} for one process.
+    """Endless iterator of {"image": uint8 [local_batch, S, S, 3]} (and "label": int32
+    [local_batch] with `with_labels`) for one process.
 
     Unreadable images stop iteration with a CorruptImageError naming the file, or with
     skip_corrupt are dropped and counted (`corrupt_count()`). Skipped images shift the stream, so
@@ -212,8 +245,10 @@ class TrainIterator(Iterator):
         process_index: int = 0,
         process_count: int = 1,
         start_step: int = 0,
+        with_labels: bool = False,
     ):
         check_batch_size(global_batch_size, process_count)
+        self._with_labels = with_labels
         self.local_batch_size = global_batch_size // process_count
         if source.size < self.local_batch_size:
             raise ValueError(
@@ -245,14 +280,14 @@ class TrainIterator(Iterator):
         def epoch(e):
             seed = tf.random.experimental.stateless_fold_in(self._order_key, e, alg=_ALG)
             ordered = self.source.epoch(seed)
-            return ordered.enumerate().map(lambda i, kd: (e * n + i, kd[0], kd[1]))
+            return ordered.enumerate().map(lambda i, r: (e * n + i, *r))
 
         start_epoch, offset = divmod(start, n)
         return (
             tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch).skip(offset)
         )
 
-    def _decode(self, position, key, data):
+    def _decode(self, position, key, data, label):
         del key
         if self.source.data_is_path:
             data = tf.io.read_file(data)
@@ -260,18 +295,21 @@ class TrainIterator(Iterator):
         image = augment.random_resized_crop_flip(
             data, seed, self._image_size, self._crop_scale, self._hflip
         )
-        return {"image": image, "position": position}
+        out = {"image": image, "position": position}
+        return {**out, "label": label} if self._with_labels else out
 
-    def _decode_or_flag(self, position, key, data):
+    def _decode_or_flag(self, position, key, data, label):
         """One-element dataset: the decoded example with ok=True, or a placeholder, ok=False.
 
         `ignore_errors` is scoped to this one example's decode, so errors elsewhere in the
         pipeline still surface.
         """
-        one = tf.data.Dataset.from_tensors((position, key, data))
+        one = tf.data.Dataset.from_tensors((position, key, data, label))
         decoded = one.map(self._decode).ignore_errors().map(lambda ex: {**ex, "ok": True})
         s = self._image_size
         placeholder = {"image": tf.zeros([s, s, 3], tf.uint8), "position": position, "ok": False}
+        if self._with_labels:
+            placeholder["label"] = label
         return decoded.concatenate(tf.data.Dataset.from_tensors(placeholder)).take(1)
 
     def _build(self) -> tf.data.Dataset:
@@ -318,9 +356,9 @@ class TrainIterator(Iterator):
         decoding them one by one finds the culprit; this only runs after a failure.
         """
         b = self.local_batch_size
-        for position, key, data in self._positions(self.step * b).take(b):
+        for position, key, data, label in self._positions(self.step * b).take(b):
             try:
-                self._decode(position, key, data)
+                self._decode(position, key, data, label)
             except tf.errors.OpError as e:
                 return CorruptImageError(
                     f"{self.source.name}: cannot read or decode image {key.numpy().decode()!r} "
@@ -348,6 +386,7 @@ def create_train_iterator(
     process_index: int = 0,
     process_count: int = 1,
     start_step: int = 0,
+    with_labels: bool = False,
 ) -> TrainIterator:
     """The training stream of `data_cfg` (config `c.data`) for one process.
 
@@ -355,7 +394,8 @@ def create_train_iterator(
     over the processes or the dataset holds less than one global batch.
     """
     check_batch_size(global_batch_size, process_count)  # before touching any data
-    source = source_from_config(data_cfg, process_index=process_index, process_count=process_count)
+    source = source_from_config(data_cfg, process_index=process_index, process_count=process_count,
+                                with_labels=with_labels)
     return TrainIterator(
         source,
         global_batch_size=global_batch_size,
@@ -367,6 +407,7 @@ def create_train_iterator(
         process_index=process_index,
         process_count=process_count,
         start_step=start_step,
+        with_labels=with_labels,
     )
 
 

@@ -81,6 +81,18 @@ class Method(abc.ABC):
         encoder's final tokens (patch tokens for a ViT) after its final norm."""
         return model.encoder.features(images)
 
+    # -- fine-tuning ----------------------------------------------------------------------------
+
+    # The official fine-tuning recipe's layer-wise lr decay rule (`eval/layer_decay.py`); None:
+    # the project has not implemented this method's rule.
+    layer_decay_rule: str | None = "blocks"
+
+    def build_classifier(self, num_classes: int, rngs: nnx.Rngs) -> nnx.Module:
+        """The official fine-tuning model of `config.model` (a head of `num_classes`)."""
+        from mixmae_jax.models.classifier import build_classifier
+
+        return build_classifier(self.model_cfg, num_classes, dtype=self.compute_dtype, rngs=rngs)
+
     # -- conversion ---------------------------------------------------------------------------
 
     @abc.abstractmethod

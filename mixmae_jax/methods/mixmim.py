@@ -81,6 +81,7 @@ class Method(base.Method):
     name = "mixmim"
     models = ("swin",)
     min_images_per_group = 2  # image i is mixed with image n-1-i of its device's batch
+    layer_decay_rule = "mixmim"  # the official quirk: the head shares the last block's id
     mask_help = ("MixMIM: .npy (h, w) 0/1 on the final-stage grid (7x7 at 224), 1 = the token "
                  "comes from the partner image; the same mask for every image (official)")
 

@@ -143,6 +143,12 @@ class Method(base.Method):
               f"{m.img_size} is not a multiple of the encoder stride {stride}, the decoder's "
               "pixel-shuffle factor")
 
+    @property
+    def layer_decay_rule(self):
+        """UM-MAE's baselines fine-tune with UM-MAE's script ("blocks"); SimMIM's own Swin rule
+        (microsoft/SimMIM) is not implemented."""
+        return None if self.model_cfg.name == "swin" else "blocks"
+
     def build_model(self, rngs: nnx.Rngs):
         cls = SimMIMModel if self.model_cfg.name == "swin" else UnitSimMIMModel
         return cls(self.model_cfg, dtype=self.compute_dtype, rngs=rngs)

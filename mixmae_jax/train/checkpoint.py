@@ -118,7 +118,7 @@ def check_config_compatible(old: Mapping, new: Mapping, where: str = CONFIG_NAME
     return changes
 
 
-def _write_atomic(path: epath.Path, text: str) -> None:
+def write_atomic(path: epath.Path, text: str) -> None:
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     tmp.write_text(text)
     tmp.replace(path)  # readers see the old file or the new one, never a partial one
@@ -140,12 +140,13 @@ class Checkpointer:
     config.json. `save_every <= 0` saves only when forced; `keep <= 0` keeps everything.
     """
 
-    def __init__(self, workdir: str | os.PathLike, *, save_every: int, keep: int, config=None):
+    def __init__(self, workdir: str | os.PathLike, *, save_every: int, keep: int, config=None,
+                 subdir: str = CHECKPOINT_DIR):
         workdir = os.fspath(workdir)
         if "://" not in workdir:  # Orbax's tensorstore paths must be absolute
             workdir = os.path.abspath(workdir)
         self.workdir = epath.Path(workdir)
-        self.directory = self.workdir / CHECKPOINT_DIR
+        self.directory = self.workdir / subdir  # e.g. fine-tuning's best params in "best"
         policies = [ocp.checkpoint_managers.PreemptionCheckpointingPolicy()]
         if save_every > 0:
             policies.append(ocp.checkpoint_managers.FixedIntervalPolicy(save_every))
@@ -174,7 +175,7 @@ class Checkpointer:
             for k, (old_value, new_value) in changes.items():
                 logging.warning("Resuming with config change %s: %r -> %r", k, old_value, new_value)
         if jax.process_index() == 0:
-            _write_atomic(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
+            write_atomic(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()

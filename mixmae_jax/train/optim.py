@@ -81,9 +81,12 @@ def decay_mask(params: Any, no_decay=()) -> Any:
 
 
 def make_optimizer(
-    config: Any, steps_per_epoch: int
+    config: Any, steps_per_epoch: int, lr_scales: Any = None
 ) -> tuple[optax.GradientTransformation, Callable]:
-    """(optax transformation, lr schedule over optimizer-update counts) for `config.optim`."""
+    """(optax transformation, lr schedule over optimizer-update counts) for `config.optim`.
+
+    lr_scales: a tree like the params of per-parameter lr multipliers (layer-wise decay); they
+    scale the whole AdamW update, weight decay included, as PyTorch's per-group lr does."""
     o = config.optim
     total = total_steps(config, steps_per_epoch)
     schedule = make_schedule(
@@ -95,6 +98,10 @@ def make_optimizer(
         mask=functools.partial(decay_mask, no_decay=tuple(o.no_decay)))
     # Clipping sees the (micro-batch averaged) gradient of one update, as the official
     # clip_grad does after its accumulation.
+    if lr_scales is not None:
+        adamw = optax.chain(adamw, optax.stateless(
+            lambda updates, params: jax.tree_util.tree_map(lambda u, s: u * s, updates,
+                                                           lr_scales)))
     tx = adamw
     if o.clip_grad_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(o.clip_grad_norm), adamw)

@@ -19,16 +19,18 @@ from flax import nnx
 from mixmae_jax import imaging
 
 
-def graphdef_and_abstract_params(method):
-    """The model's static structure and abstract params, without allocating anything."""
-    abstract = nnx.eval_shape(lambda: method.build_model(nnx.Rngs(0)))
+def graphdef_and_abstract_params(method, build=None):
+    """The model's static structure and abstract params, without allocating anything.
+    build(rngs) -> model: the model to build (default: the method's pretraining model)."""
+    build = build or method.build_model
+    abstract = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
     graphdef, params = nnx.split(abstract, nnx.Param)
     return graphdef, nnx.to_pure_dict(params)
 
 
-def init_params(method, rng):
+def init_params(method, rng, build=None):
     """Freshly initialised params (pure dict) from a key; call under jit for sharded init."""
-    model = method.build_model(nnx.Rngs(params=rng))
+    model = (build or method.build_model)(nnx.Rngs(params=rng))
     return nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
 
 
@@ -37,12 +39,15 @@ def bind(graphdef, params):
     return nnx.merge(graphdef, params)
 
 
-def make_init_fn(method, tx, seed: int):
-    """() -> a fresh train state; jit it with out_shardings so the state is born sharded."""
+def make_init_fn(method, tx, seed: int, *, build=None, extra=None):
+    """(params=None) -> a fresh train state; jit it with out_shardings so the state is born
+    sharded. params: start from these (fine-tuning from a pretrained encoder) instead of a
+    random init; extra: more state entries ({name: () -> array}) a task keeps in the state."""
 
-    def init():
+    def init(params=None):
         root = jax.random.PRNGKey(seed)
-        params = init_params(method, jax.random.fold_in(root, 0))
+        if params is None:
+            params = init_params(method, jax.random.fold_in(root, 0), build)
         return {
             "params": params,
             "opt_state": tx.init(params),
@@ -51,6 +56,7 @@ def make_init_fn(method, tx, seed: int):
             # First step whose loss or gradient was not finite (-1: none). From that step on,
             # updates are dropped, so the state still holds the last good parameters.
             "first_bad_step": jnp.full((), -1, jnp.int32),
+            **{name: make() for name, make in (extra or {}).items()},
         }
 
     return init
@@ -62,6 +68,7 @@ def _tree_where(pred, new, old):
 
 def make_train_step(config, method, graphdef, tx, lr_schedule, num_groups: int):
     """(state, batch) -> (state, metrics). batch = {"image": uint8 (B, H, W, 3), ...}; the method
+    (anything with `make_plan` and `loss`: a pretraining method, or fine-tuning's objective)
     gets it with the images normalised.
 
     num_groups: data-parallel device count; each device's slice of the batch is mixed and masked
@@ -118,10 +125,10 @@ def make_train_step(config, method, graphdef, tx, lr_schedule, num_groups: int):
         first_bad = jnp.where((state["first_bad_step"] < 0) & ~finite, step,
                               state["first_bad_step"])
         new_state = {
+            **state,  # entries a task keeps (fine-tuning's best accuracy) pass through
             "params": _tree_where(ok, params, state["params"]),
             "opt_state": _tree_where(ok, opt_state, state["opt_state"]),
             "step": step + 1,
-            "rng": state["rng"],
             "first_bad_step": first_bad,
         }
         metrics = {

@@ -31,24 +31,83 @@ class NonFiniteLossError(FloatingPointError):
     """The loss or gradient became NaN/inf; the last good state is kept in the checkpoints."""
 
 
-def build_state_fns(config, mesh, steps_per_epoch: int):
+class Task:
+    """What `train` runs: pretraining here; fine-tuning (`eval/finetune.py`) overrides the hooks.
+
+    The loop itself (devices, resume, checkpoints, metrics, preemption) is the same for both.
+    """
+
+    kind = "pretraining"
+    batch_keys: tuple[str, ...] = ("image",)  # what the input yields and the step takes
+    with_labels = False
+
+    def __init__(self, config):
+        self.config = config
+        self.method = get_method(config)
+        self.workdir = None  # set by `train`, with the primary process's print function
+        self.print_fn = print
+
+    def validate(self, num_devices: int, process_count: int) -> None:
+        config_lib.validate(self.config, num_devices=num_devices, process_count=process_count)
+
+    def build_model(self, rngs):
+        return self.method.build_model(rngs)
+
+    @property
+    def objective(self):
+        """`make_plan` and `loss` for the train step."""
+        return self.method
+
+    def make_optimizer(self, abstract_params, steps_per_epoch: int):
+        return optim.make_optimizer(self.config, steps_per_epoch)
+
+    def extra_state(self) -> dict:
+        """More train-state entries ({name: () -> array}); checkpointed with it."""
+        return {}
+
+    def initial_params(self, abstract_params):
+        """Params a fresh run starts from (host arrays), or None for a random init."""
+        return None
+
+    def after_step(self, step: int, state, *, total_steps: int, steps_per_epoch: int, writer):
+        """Runs after every step (before a checkpoint at that step); returns the state."""
+        return state
+
+    def finish(self, state) -> dict:
+        """Summary metrics at the end of a run."""
+        return {}
+
+
+def task_for(config) -> Task:
+    """The task of a config: fine-tuning when `config.task == "finetune"`, else pretraining."""
+    if config.get("task", "pretrain") == "finetune":
+        from mixmae_jax.eval.finetune import FinetuneTask
+
+        return FinetuneTask(config)
+    return Task(config)
+
+
+def build_state_fns(config, mesh, steps_per_epoch: int, task: Task | None = None):
     """Method, optimizer, graphdef, init function and the state's abstract tree and shardings."""
-    method = get_method(config)
-    tx, lr_schedule = optim.make_optimizer(config, steps_per_epoch)
-    graphdef, _ = step_lib.graphdef_and_abstract_params(method)
-    init_fn = step_lib.make_init_fn(method, tx, config.seed)
+    task = task or task_for(config)
+    method = task.method
+    graphdef, abstract_params = step_lib.graphdef_and_abstract_params(method, task.build_model)
+    tx, lr_schedule = task.make_optimizer(abstract_params, steps_per_epoch)
+    init_fn = step_lib.make_init_fn(method, tx, config.seed, build=task.build_model,
+                                    extra=task.extra_state())
     abstract = jax.eval_shape(init_fn)
     shardings = sharding.state_shardings(abstract, mesh, tuple(config.sharding_rules))
     return method, tx, lr_schedule, graphdef, init_fn, abstract, shardings
 
 
 def jit_train_step(config, mesh, method, graphdef, tx, lr_schedule, state_sh, *,
-                   donate: bool = True):
-    """The train step jitted with the run's shardings: batch over all mesh axes, state donated."""
+                   donate: bool = True, batch_keys=("image",)):
+    """The train step jitted with the run's shardings: batch over all mesh axes, state donated.
+    method: anything with `make_plan` and `loss` (a `Task.objective`)."""
     batch_sh = sharding.batch_sharding(mesh)
     step = step_lib.make_train_step(config, method, graphdef, tx, lr_schedule,
                                     mesh.devices.size)
-    return jax.jit(step, in_shardings=(state_sh, {"image": batch_sh}),
+    return jax.jit(step, in_shardings=(state_sh, {k: batch_sh for k in batch_keys}),
                    out_shardings=(state_sh, sharding.replicated(mesh)),
                    donate_argnums=(0,) if donate else ())
 
@@ -61,14 +120,18 @@ def load_config_snapshot(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def restore_params(workdir: str, step: int | None = None):
+def restore_params(workdir: str, step: int | None = None, *, best: bool = False):
     """(config, params, step) of a run's checkpoint, on this host's devices (for tools): the
-    params only, not the optimizer moments."""
+    params only, not the optimizer moments. best: a fine-tuning run's best-top-1 params."""
     config = load_config_snapshot(workdir)
+    if best and config.get("task", "pretrain") != "finetune":
+        raise ValueError(f"--best: {workdir} is a pretraining run; only fine-tuning keeps a "
+                         "best checkpoint")
     mesh = sharding.single_device_mesh()
     *_, abstract, shardings = build_state_fns(config, mesh, steps_per_epoch=1)
     target = sharding.abstract_with_shardings(abstract["params"], shardings["params"])
-    ckpt = ckpt_lib.Checkpointer(workdir, save_every=0, keep=0)
+    ckpt = ckpt_lib.Checkpointer(workdir, save_every=0, keep=0,
+                                 subdir="best" if best else ckpt_lib.CHECKPOINT_DIR)
     try:
         steps = ckpt.all_steps()
         step = ckpt.latest_step() if step is None else step
@@ -107,8 +170,10 @@ def _device_prefetch(iterator, size: int, batch_sharding):
         yield queue.popleft()
 
 
-def train(config, workdir: str, *, print_fn=print, stop_at: int | None = None) -> dict:
-    """Pretrains until config's total steps (resuming from `workdir`); returns final metrics.
+def train(config, workdir: str, *, print_fn=print, stop_at: int | None = None,
+          task: Task | None = None) -> dict:
+    """Runs `task` (default: the config's, `task_for`) until config's total steps, resuming from
+    `workdir`; returns final metrics.
 
     stop_at: end this invocation early at that step with a checkpoint, as an interruption would
     (the schedule still runs to the total); a later call resumes.
@@ -118,8 +183,10 @@ def train(config, workdir: str, *, print_fn=print, stop_at: int | None = None) -
     # ----- Devices and config ----------------------------------------------------------------
     mesh = sharding.make_mesh(config.mesh)
     num_devices = mesh.devices.size
-    config_lib.validate(config, num_devices=num_devices, process_count=jax.process_count())
+    task = task or task_for(config)
     is_primary = jax.process_index() == 0
+    task.workdir, task.print_fn = workdir, print_fn if is_primary else (lambda s: None)
+    task.validate(num_devices, jax.process_count())
 
     # ----- Checkpoints: config snapshot and resume step --------------------------------------
     ckpt = ckpt_lib.Checkpointer(workdir, save_every=config.checkpoint_every,
@@ -131,13 +198,13 @@ def train(config, workdir: str, *, print_fn=print, stop_at: int | None = None) -
     data = input_pipeline.create_train_iterator(
         config.data, global_batch_size=config.batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        start_step=start_step)
+        start_step=start_step, with_labels=task.with_labels)
     steps_per_epoch = data.steps_per_epoch
     total_steps = optim.total_steps(config, steps_per_epoch)
 
     # ----- Model, optimizer and state --------------------------------------------------------
     method, tx, lr_schedule, graphdef, init_fn, abstract, state_sh = build_state_fns(
-        config, mesh, steps_per_epoch)
+        config, mesh, steps_per_epoch, task)
     state = None
     if latest is not None:  # the newest step that can be read; unreadable ones moved aside
         start_step, state = ckpt.restore_newest_intact(
@@ -148,15 +215,17 @@ def train(config, workdir: str, *, print_fn=print, stop_at: int | None = None) -
             data = input_pipeline.create_train_iterator(
                 config.data, global_batch_size=config.batch_size, seed=config.seed,
                 process_index=jax.process_index(), process_count=jax.process_count(),
-                start_step=start_step)
+                start_step=start_step, with_labels=task.with_labels)
     if state is None:
-        state = jax.jit(init_fn, out_shardings=state_sh)()
+        start_params = task.initial_params(abstract["params"])
+        state = jax.jit(init_fn, out_shardings=state_sh)(start_params)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract["params"]))
 
     # ----- The jitted step -------------------------------------------------------------------
     batch_sh = sharding.batch_sharding(mesh)
-    train_step = jit_train_step(config, mesh, method, graphdef, tx, lr_schedule, state_sh)
-    print_fn(f"{method.name} pretraining ({config.model.name}): {num_params / 1e6:.2f}M params, "
+    train_step = jit_train_step(config, mesh, task.objective, graphdef, tx, lr_schedule, state_sh,
+                                batch_keys=task.batch_keys)
+    print_fn(f"{method.name} {task.kind} ({config.model.name}): {num_params / 1e6:.2f}M params, "
              f"{num_devices} devices, "
              f"global batch {config.batch_size}, {steps_per_epoch} steps/epoch, "
              f"steps {start_step} -> {total_steps}")
@@ -199,17 +268,22 @@ def train(config, workdir: str, *, print_fn=print, stop_at: int | None = None) -
                 writer.write_scalars(step, last)
                 progress.update(step, {k: last[k] for k in ("loss", "lr") if k in last})
                 t_log, n_log = time.perf_counter(), 0
+            before = time.perf_counter()
+            state = task.after_step(step, state, total_steps=total_steps,
+                                    steps_per_epoch=steps_per_epoch, writer=writer)
+            t_log += time.perf_counter() - before  # evaluation is not training time
             if at_save or stop:
                 ckpt.save(step, state, force=stop or step == total_steps)
             if stop:
                 why = "Stopped as asked" if step == stop_at else "Preempted"
                 print_fn(f"{why}: saved step {step}, exiting cleanly")
                 break
+        summary = task.finish(state)
     finally:
         preempt.uninstall()
         writer.close()
         ckpt.close()
-    return {"step": step, **last}
+    return {"step": step, **last, **summary}
 
 
 def _raise_if_nonfinite(state, ckpt) -> None:

@@ -1,0 +1,61 @@
+r"""MixMIM-B fine-tuning on ImageNet-1k, the official recipe (Sense-X/MixMIM, exp/base_600ep).
+
+  mixmae-finetune --config configs/finetune_mixmim_b.py --workdir gs://BUCKET/mixmim_b_ft \
+      --init gs://BUCKET/mixmim_b --config.data.manual_dir=/path/to/imagenet
+
+Global batch 1024 (8 GPUs x 128), 100 epochs with 5 of warmup (about 125k steps), layer-wise
+lr decay 0.7 with MixMIM's rule (the head shares the last block's factor), drop path 0.1.
+Official top-1 after 600 pretraining epochs: 85.1.
+
+This file holds the recipe the fine-tuning configs share (finetune_mae_vit_b, finetune_ummae_*
+call `get_config` with their pretraining recipe and values).
+Variants: `:tiny` (a CPU smoke run on the embedded digits, same code path).
+Values: shared/reference/mixmim.md §5.2-5.3; ummae_mixedae.md §1.9, §1.11; MAE FINETUNE.md.
+Not yet: RandAugment rand-m9-mstd0.5-inc1 (every official recipe uses it; `augment.randaug`).
+"""
+
+from mixmae_jax.config import finetune_defaults, parse_arg, sibling
+
+
+def get_config(arg=None, pretrain="mixmim_b.py", layer_decay=0.7, drop_path=0.1,
+               crop_pct=0.875, no_decay=()):
+    opts = parse_arg(arg, tiny=False)
+    c = sibling(__file__, pretrain).get_config("tiny" if opts["tiny"] else None)
+    finetune_defaults(c)
+    c.model.drop_path_rate = drop_path  # linear over the blocks
+    c.num_classes = 1000
+    c.data.update(source="tfds", name="imagenet2012", split="train", eval_split="validation",
+                  crop_scale=(0.08, 1.0),  # timm create_transform: RandomResizedCrop(0.08, 1)
+                  crop_pct=crop_pct)  # eval: resize size / crop_pct, centre crop, bicubic
+    c.augment.update(reprob=0.25, mixup=0.8, cutmix=1.0, mix_prob=1.0, switch_prob=0.5,
+                     smoothing=0.1)
+    c.batch_size = 1024  # 8 GPUs x 128
+    c.eval_batch_size = 1024
+    c.epochs = 100
+    c.optim.update(dict(
+        base_lr=5e-4,  # blr; peak lr = 5e-4 * 1024 / 256 = 2e-3
+        lr_batch_divisor=256,
+        warmup_epochs=5,
+        warmup_lr=0.0,
+        min_lr=1e-6,
+        schedule="cosine",
+        weight_decay=0.05,  # every >= 2-D tensor (no_weight_decay() is empty for MixMIM)
+        no_decay=no_decay,
+        b1=0.9, b2=0.999, eps=1e-8,  # torch AdamW defaults
+        clip_grad_norm=0.0,
+        layer_decay=layer_decay,
+    ))
+    c.checkpoint_every = 5000
+    if opts["tiny"]:
+        c.model.drop_path_rate = 0.1
+        c.num_classes = 10
+        c.data.update(source="digits", split="train", eval_split="test", shuffle_buffer=512,
+                      crop_pct=1.0)
+        c.batch_size = 8
+        c.eval_batch_size = 200
+        c.total_steps = 4
+        c.optim.warmup_epochs = 0
+        c.eval_every_epochs = 0
+        c.log_every = 1
+        c.checkpoint_every = 2
+    return c

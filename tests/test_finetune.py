@@ -1,0 +1,319 @@
+"""Fine-tuning: layer-wise lr decay against the official formulas, Mixup/CutMix/RandomErasing
+invariants, the run itself (exact resume, best checkpoint, export), and bad input refused
+before compiling."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import torch
+from recipes import load
+
+from mixmae_jax.config import ConfigError
+from mixmae_jax.eval import layer_decay, mixup
+from mixmae_jax.methods import get_method
+from mixmae_jax.train import optim, trainer
+from mixmae_jax.train import step as step_lib
+
+QUIET = dict(print_fn=lambda s: None)
+SMALL_SWIN = dict(img_size=32, embed_dim=16, depths=(1, 1), num_heads=(2, 4),
+                  window_sizes=(4, 4), decoder_dim=32, decoder_depth=1, decoder_num_heads=2)
+
+
+def finetune_config(**overrides):
+    """The MixMIM fine-tuning recipe, shrunk: 32-px digits, a 2-stage Swin, batch 8, 4 steps."""
+    c = load("finetune_mixmim_b.py", "tiny")
+    c.model.update(SMALL_SWIN)
+    c.data.image_size = 32
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+@pytest.fixture(scope="module")
+def pretrain_workdir(tmp_path_factory):
+    """A 2-step MixMIM pretraining run of the same small Swin, on the digits images."""
+    c = load("mixmim_b.py", "tiny")
+    c.model.update(SMALL_SWIN)
+    c.data.update(source="digits", split="train", image_size=32)
+    c.total_steps = 2
+    workdir = str(tmp_path_factory.mktemp("pretrain"))
+    trainer.train(c, workdir, **QUIET)
+    return workdir
+
+
+# -- layer-wise lr decay ----------------------------------------------------------------------
+
+
+def _scales_by_name(config_name, decay, rule):
+    config = load(config_name)
+    method = get_method(config)
+    _, abstract = step_lib.graphdef_and_abstract_params(
+        method, lambda rngs: method.build_classifier(1000, rngs))
+    layout = method.torch_layout()
+    scales = layer_decay.lr_scales(abstract, layout, rule, decay)
+    from mixmae_jax.convert import keymap as K
+
+    flat = K.flatten(scales)
+    return {layout.torch_name(p, "finetune"): s for p, s in flat.items()}
+
+
+def test_mixmim_b_layer_decay_is_the_official_quirk():
+    """MixMIM util/lr_decay.py for depths (2, 2, 18, 2): 25 layer ids, scale 0.7^(25 - id);
+    the head and final norm share the last block's id 24; a stage's downsample takes the id of
+    the next stage's first block; every trainable tensor of models_mixmim_ft gets one."""
+    by_name = _scales_by_name("finetune_mixmim_b.py", 0.7, "mixmim")
+    depths = (2, 2, 18, 2)
+    first = [sum(depths[:s]) + 1 for s in range(4)]  # id of each stage's first block
+
+    def official_id(name):
+        parts = name.split(".")
+        if parts[0] in ("patch_embed", "absolute_pos_embed"):
+            return 0
+        if parts[0] == "layers" and parts[2] == "blocks":
+            return first[int(parts[1])] + int(parts[3])
+        if parts[0] == "layers" and parts[2] == "downsample":
+            return first[int(parts[1]) + 1]
+        return 24
+
+    from mixmae_jax.convert import torch_reference as R
+
+    with torch.device("meta"):
+        tmodel = R.MixMIMFinetuneTorch.from_model_config(load("finetune_mixmim_b.py").model)
+    trainable = {n for n, p in tmodel.named_parameters() if p.requires_grad}
+    assert set(by_name) == trainable and len(trainable) == 329  # the optimizer's tensors
+    for name, scale in by_name.items():
+        assert scale == pytest.approx(0.7 ** (25 - official_id(name)), rel=1e-12), name
+    assert by_name["head.weight"] == by_name["norm.weight"] == pytest.approx(0.7)
+    assert by_name["layers.3.blocks.1.mlp.fc2.weight"] == pytest.approx(0.7)
+    assert by_name["layers.2.downsample.reduction.weight"] == by_name[
+        "layers.3.blocks.0.attn.qkv.weight"] == pytest.approx(0.7 ** 2)
+    assert by_name["patch_embed.proj.weight"] == pytest.approx(0.7 ** 25)
+    assert max(by_name.values()) < 1.0  # the quirk: nothing trains at the full lr
+
+
+def test_mae_vit_b_layer_decay_is_the_official_rule():
+    """MAE util/lr_decay.py: 13 layers; cls_token / pos_embed / patch_embed id 0, blocks.i
+    id i + 1, fc_norm and head id 13 (scale 1)."""
+    by_name = _scales_by_name("finetune_mae_vit_b.py", 0.65, "blocks")
+    assert by_name["head.weight"] == by_name["fc_norm.weight"] == 1.0
+    assert by_name["cls_token"] == by_name["patch_embed.proj.weight"] == pytest.approx(0.65 ** 13)
+    for i in range(12):
+        assert by_name[f"blocks.{i}.attn.qkv.weight"] == pytest.approx(0.65 ** (12 - i))
+
+
+def test_ummae_swin_t_layer_decay_puts_merges_in_their_block():
+    """UM-MAE: the flat `blocks` list (12 for Swin-T); a stage's patch merging lives in its first
+    block and takes that block's id."""
+    by_name = _scales_by_name("finetune_ummae_swin_t.py", 0.85, "blocks")
+    merges = [n for n in by_name if ".downsample." in n]
+    assert merges
+    for name in merges:
+        i = int(name.split(".")[1])
+        assert by_name[name] == pytest.approx(0.85 ** (13 - (i + 1))), name
+    assert by_name["head.weight"] == 1.0
+
+
+def test_layer_scales_multiply_the_whole_adamw_update():
+    """With scales s, each update (Adam step and decoupled weight decay) is s times the plain
+    one, as PyTorch's per-group lr * (adam + wd * p)."""
+    c = finetune_config()
+    params = {"a": jnp.ones((3, 2)), "b": jnp.full((4,), 2.0)}
+    grads = {"a": jnp.full((3, 2), 0.5), "b": jnp.full((4,), -1.0)}
+    scales = {"a": 0.25, "b": 0.5}
+    plain, _ = optim.make_optimizer(c, 100)
+    scaled, _ = optim.make_optimizer(c, 100, scales)
+    u_plain, _ = plain.update(grads, plain.init(params), params)
+    u_scaled, _ = scaled.update(grads, scaled.init(params), params)
+    for k in params:
+        np.testing.assert_allclose(u_scaled[k], scales[k] * u_plain[k], rtol=1e-6)
+
+
+# -- Mixup / CutMix / RandomErasing ------------------------------------------------------------
+
+AUG = ml_collections.ConfigDict(dict(randaug="", reprob=0.0, mixup=0.8, cutmix=1.0,
+                                     mix_prob=1.0, switch_prob=0.5, smoothing=0.1))
+
+
+def _batch(n=8, size=16):
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.standard_normal((n, size, size, 3)), jnp.float32)
+    return images, jnp.asarray(rng.integers(0, 10, n), jnp.int32)
+
+
+@pytest.mark.parametrize("switch_prob", [0.0, 1.0])  # Mixup only / CutMix only
+def test_mixup_and_cutmix_mix_the_right_pairs(switch_prob):
+    images, labels = _batch()
+    aug = AUG.copy_and_resolve_references()
+    aug.switch_prob = switch_prob
+    groups = 2
+    fn = jax.jit(lambda k: mixup.augment_batch(k, images, labels, num_classes=10,
+                                               num_groups=groups, aug_cfg=aug))
+    smooth = np.asarray(mixup.smooth_one_hot(labels, 10, 0.1))
+    assert smooth.max() == pytest.approx(0.91) and smooth.min() == pytest.approx(0.01)
+    x = np.asarray(images)
+    for seed in range(6):
+        out, targets, lam = map(np.asarray, fn(jax.random.PRNGKey(seed)))
+        np.testing.assert_allclose(targets.sum(axis=1), 1.0, rtol=1e-6)
+        for g in range(groups):
+            rows = np.arange(4 * g, 4 * g + 4)
+            partner = rows[::-1]  # image i of a device's batch pairs with n-1-i of that batch
+            lg = float(lam[g])
+            np.testing.assert_allclose(targets[rows], lg * smooth[rows]
+                                       + (1 - lg) * smooth[partner], rtol=1e-5, atol=1e-7)
+            if switch_prob == 0.0:  # Mixup: a convex blend of the pair
+                np.testing.assert_allclose(out[rows], lg * x[rows] + (1 - lg) * x[partner],
+                                           rtol=1e-5, atol=1e-6)
+            else:  # CutMix: each pixel is the image's or the partner's; lam = the kept share
+                own = np.all(out[rows] == x[rows], axis=-1)
+                theirs = np.all(out[rows] == x[partner], axis=-1)
+                assert np.all(own | theirs)
+                np.testing.assert_allclose(own.mean(axis=(1, 2)), lg, atol=1e-6)
+                # one box for the whole group
+                assert np.all(own == own[0:1])
+
+
+def test_no_mixing_leaves_images_and_gives_smoothed_labels():
+    images, labels = _batch()
+    aug = AUG.copy_and_resolve_references()
+    aug.update(mixup=0.0, cutmix=0.0)
+    out, targets, lam = mixup.augment_batch(jax.random.PRNGKey(0), images, labels,
+                                            num_classes=10, num_groups=1, aug_cfg=aug)
+    np.testing.assert_array_equal(out, images)
+    np.testing.assert_allclose(targets, mixup.smooth_one_hot(labels, 10, 0.1))
+
+
+def test_random_erasing_boxes_follow_timm():
+    """Erased with probability p; a box covers 2%..33% of the image with aspect in
+    [0.3, 3.3] (up to rounding), lies inside it, and only its pixels change."""
+    n, size, p = 4000, 32, 0.25
+    boxes = np.asarray(jax.jit(lambda k: mixup.erase_boxes(k, n, size, size, p))(
+        jax.random.PRNGKey(1)))
+    erased = boxes[:, 2] > 0
+    # Binomial(4000, 0.25): std 27 images; 6 std.
+    assert abs(erased.sum() - p * n) < 6 * np.sqrt(n * p * (1 - p))
+    top, left, h, w = boxes[erased].T
+    assert np.all(top >= 0) and np.all(left >= 0)
+    assert np.all(top + h <= size) and np.all(left + w <= size)
+    assert np.all(h < size) and np.all(w < size)
+    area = h * w / size**2
+    assert area.min() >= 0.02 * 0.5 and area.max() <= 1 / 3 * 1.5  # rounding of h and w
+    images, _ = _batch(8, 16)
+    out = np.asarray(mixup.random_erasing(jax.random.PRNGKey(3), images, 1.0))
+    changed = np.any(out != np.asarray(images), axis=-1)
+    assert changed.any(axis=(1, 2)).all()  # p = 1: every image erased
+    for i in range(8):  # the changed pixels form one rectangle
+        rows, cols = np.nonzero(changed[i])
+        assert changed[i, rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+def _jsonl(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_finetune_runs_resumes_exactly_and_keeps_the_best(tmp_path, pretrain_workdir):
+    c = finetune_config(init=pretrain_workdir, eval_every_epochs=2 / 150)  # every 2 steps
+    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
+    lines = []
+    out = trainer.train(c, straight, print_fn=lines.append)
+    assert any("Initialised from mixmim pretraining step 2" in s for s in lines)
+    trainer.train(c, interrupted, stop_at=2, **QUIET)
+    trainer.train(c, interrupted, **QUIET)
+    _, p_straight, _ = trainer.restore_params(straight)
+    _, p_resumed, _ = trainer.restore_params(interrupted)
+    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))),
+                                         p_straight, p_resumed))
+    assert max(diffs) == 0.0
+    a, b = _jsonl(straight), _jsonl(interrupted)
+    assert [r["loss"] for r in a if "loss" in r] == [r["loss"] for r in b if "loss" in r]
+    evals = [r["eval_top1"] for r in a if "eval_top1" in r]
+    assert evals == [r["eval_top1"] for r in b if "eval_top1" in r] and len(evals) == 2
+    # best_top1 lives in the train state as float32
+    assert out["best_top1"] == pytest.approx(max(evals), rel=1e-7)
+    assert out["final_top1"] == evals[-1]
+    # The best params are kept in best/ and export to the official fine-tuning layout.
+    best = json.loads((tmp_path / "straight" / "best" / "best.json").read_text())
+    assert best["top1"] == max(evals)
+    _, best_params, best_step = trainer.restore_params(straight, best=True)
+    assert best_step == best["step"]
+
+
+def test_finetuned_export_loads_strictly_and_computes_the_same_logits(tmp_path,
+                                                                      pretrain_workdir):
+    """mixmae-convert to-torch of a fine-tuning workdir: the official models_mixmim_ft
+    state_dict, strict load into the plain torch reference, the same logits."""
+    from mixmae_jax.cli import convert_main
+    from mixmae_jax.convert import torch_reference as R
+
+    c = finetune_config(init=pretrain_workdir, total_steps=2)
+    workdir = str(tmp_path / "ft")
+    trainer.train(c, workdir, **QUIET)
+    out = str(tmp_path / "ft.pth")
+    convert_main(["to-torch", "--workdir", workdir, "--out", out, "--format", "finetune"])
+    sd = torch.load(out, weights_only=True)["model"]
+    config, params, _ = trainer.restore_params(workdir)
+    tmodel = R.MixMIMFinetuneTorch.from_model_config(config.model, num_classes=10)
+    tmodel.load_state_dict(sd, strict=True)
+    method = get_method(config)
+    graphdef, _ = step_lib.graphdef_and_abstract_params(
+        method, lambda rngs: method.build_classifier(10, rngs))
+    x = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
+    want = tmodel.double().eval()(torch.from_numpy(x).permute(0, 3, 1, 2).double())
+    got = np.asarray(step_lib.bind(graphdef, params)(x))
+    err = np.linalg.norm(got - want.detach().numpy()) / np.linalg.norm(want.detach().numpy())
+    assert err < 1e-5, err
+
+
+# -- bad input ----------------------------------------------------------------------------------
+
+
+def _refuse(*a, **k):
+    raise AssertionError("compiled before refusing the input")
+
+
+@pytest.fixture
+def no_compiling(monkeypatch):
+    """Fail if the run gets as far as building the train step."""
+    monkeypatch.setattr(trainer, "jit_train_step", _refuse)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"data.source": "embedded"}, "^data.source: .*labelled"),
+    ({"num_classes": 7}, "^num_classes: 7, but 'mixmae_digits' has 10 classes"),
+    ({"data.eval_split": "validation"}, "^data.eval_split: .*no split 'validation'"),
+    ({"augment.randaug": "rand-m9-mstd0.5-inc1"}, "^augment.randaug: .*not implemented"),
+    ({"optim.layer_decay": 1.5}, "^optim.layer_decay:"),
+    ({"batch_size": 7}, "^batch_size: Mixup/CutMix"),
+])
+def test_bad_finetune_configs_are_refused_naming_the_key(tmp_path, no_compiling, overrides,
+                                                        match):
+    with pytest.raises(ConfigError, match=match):
+        trainer.train(finetune_config(**overrides), str(tmp_path), **QUIET)
+
+
+def test_init_from_another_model_family_is_refused(tmp_path, monkeypatch):
+    mae = load("mae_vit_b.py", "tiny")
+    mae.data.update(source="digits", split="train")
+    mae.total_steps = 1
+    mae_dir = str(tmp_path / "mae")
+    trainer.train(mae, mae_dir, **QUIET)
+    monkeypatch.setattr(trainer, "jit_train_step", _refuse)
+    with pytest.raises(ValueError, match=r"--init .*mae run of model.name='vit'.*'swin'"):
+        trainer.train(finetune_config(init=mae_dir), str(tmp_path / "ft"), **QUIET)
+    text = tmp_path / "notes.pth"
+    text.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="notes.pth"):
+        trainer.train(finetune_config(init=str(text)), str(tmp_path / "ft2"), **QUIET)
