@@ -5,10 +5,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 DEMO_DIR ?= workdirs/demo
+EXPERIMENT_DIR ?= workdirs/experiment
 export TF_CPP_MIN_LOG_LEVEL := 2
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo experiment test lint clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +37,11 @@ demo: setup
 	@echo "  reconstructions (PNG):    $(DEMO_DIR)/reconstruction.png"
 	@echo "  PyTorch checkpoint:       $(DEMO_DIR)/mixmim_demo_pretrain.pth"
 
+# The digits experiment (README, "Does pretraining help?"): MixMIM pretraining on the digits
+# images, then frozen and fine-tuned evaluation against random init, 3 seeds (< 30 min on CPU).
+experiment: setup
+	$(PY) -m mixmae_jax.eval.digits_experiment --workdir $(EXPERIMENT_DIR)
+
 test: setup
 	$(PY) -m pytest tests
 
@@ -43,4 +49,4 @@ lint: setup
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(DEMO_DIR) .pytest_cache
+	rm -rf $(DEMO_DIR) $(EXPERIMENT_DIR) .pytest_cache

@@ -141,6 +141,14 @@ def validate(config, *, num_devices: int = 1, process_count: int = 1,
            "set epochs > 0 or total_steps > 0")
     _check(config.log_every > 0 and config.checkpoint_every > 0, "log_every",
            "log_every and checkpoint_every must be positive")
+    e = config.get("eval")
+    if e is not None and e.knn_every > 0:
+        _check(e.source in ("digits", "tfds"), "eval.source",
+               f"{e.source!r}: the k-NN monitor needs labels ('digits' or 'tfds')")
+        _check(e.batch_size > 0 and e.batch_size % num_devices == 0
+               and e.batch_size % process_count == 0, "eval.batch_size",
+               f"{e.batch_size}: must be a positive multiple of the {num_devices} devices")
+        _check(e.k >= 1 and e.temperature > 0, "eval.k", "k >= 1 and temperature > 0")
 
 
 def _get(config, dotted: str):
@@ -219,6 +227,21 @@ def defaults() -> ml_collections.ConfigDict:
     c.log_every = 50
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
+    # The k-NN monitor of pretraining: every `knn_every` steps (0: off), k-NN top-1/top-5 of the
+    # frozen features from a labelled train split to a test split, logged as knn_top1/knn_top5.
+    c.eval = ml_collections.ConfigDict(dict(
+        knn_every=0,
+        source="digits",  # "digits" (embedded) or "tfds" (by name, prepared, with labels)
+        name="mixmae_digits",  # tfds dataset (source="tfds")
+        data_dir=placeholder(str),
+        manual_dir=placeholder(str),
+        train_split="train",
+        test_split="test",
+        k=20,
+        temperature=0.07,
+        batch_size=200,  # global
+        crop_pct=1.0,  # shorter side to image_size / crop_pct, centre crop
+    ))
     return c
 
 

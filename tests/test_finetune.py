@@ -317,3 +317,46 @@ def test_init_from_another_model_family_is_refused(tmp_path, monkeypatch):
     text.write_text("not a checkpoint")
     with pytest.raises(ValueError, match="notes.pth"):
         trainer.train(finetune_config(init=str(text)), str(tmp_path / "ft2"), **QUIET)
+
+
+def test_evaluation_counts_every_example_once_on_8_devices():
+    """`finetune.evaluate` over an 8-device mesh: 597 test digits in padded batches of 200;
+    the padding is masked out, and the figures equal those of one device."""
+    from jax_subprocess import run_python
+
+    out = run_python("""
+        import json, sys
+        import jax
+        sys.path.insert(0, "tests")
+        from recipes import load
+        from mixmae_jax.data import eval_pipeline
+        from mixmae_jax.eval import finetune
+        from mixmae_jax.methods import get_method
+        from mixmae_jax.train import sharding, step as step_lib
+        c = load("finetune_mixmim_b.py", "tiny")
+        c.model.update(img_size=32, embed_dim=16, depths=(1, 1), num_heads=(2, 4),
+                       window_sizes=(4, 4))
+        method = get_method(c)
+        build = lambda rngs: method.build_classifier(10, rngs)
+        graphdef, _ = step_lib.graphdef_and_abstract_params(method, build)
+        params = jax.jit(lambda: step_lib.init_params(method, jax.random.PRNGKey(0), build))()
+        # a head large enough that predictions are not all one class
+        params["head"]["kernel"] = params["head"]["kernel"] * 1e4
+        builder = eval_pipeline.labelled_builder(c.data)
+        res = {}
+        for devices in (8, 1):
+            mesh = sharding.make_mesh(c.mesh, jax.devices()[:devices])
+            assert mesh.devices.size == devices
+            p = jax.device_put(params, sharding.replicated(mesh))
+            it = eval_pipeline.EvalIterator(builder, "test", global_batch_size=200,
+                                            image_size=32, crop_pct=1.0)
+            step = jax.jit(finetune.make_eval_step(graphdef, 10))
+            res[devices] = finetune.evaluate(step, p, it, sharding.batch_sharding(mesh))
+        print(json.dumps(res))
+    """, devices=8, timeout=600)
+    res = json.loads(out.strip().splitlines()[-1])
+    eight, one = res["8"], res["1"]
+    assert eight["count"] == one["count"] == 597
+    assert eight["top1"] == one["top1"] and eight["top5"] == one["top5"]
+    assert 0.0 < eight["top1"] < 1.0
+    assert eight["loss"] == pytest.approx(one["loss"], rel=1e-5)

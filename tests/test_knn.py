@@ -83,3 +83,37 @@ def test_mixmae_eval_knn_on_a_pretraining_workdir(tmp_path, capsys):
                        "--data-dir", data_dir])
     assert e.value.code == 2
     assert "tfds dataset 'no_such_set': not found" in capsys.readouterr().err
+
+
+def test_pretraining_knn_monitor_equals_the_offline_tool(tmp_path, capsys):
+    """`config.eval.knn_every` logs knn_top1/top5 beside the loss; at the last step they equal
+    what `mixmae-eval knn` computes from the saved checkpoint."""
+    import json
+    import os
+
+    from recipes import load
+
+    from mixmae_jax.cli import eval_main
+    from mixmae_jax.train import trainer
+
+    c = load("mixmim_b.py", "tiny")
+    c.model.update(img_size=32, embed_dim=16, depths=(1, 1), num_heads=(2, 4),
+                   window_sizes=(4, 4), decoder_dim=32, decoder_depth=1, decoder_num_heads=2)
+    c.data.update(source="digits", split="train", image_size=32)
+    c.total_steps = 2
+    c.eval.update(knn_every=1, batch_size=300)
+    workdir = str(tmp_path)
+    lines = []
+    trainer.train(c, workdir, print_fn=lines.append)
+    assert sum("k-NN step" in s for s in lines) == 2
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    knn_rows = [r for r in rows if "knn_top1" in r]
+    assert [r["step"] for r in knn_rows] == [1, 2]
+    assert all(0.0 <= r["knn_top1"] <= r["knn_top5"] <= 1.0 for r in knn_rows)
+    capsys.readouterr()
+    eval_main(["knn", "--workdir", workdir, "--data", "digits", "--crop-pct", "1.0"])
+    offline = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert offline["step"] == 2
+    assert offline["top1"] == knn_rows[-1]["knn_top1"]
+    assert offline["top5"] == knn_rows[-1]["knn_top5"]

@@ -139,38 +139,19 @@ def list_images(folder: str) -> list[str]:
     return sorted(paths)
 
 
-def folder_classes(folder: str) -> list[str]:
-    """The class sub-folders of a labelled image folder, sorted (label i = the i-th name)."""
-    return sorted(d.rstrip("/") for d in tf.io.gfile.listdir(folder)
-                  if tf.io.gfile.isdir(f"{folder.rstrip('/')}/{d}"))
-
-
-def folder_source(folder: str, *, process_index: int = 0, process_count: int = 1,
-                  with_labels: bool = False) -> Source:
-    """This process's share of an image folder: every process_count-th path, equal counts.
-    With labels, each image's class is its top-level sub-folder (`folder_classes`)."""
+def folder_source(folder: str, *, process_index: int = 0, process_count: int = 1) -> Source:
+    """This process's share of an image folder (unlabelled): every process_count-th path, equal
+    counts."""
     name = f"image folder {folder!r}"
     if not folder or not tf.io.gfile.isdir(folder):
         raise ValueError(f"data.folder={folder!r} is not a directory")
     paths = list_images(folder)
     if not paths:
         raise ValueError(f"{name} holds no {'/'.join(IMAGE_EXTENSIONS)} files")
-    labels = [-1] * len(paths)
-    if with_labels:
-        classes = folder_classes(folder)
-        root = folder.rstrip("/") + "/"
-        index = {c: i for i, c in enumerate(classes)}
-        labels = [index.get(p[len(root):].split("/")[0], -1) if len(p[len(root):].split("/")) > 1
-                  else -1 for p in paths]
-        if not classes or -1 in labels:
-            stray = paths[labels.index(-1)] if -1 in labels else folder
-            raise ValueError(f"{name}: training a classifier needs one sub-folder per class "
-                             f"with the images inside; {stray!r} is not in a class sub-folder")
     size = len(paths) // process_count
     # Strided, so class-sorted folders spread every class over all processes.
     local = paths[process_index::process_count][:size]
-    local_labels = np.asarray(labels[process_index::process_count][:size], np.int32)
-    ds = tf.data.Dataset.from_tensor_slices((local, local, local_labels))
+    ds = tf.data.Dataset.from_tensor_slices((local, local, np.full(len(local), -1, np.int32)))
 
     def epoch(seed):
         return ds.shuffle(max(size, 1), seed=seed[0])  # paths are tiny: shuffle the whole epoch
@@ -182,8 +163,7 @@ def source_from_config(data_cfg, *, process_index: int = 0, process_count: int =
                        with_labels: bool = False) -> Source:
     """The source named by `data_cfg.source`: "tfds", "folder", "embedded" (the photo crops) or
     "digits" (scikit-learn's handwritten digits, labelled)."""
-    share = dict(process_index=process_index, process_count=process_count,
-                 with_labels=with_labels)
+    share = dict(process_index=process_index, process_count=process_count)
     if data_cfg.source in ("tfds", "embedded", "digits"):
         if data_cfg.source == "tfds":
             builder = tfds.builder(data_cfg.name, data_dir=data_cfg.data_dir)
@@ -204,9 +184,14 @@ def source_from_config(data_cfg, *, process_index: int = 0, process_count: int =
             data_cfg.split,
             shuffle_buffer=data_cfg.shuffle_buffer,
             cache=data_cfg.cache,
+            with_labels=with_labels,
             **share,
         )
     if data_cfg.source == "folder":
+        if with_labels:  # fine-tuning's validation refuses it first
+            raise ValueError(f"data.folder={data_cfg.folder!r}: labelled training reads TFDS "
+                             "datasets; build one from class sub-folders with `tfds build` "
+                             "(tfds.folder_dataset.ImageFolder)")
         return folder_source(data_cfg.folder, **share)
     raise ValueError(f"data.source={data_cfg.source!r}: expected 'tfds', 'folder', 'embedded' or "
                      "'digits'")

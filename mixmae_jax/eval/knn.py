@@ -67,6 +67,58 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, *, k:
     return {"top1": top1 / n, "top5": top5 / n}
 
 
+class KnnMonitor:
+    """k-NN accuracy of the current encoder during pretraining (`config.eval`): the frozen
+    features of a labelled train split and test split (every example once, centre crops),
+    weighted k-NN from one to the other. Compiled once; the features are replicated to every
+    process."""
+
+    def __init__(self, eval_cfg, method, graphdef, params_sharding, mesh, image_size: int):
+        from mixmae_jax.data import eval_pipeline
+        from mixmae_jax.train import sharding
+        from mixmae_jax.train.step import bind
+
+        self.cfg = eval_cfg
+        self.builder = eval_pipeline.labelled_builder(eval_cfg)
+        self.num_classes = self.builder.info.features["label"].num_classes
+        self.image_size = image_size
+        self.batch_sh = sharding.batch_sharding(mesh)
+
+        def features(params, batch):
+            from mixmae_jax import imaging
+
+            f = method.features(bind(graphdef, params), imaging.normalize(batch["image"]))
+            return f.astype(jnp.float32), batch["label"], batch["valid"], batch["index"]
+
+        keys = ("image", "label", "valid", "index")
+        self._features = jax.jit(features, in_shardings=(params_sharding, {
+            k: self.batch_sh for k in keys}), out_shardings=sharding.replicated(mesh))
+
+    def _split(self, params, split):
+        from mixmae_jax.data import eval_pipeline
+
+        it = eval_pipeline.EvalIterator(
+            self.builder, split, global_batch_size=self.cfg.batch_size,
+            image_size=self.image_size, crop_pct=self.cfg.crop_pct,
+            process_index=jax.process_index(), process_count=jax.process_count())
+        feats, labels, index = [], [], []
+        for local in it:
+            batch = {k: jax.make_array_from_process_local_data(self.batch_sh, v)
+                     for k, v in local.items()}
+            f, y, valid, i = map(np.asarray, self._features(params, batch))
+            feats.append(f[valid])
+            labels.append(y[valid])
+            index.append(i[valid])
+        order = np.argsort(np.concatenate(index))
+        return np.concatenate(feats)[order], np.concatenate(labels)[order]
+
+    def __call__(self, params) -> dict[str, float]:
+        (xf, xl), (qf, ql) = (self._split(params, s) for s in (self.cfg.train_split,
+                                                                 self.cfg.test_split))
+        return knn_accuracy(xf, xl, qf, ql, k=self.cfg.k, temperature=self.cfg.temperature,
+                            num_classes=self.num_classes)
+
+
 def frozen_features(method, model_fn, params, iterator):
     """(features (N, C), labels (N,)) of a labelled split in its stored order: `model_fn(params,
     images)` is the jitted `Method.features` of the run; padding rows are dropped."""

@@ -46,6 +46,7 @@ class Task:
         self.method = get_method(config)
         self.workdir = None  # set by `train`, with the primary process's print function
         self.print_fn = print
+        self._knn = None  # the k-NN monitor, built on first use
 
     def validate(self, num_devices: int, process_count: int) -> None:
         config_lib.validate(self.config, num_devices=num_devices, process_count=process_count)
@@ -70,7 +71,24 @@ class Task:
         return None
 
     def after_step(self, step: int, state, *, total_steps: int, steps_per_epoch: int, writer):
-        """Runs after every step (before a checkpoint at that step); returns the state."""
+        """Runs after every step (before a checkpoint at that step); returns the state.
+        Pretraining: the k-NN monitor every `eval.knn_every` steps and at the end."""
+        e = self.config.get("eval")
+        if e is None or e.knn_every <= 0 or (step % e.knn_every and step != total_steps):
+            return state
+        if self._knn is None:
+            from mixmae_jax.eval.knn import KnnMonitor
+
+            mesh = jax.tree.leaves(state["params"])[0].sharding.mesh
+            graphdef, _ = step_lib.graphdef_and_abstract_params(self.method, self.build_model)
+            self._knn = KnnMonitor(e, self.method, graphdef,
+                                   jax.tree.map(lambda x: x.sharding, state["params"]), mesh,
+                                   self.config.data.image_size)
+        acc = self._knn(state["params"])
+        writer.write_scalars(step, {f"knn_{k}": v for k, v in acc.items()})
+        self.print_fn(f"k-NN step {step}: top-1 {acc['top1']:.4f}  top-5 {acc['top5']:.4f} "
+                      f"({e.source} {e.name if e.source == 'tfds' else ''} {e.train_split} -> "
+                      f"{e.test_split})")
         return state
 
     def finish(self, state) -> dict:
