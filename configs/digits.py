@@ -14,9 +14,9 @@ Pretraining reads the train images without labels. Fine-tuning is the official M
 (configs/finetune_mixmim_b.py: layer decay 0.7, drop path 0.1, RandomErasing, Mixup/CutMix,
 label smoothing) shrunk to this data: `labels=10` trains on 10 labelled images per class (the
 `train_10pc` split, 100 epochs), `labels=all` on all 1,200 (50 epochs), with a 40x larger
-base lr (see below). The model is the demo's MixMIM Swin with 2-px
-patches, so a 32-px digit gives the demo's token grids (16x16 -> 8x8 -> 4x4, 8 of the 16 final
-cells mixed).
+base lr (see below) and no RandAugment (not implemented yet). The model is a 2-stage MixMIM Swin
+(4-px patches: 8x8 -> 4x4 tokens, 2.4M parameters), mixing 8 of the 16 final 8-px cells as the
+demo does; 1,000 pretraining steps of batch 64 (53 epochs), the k-NN monitor every 250.
 """
 
 from mixmae_jax.config import parse_arg, sibling
