@@ -11,7 +11,6 @@ This file holds the recipe the fine-tuning configs share (finetune_mae_vit_b, fi
 call `get_config` with their pretraining recipe and values).
 Variants: `:tiny` (a CPU smoke run on the embedded digits, same code path).
 Values: shared/reference/mixmim.md §5.2-5.3; ummae_mixedae.md §1.9, §1.11; MAE FINETUNE.md.
-Not yet: RandAugment rand-m9-mstd0.5-inc1 (every official recipe uses it; `augment.randaug`).
 """
 
 from mixmae_jax.config import finetune_defaults, parse_arg, sibling
@@ -27,7 +26,8 @@ def get_config(arg=None, pretrain="mixmim_b.py", layer_decay=0.7, drop_path=0.1,
     c.data.update(source="tfds", name="imagenet2012", split="train", eval_split="validation",
                   crop_scale=(0.08, 1.0),  # timm create_transform: RandomResizedCrop(0.08, 1)
                   crop_pct=crop_pct)  # eval: resize size / crop_pct, centre crop, bicubic
-    c.augment.update(reprob=0.25, mixup=0.8, cutmix=1.0, mix_prob=1.0, switch_prob=0.5,
+    c.augment.update(randaug="rand-m9-mstd0.5-inc1",  # timm: 2 ops, m ~ N(9, 0.5), increasing
+                     reprob=0.25, mixup=0.8, cutmix=1.0, mix_prob=1.0, switch_prob=0.5,
                      smoothing=0.1)
     c.batch_size = 1024  # 8 GPUs x 128
     c.eval_batch_size = 1024

@@ -255,7 +255,7 @@ def finetune_defaults(c: ml_collections.ConfigDict) -> None:
     c.data.update(eval_split="validation",
                   crop_pct=0.875)  # eval: shorter side to size / crop_pct, centre crop
     c.augment = ml_collections.ConfigDict(dict(
-        randaug="",  # RandAugment policy; not implemented yet, must stay ""
+        randaug="",  # timm RandAugment policy, e.g. "rand-m9-mstd0.5-inc1" ("": off)
         reprob=0.0,  # RandomErasing probability (mode "pixel")
         mixup=0.0,  # Mixup alpha (0: off)
         cutmix=0.0,  # CutMix alpha (0: off)

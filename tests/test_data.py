@@ -334,15 +334,15 @@ def test_pipeline_crops_with_the_configured_scale(folder, monkeypatch):
     seen = []
     real = augment.random_resized_crop_flip
 
-    def spy(encoded, seed, size, scale, hflip):
-        seen.append((size, tuple(scale), hflip))
-        return real(encoded, seed, size, scale, hflip)
+    def spy(encoded, seed, size, scale, hflip, randaug=None):
+        seen.append((size, tuple(scale), hflip, randaug))
+        return real(encoded, seed, size, scale, hflip, randaug)
 
     monkeypatch.setattr(augment, "random_resized_crop_flip", spy)
     cfg = data_cfg(source="folder", folder=str(folder), crop_scale=(0.35, 0.9), hflip=False)
     it = ip.create_train_iterator(cfg, global_batch_size=4, seed=0)
     assert next(it)["image"].shape == (4, 32, 32, 3)
-    assert seen and set(seen) == {(32, (0.35, 0.9), False)}
+    assert seen and set(seen) == {(32, (0.35, 0.9), False, None)}
 
 
 def test_crop_window_fallback_is_torchvision_centre_crop():
@@ -388,3 +388,31 @@ def test_random_resized_crop_output_and_fused_jpeg_crop():
         for i in range(20)
     ]
     assert 3 <= sum(flips) <= 17
+
+
+def test_labelled_stream_with_randaugment(monkeypatch):
+    """Fine-tuning's stream: labels beside the images, RandAugment's policy parsed and applied
+    after the crop (traced once), the same batches for the same seed."""
+    seen = []
+    real = augment.random_resized_crop_flip
+
+    def spy(encoded, seed, size, scale, hflip, randaug=None):
+        seen.append(randaug)
+        return real(encoded, seed, size, scale, hflip, randaug)
+
+    monkeypatch.setattr(augment, "random_resized_crop_flip", spy)
+    cfg = data_cfg(source="digits", split="train_10pc", image_size=32)
+    batches = []
+    for _ in range(2):
+        it = ip.create_train_iterator(cfg, global_batch_size=10, seed=3, with_labels=True,
+                                      randaug="rand-m9-mstd0.5-inc1")
+        batches.append(next(it))
+    assert seen[0] == {"n": 2, "m": 9.0, "mstd": 0.5, "inc": 1.0}
+    a, b = batches
+    assert set(a) == {"image", "label"} and a["label"].dtype == np.int32
+    assert 0 <= a["label"].min() and a["label"].max() < 10
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+    with pytest.raises(ValueError, match="no 'label' feature"):
+        ip.create_train_iterator(data_cfg(source="embedded", image_size=32),
+                                 global_batch_size=8, seed=0, with_labels=True)

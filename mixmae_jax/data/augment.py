@@ -81,8 +81,10 @@ def decode_crop(encoded, seed, scale=(0.2, 1.0)):
     return tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
 
 
-def random_resized_crop_flip(encoded, seed, size: int, scale=(0.2, 1.0), hflip: bool = True):
-    """Encoded image bytes -> uint8 [size, size, 3]; deterministic given `seed` (int [2])."""
+def random_resized_crop_flip(encoded, seed, size: int, scale=(0.2, 1.0), hflip: bool = True,
+                             randaug: dict | None = None):
+    """Encoded image bytes -> uint8 [size, size, 3]; deterministic given `seed` (int [2]).
+    randaug: a parsed RandAugment policy applied after the flip (fine-tuning), or None."""
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2, alg=_ALG))
     crop = decode_crop(encoded, crop_seed, scale)
     # Antialiased bicubic, as PIL's bicubic resize that torchvision uses on images.
@@ -92,4 +94,9 @@ def random_resized_crop_flip(encoded, seed, size: int, scale=(0.2, 1.0), hflip: 
         flip = tf.random.stateless_uniform([], seed=flip_seed, alg=_ALG) < 0.5
         image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
     image.set_shape([size, size, 3])
+    if randaug:
+        from mixmae_jax.data.randaugment import rand_augment
+
+        ra_seed = tf.random.experimental.stateless_fold_in(seed, 2, alg=_ALG)
+        image = rand_augment(image, ra_seed, randaug)
     return image

@@ -231,9 +231,15 @@ class TrainIterator(Iterator):
         process_count: int = 1,
         start_step: int = 0,
         with_labels: bool = False,
+        randaug: str = "",
     ):
         check_batch_size(global_batch_size, process_count)
         self._with_labels = with_labels
+        self._randaug = None
+        if randaug:
+            from mixmae_jax.data.randaugment import parse_policy
+
+            self._randaug = parse_policy(randaug)
         self.local_batch_size = global_batch_size // process_count
         if source.size < self.local_batch_size:
             raise ValueError(
@@ -278,7 +284,7 @@ class TrainIterator(Iterator):
             data = tf.io.read_file(data)
         seed = tf.random.experimental.stateless_fold_in(self._augment_key, position, alg=_ALG)
         image = augment.random_resized_crop_flip(
-            data, seed, self._image_size, self._crop_scale, self._hflip
+            data, seed, self._image_size, self._crop_scale, self._hflip, self._randaug
         )
         out = {"image": image, "position": position}
         return {**out, "label": label} if self._with_labels else out
@@ -372,6 +378,7 @@ def create_train_iterator(
     process_count: int = 1,
     start_step: int = 0,
     with_labels: bool = False,
+    randaug: str = "",
 ) -> TrainIterator:
     """The training stream of `data_cfg` (config `c.data`) for one process.
 
@@ -393,6 +400,7 @@ def create_train_iterator(
         process_count=process_count,
         start_step=start_step,
         with_labels=with_labels,
+        randaug=randaug,
     )
 
 

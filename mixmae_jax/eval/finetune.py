@@ -8,7 +8,8 @@ kept, SIGTERM), metrics and exact resume are pretraining's. What differs:
 * the model is the method's official fine-tuning classifier (`Method.build_classifier`), with
   drop path; it starts from the pretrained encoder loaded by the official rules (below) and a
   fresh head (trunc-normal std 2e-5);
-* the input carries labels; the step applies RandomErasing, Mixup/CutMix and label smoothing on
+* the input carries labels and, after the crop and flip, timm's RandAugment in tf.data
+  (`data/randaugment.py`); the step applies RandomErasing, Mixup/CutMix and label smoothing on
   device (`eval/mixup.py`) and minimises the soft-target cross entropy;
 * AdamW with the recipe's layer-wise lr decay (`eval/layer_decay.py`, MixMIM's quirk included);
 * every `eval_every_epochs` and at the end: top-1 / top-5 / loss on the labelled eval split
@@ -204,8 +205,13 @@ def validate(config, *, num_devices: int = 1, process_count: int = 1) -> None:
           f"{method.name} on {config.model.name}: its official layer-decay rule is not "
           "implemented; set optim.layer_decay=1.0")
     a = config.augment
-    check(not a.randaug, "augment.randaug",
-          f"{a.randaug!r}: RandAugment is not implemented yet; set augment.randaug=''")
+    if a.randaug:
+        from mixmae_jax.data.randaugment import parse_policy
+
+        try:
+            parse_policy(a.randaug)
+        except ValueError as e:
+            raise config_lib.ConfigError(str(e)) from None
     check(0.0 <= a.reprob <= 1.0, "augment.reprob", f"{a.reprob}: a probability")
     check(0.0 <= a.smoothing < 1.0, "augment.smoothing", f"{a.smoothing}: must lie in [0, 1)")
     check(a.mixup >= 0 and a.cutmix >= 0, "augment.mixup", "alphas must be >= 0")
@@ -226,7 +232,6 @@ def validate(config, *, num_devices: int = 1, process_count: int = 1) -> None:
 class FinetuneTask(Task):
     kind = "fine-tuning"
     batch_keys = ("image", "label")
-    with_labels = True
 
     def __init__(self, config):
         super().__init__(config)
@@ -248,6 +253,9 @@ class FinetuneTask(Task):
             config_lib._check(split.split("[")[0] in builder.info.splits, "data.eval_split",
                               f"{builder.name!r} has no split {split!r} (it has "
                               f"{sorted(builder.info.splits.keys())})")
+
+    def input_options(self) -> dict:
+        return {"with_labels": True, "randaug": self.config.augment.randaug}
 
     def build_model(self, rngs):
         return self.method.build_classifier(self.config.num_classes, rngs)

@@ -39,7 +39,6 @@ class Task:
 
     kind = "pretraining"
     batch_keys: tuple[str, ...] = ("image",)  # what the input yields and the step takes
-    with_labels = False
 
     def __init__(self, config):
         self.config = config
@@ -50,6 +49,10 @@ class Task:
 
     def validate(self, num_devices: int, process_count: int) -> None:
         config_lib.validate(self.config, num_devices=num_devices, process_count=process_count)
+
+    def input_options(self) -> dict:
+        """Extra `create_train_iterator` arguments (fine-tuning: labels, RandAugment)."""
+        return {}
 
     def build_model(self, rngs):
         return self.method.build_model(rngs)
@@ -216,7 +219,7 @@ def train(config, workdir: str, *, print_fn=print, stop_at: int | None = None,
     data = input_pipeline.create_train_iterator(
         config.data, global_batch_size=config.batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        start_step=start_step, with_labels=task.with_labels)
+        start_step=start_step, **task.input_options())
     steps_per_epoch = data.steps_per_epoch
     total_steps = optim.total_steps(config, steps_per_epoch)
 
@@ -233,7 +236,7 @@ def train(config, workdir: str, *, print_fn=print, stop_at: int | None = None,
             data = input_pipeline.create_train_iterator(
                 config.data, global_batch_size=config.batch_size, seed=config.seed,
                 process_index=jax.process_index(), process_count=jax.process_count(),
-                start_step=start_step, with_labels=task.with_labels)
+                start_step=start_step, **task.input_options())
     if state is None:
         start_params = task.initial_params(abstract["params"])
         state = jax.jit(init_fn, out_shardings=state_sh)(start_params)
