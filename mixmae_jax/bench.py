@@ -97,24 +97,34 @@ def _train_step(config, args) -> dict:
     from mixmae_jax import imaging
     from mixmae_jax.train import sharding
     from mixmae_jax.train import step as step_lib
-    from mixmae_jax.train.trainer import build_state_fns, jit_train_step
+    from mixmae_jax.train.trainer import build_state_fns, jit_train_step, task_for
 
     mesh = sharding.make_mesh(config.mesh)
     n_dev = mesh.devices.size
-    config_lib.validate(config, num_devices=n_dev, process_count=jax.process_count())
-    method, tx, lr_schedule, graphdef, init_fn, _, state_sh = build_state_fns(
-        config, mesh, steps_per_epoch=1000)
+    task = task_for(config)
+    if task.batch_keys == ("image",):
+        config_lib.validate(config, num_devices=n_dev, process_count=jax.process_count())
+    else:  # fine-tuning: the config's checks, no dataset needed (synthetic labels)
+        from mixmae_jax.eval import finetune
+
+        finetune.validate(config, num_devices=n_dev, process_count=jax.process_count())
+    _, tx, lr_schedule, graphdef, init_fn, _, state_sh = build_state_fns(
+        config, mesh, 1000, task)
     state = jax.jit(init_fn, out_shardings=state_sh)()
     batch_sh = sharding.batch_sharding(mesh)
     b, s = config.batch_size, config.model.img_size
     images = jax.jit(lambda k: jax.random.randint(k, (b, s, s, 3), 0, 256, jnp.int32)
                      .astype(jnp.uint8), out_shardings=batch_sh)(jax.random.PRNGKey(0))
     batch = {"image": images}
-    step_fn = jit_train_step(config, mesh, method, graphdef, tx, lr_schedule, state_sh)
+    if "label" in task.batch_keys:
+        batch["label"] = jax.jit(lambda k: jax.random.randint(k, (b,), 0, config.num_classes),
+                                 out_shardings=batch_sh)(jax.random.PRNGKey(1))
+    step_fn = jit_train_step(config, mesh, task.objective, graphdef, tx, lr_schedule, state_sh,
+                             batch_keys=task.batch_keys)
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    flops_per_device = _step_flops(config, mesh, state, batch)
+    flops_per_device = _step_flops(config, mesh, state, batch, task)
     mem = compiled.memory_analysis()
 
     for _ in range(2):  # warm-up (first runs allocate)
@@ -146,6 +156,7 @@ def _train_step(config, args) -> dict:
         "mode": "train_step",
         "config": args.config,
         "method": config.method.name,
+        "task": task.kind,
         "model": config.model.name,
         "batch": b,
         "image_size": s,
@@ -173,11 +184,12 @@ def _train_step(config, args) -> dict:
 
     if args.breakdown:  # forward alone and forward+backward alone, same batch and mask
         params = state["params"]
-        images_f = jax.jit(imaging.normalize)(images)
-        plan = method.make_plan(jax.random.PRNGKey(1), b, n_dev)
+        batch_f = dict(batch, image=jax.jit(imaging.normalize)(images))
+        objective = task.objective
+        plan = objective.make_plan(jax.random.PRNGKey(1), b, n_dev)
 
         def loss_fn(p):
-            return method.loss(step_lib.bind(graphdef, p), {"image": images_f}, plan, n_dev)[0]
+            return objective.loss(step_lib.bind(graphdef, p), batch_f, plan, n_dev)[0]
 
         for name, fn in (("forward_s", jax.jit(loss_fn)), ("forward_backward_s",
                                                            jax.jit(jax.grad(loss_fn)))):
@@ -191,7 +203,7 @@ def _train_step(config, args) -> dict:
     return result
 
 
-def _step_flops(config, mesh, state, batch) -> float:
+def _step_flops(config, mesh, state, batch, task) -> float:
     """FLOPs per device of the compiled step, from XLA's cost analysis.
 
     XLA counts a while loop's body once, so the blocks are unrolled for this count
@@ -199,12 +211,14 @@ def _step_flops(config, mesh, state, batch) -> float:
     """
     import copy
 
-    from mixmae_jax.train.trainer import build_state_fns, jit_train_step
+    from mixmae_jax.train.trainer import build_state_fns, jit_train_step, task_for
 
     unrolled = copy.deepcopy(config)
     unrolled.model.scan_blocks = False
-    method, tx, lr, graphdef, _, _, state_sh = build_state_fns(unrolled, mesh, 1000)
-    fn = jit_train_step(unrolled, mesh, method, graphdef, tx, lr, state_sh, donate=False)
+    task = task_for(unrolled)
+    _, tx, lr, graphdef, _, _, state_sh = build_state_fns(unrolled, mesh, 1000, task)
+    fn = jit_train_step(unrolled, mesh, task.objective, graphdef, tx, lr, state_sh, donate=False,
+                        batch_keys=task.batch_keys)
     compiled = fn.lower(state, batch).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost

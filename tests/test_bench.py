@@ -18,16 +18,18 @@ CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
     ("ummae_swin_t.py:tiny", (1e7, 5e9)),
     ("simmim_ummae_pvt_s.py:tiny", (1e7, 5e9)),
     ("mixedae_vit_b.py:tiny", (1e6, 5e9)),
+    ("finetune_mixmim_b.py:tiny", (0.5e9, 5e9)),  # the classifier step, synthetic labels
 ])
 def test_bench_reports_mfu_and_flops(capsys, config, flops_range):
-    """Every method's pretraining config benches through the same step."""
+    """Every method's pretraining config, and fine-tuning, benches through the same step."""
     assert bench.main(["--config", os.path.join(CONFIGS, config), "--steps", "1"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     result = json.loads(out[-1])
     for key in ("step_time_s", "images_per_sec", "flops_per_step", "tflops_per_sec", "mfu",
                 "peak_flops", "peak_source", "peak_memory_bytes", "device", "method", "model"):
         assert key in result, key
-    assert result["method"] == config.split("_")[0]
+    assert result["method"] == config.removeprefix("finetune_").split("_")[0]
+    assert result["task"] == ("fine-tuning" if config.startswith("finetune") else "pretraining")
     assert flops_range[0] < result["flops_per_step"] < flops_range[1]
     assert 0 < result["mfu"] < 1.5 and result["peak_flops"] > 1e9
     assert result["images_per_sec"] == result["batch"] / result["step_time_s"]
