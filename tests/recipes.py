@@ -21,3 +21,14 @@ def mixmim_config(arg: str | None = None, variant: str = "B"):
 def mixmim_model(variant: str = "B", res: int = 224):
     """The `config.model` of MixMIM-<variant> at 224 (windows 14/14/14/7) or 384 (16/16/24/12)."""
     return mixmim_config(f"res={res}", variant).model
+
+
+def override(config, overrides: dict):
+    """Sets dotted keys ({"data.source": "tfds"}) on a config; returns it."""
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config

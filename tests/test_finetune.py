@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 import torch
-from recipes import load
+from recipes import load, override
 
 from mixmae_jax.config import ConfigError
 from mixmae_jax.eval import layer_decay, mixup
@@ -29,13 +29,7 @@ def finetune_config(**overrides):
     c = load("finetune_mixmim_b.py", "tiny")
     c.model.update(SMALL_SWIN)
     c.data.image_size = 32
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return override(c, overrides)
 
 
 @pytest.fixture(scope="module")
@@ -328,7 +322,7 @@ def test_evaluation_counts_every_example_once_on_8_devices():
         import json, sys
         import jax
         sys.path.insert(0, "tests")
-        from recipes import load
+        from recipes import load, override
         from mixmae_jax.data import eval_pipeline
         from mixmae_jax.eval import finetune
         from mixmae_jax.methods import get_method

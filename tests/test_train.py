@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
-from recipes import mixmim_config
+from recipes import mixmim_config, override
 
 from mixmae_jax import config as config_lib
 from mixmae_jax.config import ConfigError
@@ -34,13 +34,7 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
     c.optim.update(warmup_epochs=0, base_lr=1e-3)
     c.log_every = 1
     c.checkpoint_every = 2
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return override(c, overrides)
 
 
 @pytest.fixture(scope="module")
