@@ -354,3 +354,34 @@ def test_evaluation_counts_every_example_once_on_8_devices():
     assert eight["top1"] == one["top1"] and eight["top5"] == one["top5"]
     assert 0.0 < eight["top1"] < 1.0
     assert eight["loss"] == pytest.approx(one["loss"], rel=1e-5)
+
+
+def test_shipped_finetune_configs_hold_the_official_recipes():
+    """shared/reference/mixmim.md §5.2, ummae_mixedae.md §1.9, MAE FINETUNE.md."""
+    from mixmae_jax.eval import finetune
+
+    common = dict(batch_size=1024, epochs=100)
+    for name, decay, geometry in (
+            ("finetune_mixmim_b.py", 0.7, {"window_sizes": (14, 14, 14, 7)}),
+            ("finetune_mae_vit_b.py", 0.65, {"img_size": 224}),
+            ("finetune_ummae_swin_t.py", 0.85, {"window_size": 16, "img_size": 256}),
+            ("finetune_ummae_pvt_s.py", 0.85, {"sr_ratios": (8, 4, 2, 1), "img_size": 256})):
+        c = load(name)
+        finetune.validate(c)
+        assert c.task == "finetune" and c.num_classes == 1000
+        assert {k: c[k] for k in common} == common
+        o, a = c.optim, c.augment
+        assert (o.base_lr, o.lr_batch_divisor, o.warmup_epochs, o.min_lr, o.weight_decay,
+                o.b1, o.b2, o.layer_decay) == (5e-4, 256, 5, 1e-6, 0.05, 0.9, 0.999, decay), name
+        assert (a.randaug, a.reprob, a.mixup, a.cutmix, a.mix_prob, a.switch_prob,
+                a.smoothing) == ("rand-m9-mstd0.5-inc1", 0.25, 0.8, 1.0, 1.0, 0.5, 0.1), name
+        assert c.model.drop_path_rate == 0.1 and tuple(c.data.crop_scale) == (0.08, 1.0)
+        for key, value in geometry.items():
+            got = c.model[key]
+            assert (tuple(got) if isinstance(value, tuple) else got) == value, (name, key)
+        load(name, "tiny")  # the smoke variant loads too
+    assert load("finetune_mixmim_b.py").data.crop_pct == 0.875
+    assert load("finetune_ummae_swin_t.py").data.crop_pct == 1.0  # Resize(256) + Crop(256)
+    assert tuple(load("finetune_mae_vit_b.py").optim.no_decay) == ("pos_embed", "cls_token")
+    for arg in ("", "finetune", "finetune,labels=10"):
+        load("digits.py", arg or None)
