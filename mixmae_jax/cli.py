@@ -8,6 +8,7 @@ exit with status 2 instead of a traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -114,7 +115,8 @@ def _train_main(argv, *, finetune: bool):
                 f"config; run it with {'mixmae-finetune' if is_finetune else 'mixmae-pretrain'}")
         if finetune and args.init is not None:
             config.init = args.init
-        trainer.train(config, args.workdir)
+        # Flushed, so a piped log keeps its order against SIGTERM's message on stderr.
+        trainer.train(config, args.workdir, print_fn=functools.partial(print, flush=True))
     except USER_ERRORS as e:
         if args.debug:
             raise

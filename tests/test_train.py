@@ -171,11 +171,17 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, image_folder):
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
-    saved = [line for line in out.splitlines() if "Preempted: saved step" in line]
+    saved = [line for line in out.splitlines() if "Preempted (SIGTERM): saved step" in line]
     assert saved, out
     step = int(saved[0].split("saved step ")[1].split(",")[0])
     assert step >= 1
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == [str(step)]
+    # The step in flight is the last one run, logged and saved: nothing runs after it, and the
+    # (flushed) progress lines end with it, before the "Preempted" line.
+    assert _jsonl(workdir)[-1]["step"] == step
+    progress = [line for line in out.splitlines() if line.startswith("step ")]
+    assert progress[-1].startswith(f"step {step}/")
+    assert out.index(progress[-1]) < out.index(saved[0])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -284,7 +284,8 @@ class PreemptionHandler:
 
     def _on_signal(self, signum, frame) -> None:
         del frame
-        logging.warning("Signal %d: will save a checkpoint and stop after this step", signum)
+        logging.warning("Signal %d: the step in flight finishes, is saved, and the run exits",
+                        signum)
         self.requested = True
 
     def install(self) -> PreemptionHandler:

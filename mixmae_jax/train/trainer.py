@@ -296,7 +296,7 @@ def train(config, workdir: str, *, print_fn=print, stop_at: int | None = None,
             if at_save or stop:
                 ckpt.save(step, state, force=stop or step == total_steps)
             if stop:
-                why = "Stopped as asked" if step == stop_at else "Preempted"
+                why = "Stopped as asked" if step == stop_at else "Preempted (SIGTERM)"
                 print_fn(f"{why}: saved step {step}, exiting cleanly")
                 break
         summary = task.finish(state)
