@@ -224,3 +224,30 @@ def test_shipped_configs_validate():
                  .model.window_sizes) == (16, 16, 24, 12)
     with pytest.raises(ConfigError, match="unknown option"):
         config_lib.load_config(os.path.join(REPO, "configs/mixmim_b.py:huge"))
+
+
+@pytest.mark.slow
+def test_tensorboard_reads_a_resumed_run_as_one(tmp_path, image_folder):
+    """A run logs steps 1-3, dies before saving step 3 (its checkpoint is lost), resumes from
+    step 2 and runs 3-4: metrics.jsonl and TensorBoard (its loader, which drops the orphaned
+    step 3 when the steps restart) both hold one value per step, the resumed run's."""
+    from tensorboard.backend.event_processing import plugin_event_accumulator
+    from tensorboard.util import tensor_util
+
+    config = tiny_config(**{"data.source": "folder", "data.folder": image_folder})
+    workdir = str(tmp_path)
+    trainer.train(config, workdir, stop_at=3, **{"print_fn": lambda s: None})
+    import shutil
+
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "3"))  # killed before step 3 was saved
+    trainer.train(config, workdir, print_fn=lambda s: None)
+    rows = _jsonl(workdir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    # The loader TensorBoard's server uses (v2 summaries are tensors).
+    acc = plugin_event_accumulator.EventAccumulator(os.path.join(workdir, "tensorboard"),
+                                                    purge_orphaned_data=True)
+    acc.Reload()
+    events = acc.Tensors("loss")
+    assert [e.step for e in events] == [1, 2, 3, 4]
+    values = [float(tensor_util.make_ndarray(e.tensor_proto)) for e in events]
+    np.testing.assert_allclose(values, [r["loss"] for r in rows], rtol=1e-6)

@@ -4,7 +4,8 @@
 writer (`workdir/metrics.jsonl`, one object per logging step: {"step": 100, "loss": 0.81, ...})
 and clu's TensorBoard SummaryWriter (`workdir/tensorboard`); elsewhere one that writes nothing.
 The JSON-lines file is appended to; on resume the trainer first drops the lines past the restored
-step (`truncate_after`), so it reads as one run (TensorBoard's event files keep both). clu
+step (`truncate_after`) and marks the restart for TensorBoard (`mark_restart`), so both read as
+one run. clu
 imports TensorFlow, so it is imported only when a writer is made (the benchmark's import path
 stays free of it).
 """
@@ -38,6 +39,31 @@ def create_writer(workdir: str | os.PathLike, *, is_primary: bool = True):
         JsonLinesWriter(os.path.join(workdir, JSONL_NAME)),
         metric_writers.SummaryWriter(os.path.join(workdir, TB_DIR)),
     ])
+
+
+def mark_restart(workdir: str | os.PathLike, step: int) -> None:
+    """Tells TensorBoard that the run restarts after `step`: an events file holding a SessionLog
+    START at step + 1, named to sort after the earlier runs' files and before the resumed run's.
+    TensorBoard's loader then drops the earlier events from step + 1 on (purge_orphaned_data),
+    as the trainer drops those lines of metrics.jsonl."""
+    import tensorflow as tf
+    from tensorboard.compat.proto import event_pb2
+
+    directory = os.path.join(workdir, TB_DIR)
+    os.makedirs(directory, exist_ok=True)
+    now = time.time()
+    # The resumed run's writer names its file by the current second: one second earlier sorts
+    # before it, and after the files of any run that logged a step.
+    path = os.path.join(directory, f"events.out.tfevents.{int(now) - 1:010d}.restart-{step}.v2")
+    start = event_pb2.Event(wall_time=now, step=step + 1, session_log=event_pb2.SessionLog(
+        status=event_pb2.SessionLog.START))
+    with tf.io.TFRecordWriter(path) as f:
+        f.write(event_pb2.Event(wall_time=now, file_version="brain.Event:2").SerializeToString())
+        # TensorBoard takes a run's first START as its beginning and each later one as a
+        # restart: two, so the purge happens whether or not an earlier marker exists (a second
+        # purge at the same step drops nothing more).
+        f.write(start.SerializeToString())
+        f.write(start.SerializeToString())
 
 
 def truncate_after(workdir: str | os.PathLike, step: int) -> int:

@@ -253,6 +253,7 @@ def train(config, workdir: str, *, print_fn=print, stop_at: int | None = None,
 
     # ----- Loop ------------------------------------------------------------------------------
     if is_primary and start_step:
+        metrics_lib.mark_restart(workdir, start_step)
         dropped = metrics_lib.truncate_after(workdir, start_step)
         if dropped:
             print_fn(f"Dropped {dropped} lines of {metrics_lib.JSONL_NAME} past step {start_step}")
