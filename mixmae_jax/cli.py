@@ -355,17 +355,17 @@ def _eval(args) -> None:
     graphdef, _ = step_lib.graphdef_and_abstract_params(method)
     model_fn = jax.jit(lambda p, x: method.features(step_lib.bind(graphdef, p), x))
     source = "digits" if args.data == "digits" else "tfds"
-    builder = eval_pipeline.labelled_builder(ml_collections.ConfigDict(dict(
+    data = eval_pipeline.labelled_data(ml_collections.ConfigDict(dict(
         source=source, name=args.data, data_dir=args.data_dir, manual_dir=None)))
     split_features = {}
     for split in (args.train_split, args.test_split):
-        it = eval_pipeline.EvalIterator(builder, split, global_batch_size=args.batch,
+        it = eval_pipeline.EvalIterator(data, split, global_batch_size=args.batch,
                                         image_size=config.model.img_size,
                                         crop_pct=args.crop_pct)
         split_features[split] = knn.frozen_features(method, model_fn, params, it)
     (xf, xl), (qf, ql) = split_features[args.train_split], split_features[args.test_split]
-    num_classes = builder.info.features["label"].num_classes
-    where = (f"{method.name}, step {step}, {builder.name} {args.train_split} -> "
+    num_classes = data.num_classes
+    where = (f"{method.name}, step {step}, {data.name} {args.train_split} -> "
              f"{args.test_split}")
     if args.command == "knn":
         acc = knn.knn_accuracy(xf, xl, qf, ql, k=args.k, temperature=args.temperature,
@@ -381,7 +381,7 @@ def _eval(args) -> None:
     print(f"{args.command} ({where}, {settings}): top-1 {acc['top1']:.4f}  top-5 "
           f"{acc['top5']:.4f}  ({len(ql)} test, {len(xl)} train, features {xf.shape[1]})")
     print(json.dumps({"eval": args.command, "method": method.name, "step": step,
-                      "dataset": builder.name, **settings, **acc}))
+                      "dataset": data.name, **settings, **acc}))
 
 
 # ---------------------------------------------------------------------------------------------

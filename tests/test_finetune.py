@@ -286,7 +286,7 @@ def no_compiling(monkeypatch):
 
 @pytest.mark.parametrize("overrides, match", [
     ({"data.source": "embedded"}, "^data.source: .*labelled"),
-    ({"num_classes": 7}, "^num_classes: 7, but 'mixmae_digits' has 10 classes"),
+    ({"num_classes": 7}, "^num_classes: 7, but tfds dataset 'mixmae_digits' has 10 classes"),
     ({"data.eval_split": "validation"}, "^data.eval_split: .*no split 'validation'"),
     ({"augment.randaug": "auto-m9"}, "^augment.randaug=.*'rand-'"),
     ({"optim.layer_decay": 1.5}, "^optim.layer_decay:"),
@@ -336,13 +336,13 @@ def test_evaluation_counts_every_example_once_on_8_devices():
         params = jax.jit(lambda: step_lib.init_params(method, jax.random.PRNGKey(0), build))()
         # a head large enough that predictions are not all one class
         params["head"]["kernel"] = params["head"]["kernel"] * 1e4
-        builder = eval_pipeline.labelled_builder(c.data)
+        data = eval_pipeline.labelled_data(c.data)
         res = {}
         for devices in (8, 1):
             mesh = sharding.make_mesh(c.mesh, jax.devices()[:devices])
             assert mesh.devices.size == devices
             p = jax.device_put(params, sharding.replicated(mesh))
-            it = eval_pipeline.EvalIterator(builder, "test", global_batch_size=200,
+            it = eval_pipeline.EvalIterator(data, "test", global_batch_size=200,
                                             image_size=32, crop_pct=1.0)
             step = jax.jit(finetune.make_eval_step(graphdef, 10))
             res[devices] = finetune.evaluate(step, p, it, sharding.batch_sharding(mesh))

@@ -22,14 +22,92 @@ import tensorflow_datasets as tfds
 from mixmae_jax.data import tf_setup  # noqa: F401  (hides GPUs from TF before tfds uses it)
 
 
-def labelled_builder(data_cfg) -> tfds.core.DatasetBuilder:
-    """The prepared TFDS builder of `data_cfg` ("tfds" by name, or the embedded "digits"), with a
-    `label` feature; ValueError naming the dataset otherwise."""
+class LabelledData:
+    """A labelled dataset's splits in their stored order: a prepared TFDS dataset (the embedded
+    digits too) or class folders (`root/<split>/<class>/<image>`, label i = the i-th class
+    name in sorted order, the same classes in every split)."""
+
+    def __init__(self, kind: str, name: str, num_classes: int, splits: dict, records,
+                 data_is_path: bool):
+        self.kind = kind  # "tfds dataset" or "image folder"
+        self.name = name  # the TFDS name or the folder
+        self.num_classes = num_classes
+        self._splits = splits  # split -> number of examples
+        self._records = records  # split -> tf.data.Dataset of (data, label)
+        self.data_is_path = data_is_path
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.name!r}"
+
+    @property
+    def splits(self) -> list[str]:
+        return sorted(self._splits)
+
+    def check_split(self, split: str) -> None:
+        if split.split("[")[0] not in self._splits:
+            raise ValueError(f"{self} has no split {split!r} (it has {self.splits})")
+
+    def num_examples(self, split: str) -> int:
+        self.check_split(split)
+        return self._splits[split]
+
+    def records(self, split: str):
+        self.check_split(split)
+        return self._records(split)
+
+
+def _tfds_data(builder) -> LabelledData:
+    features = builder.info.features
+    if "label" not in features or "image" not in features:
+        raise ValueError(f"tfds dataset {builder.name!r} has no 'image' and 'label' features "
+                         f"(it has {sorted(features.keys())}): evaluation needs labels")
+
+    def records(split):
+        ds = builder.as_dataset(split=split, shuffle_files=False,
+                                decoders={"image": tfds.decode.SkipDecoding()})
+        return ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32)))
+
+    splits = {k: v.num_examples for k, v in builder.info.splits.items()}
+    return LabelledData("tfds dataset", builder.name, features["label"].num_classes, splits,
+                        records, data_is_path=False)
+
+
+def _folder_data(root: str) -> LabelledData:
+    from mixmae_jax.data.input_pipeline import class_folder_examples
+
+    if not root or not tf.io.gfile.isdir(root):
+        raise ValueError(f"data.folder={root!r} is not a directory")
+    splits, classes = {}, None
+    for split in sorted(tf.io.gfile.listdir(root)):
+        split = split.rstrip("/")
+        if not tf.io.gfile.isdir(f"{root.rstrip('/')}/{split}"):
+            continue
+        paths, labels, names = class_folder_examples(f"{root.rstrip('/')}/{split}")
+        if classes is not None and names != classes:
+            raise ValueError(f"image folder {root!r}: split {split!r} has classes {names}, "
+                             f"others {classes}; every split needs the same class sub-folders")
+        classes = names
+        splits[split] = (paths, labels)
+    if not splits:
+        raise ValueError(f"image folder {root!r}: labelled data needs one sub-folder per split "
+                         "(e.g. train/, val/), each with one sub-folder per class")
+
+    def records(split):
+        paths, labels = splits[split]
+        return tf.data.Dataset.from_tensor_slices((paths, np.asarray(labels, np.int32)))
+
+    return LabelledData("image folder", root, len(classes),
+                        {k: len(v[0]) for k, v in splits.items()}, records, data_is_path=True)
+
+
+def labelled_data(data_cfg) -> LabelledData:
+    """The labelled dataset of `data_cfg`: "tfds" by name (prepared), the embedded "digits", or
+    class folders ("folder"); ValueError naming the dataset when it has no labels."""
     if data_cfg.source == "digits":
         from mixmae_jax.data import digits
 
-        builder = digits.prepare(data_cfg.data_dir)
-    elif data_cfg.source == "tfds":
+        return _tfds_data(digits.prepare(data_cfg.data_dir))
+    if data_cfg.source == "tfds":
         try:
             builder = tfds.builder(data_cfg.name, data_dir=data_cfg.data_dir)
         except tfds.core.registered.DatasetNotFoundError as e:  # its message lists ~400 names
@@ -38,14 +116,12 @@ def labelled_builder(data_cfg) -> tfds.core.DatasetBuilder:
                              f"{str(e).splitlines()[0]}") from None
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=data_cfg.manual_dir))
-    else:
-        raise ValueError(f"data.source={data_cfg.source!r}: evaluation needs labels: a TFDS "
-                         "dataset ('tfds') or the embedded digits ('digits')")
-    features = builder.info.features
-    if "label" not in features or "image" not in features:
-        raise ValueError(f"tfds dataset {builder.name!r} has no 'image' and 'label' features "
-                         f"(it has {sorted(features.keys())}): evaluation needs labels")
-    return builder
+        return _tfds_data(builder)
+    if data_cfg.source == "folder":
+        return _folder_data(data_cfg.folder)
+    raise ValueError(f"data.source={data_cfg.source!r}: evaluation needs labels: a TFDS "
+                     "dataset ('tfds'), class folders ('folder') or the embedded digits "
+                     "('digits')")
 
 
 def center_crop(encoded, image_size: int, crop_pct: float):
@@ -71,26 +147,25 @@ class EvalIterator:
     local_batch_size, num_classes.
     """
 
-    def __init__(self, builder, split: str, *, global_batch_size: int, image_size: int,
-                 crop_pct: float = 0.875, process_index: int = 0, process_count: int = 1):
+    def __init__(self, data: LabelledData, split: str, *, global_batch_size: int,
+                 image_size: int, crop_pct: float = 0.875, process_index: int = 0,
+                 process_count: int = 1):
         if global_batch_size % process_count:
             raise ValueError(f"eval batch {global_batch_size} is not divisible by the "
                              f"{process_count} processes")
-        if split not in builder.info.splits:
-            raise ValueError(f"tfds dataset {builder.name!r} has no split {split!r} (it has "
-                             f"{sorted(builder.info.splits.keys())})")
         self.local_batch_size = global_batch_size // process_count
-        self.num_examples = builder.info.splits[split].num_examples
-        self.num_classes = builder.info.features["label"].num_classes
+        self.num_examples = data.num_examples(split)
+        self.num_classes = data.num_classes
         local = math.ceil(self.num_examples / process_count)
         self.num_batches = math.ceil(local / self.local_batch_size)
-        ds = builder.as_dataset(split=split, shuffle_files=False,
-                                decoders={"image": tfds.decode.SkipDecoding()})
-        ds = ds.enumerate().shard(process_count, process_index)
+        ds = data.records(split).enumerate().shard(process_count, process_index)
 
-        def prepare(i, ex):
-            return {"image": center_crop(ex["image"], image_size, crop_pct),
-                    "label": tf.cast(ex["label"], tf.int32), "valid": True, "index": i}
+        def prepare(i, record):
+            encoded, label = record
+            if data.data_is_path:
+                encoded = tf.io.read_file(encoded)
+            return {"image": center_crop(encoded, image_size, crop_pct), "label": label,
+                    "valid": True, "index": i}
 
         pad = {"image": tf.zeros((image_size, image_size, 3), tf.uint8),
                "label": tf.constant(0, tf.int32), "valid": tf.constant(False),

@@ -139,19 +139,47 @@ def list_images(folder: str) -> list[str]:
     return sorted(paths)
 
 
-def folder_source(folder: str, *, process_index: int = 0, process_count: int = 1) -> Source:
-    """This process's share of an image folder (unlabelled): every process_count-th path, equal
-    counts."""
+def class_folder_examples(folder: str) -> tuple[list[str], list[int], list[str]]:
+    """(paths, labels, class names) of a folder of class sub-folders: label i is the i-th
+    sub-folder in sorted order; images outside a class sub-folder are refused by name."""
+    if not tf.io.gfile.isdir(folder):
+        raise ValueError(f"image folder {folder!r} is not a directory")
+    root = folder.rstrip("/") + "/"
+    classes = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(folder)
+                     if tf.io.gfile.isdir(root + d.rstrip("/")))
+    index = {c: i for i, c in enumerate(classes)}
+    paths = list_images(folder)
+    labels = []
+    for p in paths:
+        parts = p[len(root):].split("/")
+        if len(parts) < 2:
+            raise ValueError(f"image folder {folder!r}: {p!r} is not in a class sub-folder "
+                             "(labelled data needs <folder>/<class>/<image>)")
+        labels.append(index[parts[0]])
+    if not paths:
+        raise ValueError(f"image folder {folder!r} holds no {'/'.join(IMAGE_EXTENSIONS)} files")
+    return paths, labels, classes
+
+
+def folder_source(folder: str, *, process_index: int = 0, process_count: int = 1,
+                  with_labels: bool = False) -> Source:
+    """This process's share of an image folder: every process_count-th path, equal counts.
+    Unlabelled: every image below `folder`; labelled: `class_folder_examples`."""
     name = f"image folder {folder!r}"
     if not folder or not tf.io.gfile.isdir(folder):
         raise ValueError(f"data.folder={folder!r} is not a directory")
-    paths = list_images(folder)
+    if with_labels:
+        paths, labels, _ = class_folder_examples(folder)
+    else:
+        paths = list_images(folder)
+        labels = [-1] * len(paths)
     if not paths:
         raise ValueError(f"{name} holds no {'/'.join(IMAGE_EXTENSIONS)} files")
     size = len(paths) // process_count
     # Strided, so class-sorted folders spread every class over all processes.
     local = paths[process_index::process_count][:size]
-    ds = tf.data.Dataset.from_tensor_slices((local, local, np.full(len(local), -1, np.int32)))
+    local_labels = np.asarray(labels[process_index::process_count][:size], np.int32)
+    ds = tf.data.Dataset.from_tensor_slices((local, local, local_labels))
 
     def epoch(seed):
         return ds.shuffle(max(size, 1), seed=seed[0])  # paths are tiny: shuffle the whole epoch
@@ -188,10 +216,9 @@ def source_from_config(data_cfg, *, process_index: int = 0, process_count: int =
             **share,
         )
     if data_cfg.source == "folder":
-        if with_labels:  # fine-tuning's validation refuses it first
-            raise ValueError(f"data.folder={data_cfg.folder!r}: labelled training reads TFDS "
-                             "datasets; build one from class sub-folders with `tfds build` "
-                             "(tfds.folder_dataset.ImageFolder)")
+        if with_labels:  # labelled class folders: <folder>/<split>/<class>/<image>
+            return folder_source(f"{data_cfg.folder.rstrip('/')}/{data_cfg.split}",
+                                 with_labels=True, **share)
         return folder_source(data_cfg.folder, **share)
     raise ValueError(f"data.source={data_cfg.source!r}: expected 'tfds', 'folder', 'embedded' or "
                      "'digits'")

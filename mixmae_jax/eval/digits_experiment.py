@@ -43,10 +43,10 @@ def frozen_accuracy(config, params, *, probe_lr: float = 50.0) -> dict[str, floa
     method = get_method(config)
     graphdef, _ = step_lib.graphdef_and_abstract_params(method)
     model_fn = jax.jit(lambda p, x: method.features(step_lib.bind(graphdef, p), x))
-    builder = eval_pipeline.labelled_builder(config.data)
+    data = eval_pipeline.labelled_data(config.data)
     feats = {}
     for split in ("train", "test"):
-        it = eval_pipeline.EvalIterator(builder, split, global_batch_size=200,
+        it = eval_pipeline.EvalIterator(data, split, global_batch_size=200,
                                         image_size=config.data.image_size, crop_pct=1.0)
         feats[split] = knn.frozen_features(method, model_fn, params, it)
     (xf, xl), (qf, ql) = feats["train"], feats["test"]

@@ -196,9 +196,10 @@ def validate(config, *, num_devices: int = 1, process_count: int = 1) -> None:
 
     method = get_method(config)
     check(config.num_classes > 0, "num_classes", f"{config.num_classes}: must be positive")
-    check(config.data.source in ("tfds", "digits"), "data.source",
-          f"{config.data.source!r}: fine-tuning reads a labelled TFDS dataset ('tfds', with "
-          "'image' and 'label' features and an eval split) or the embedded 'digits'")
+    check(config.data.source in ("tfds", "digits", "folder"), "data.source",
+          f"{config.data.source!r}: fine-tuning reads labelled data: a TFDS dataset ('tfds', "
+          "with 'image' and 'label' features and an eval split), class folders ('folder': "
+          "data.folder/<split>/<class>/<image>) or the embedded 'digits'")
     d = config.optim.layer_decay
     check(0.0 < d <= 1.0, "optim.layer_decay", f"{d}: must lie in (0, 1] (1: no decay)")
     check(d == 1.0 or method.layer_decay_rule is not None, "optim.layer_decay",
@@ -244,15 +245,14 @@ class FinetuneTask(Task):
         validate(self.config, num_devices=num_devices, process_count=process_count)
         from mixmae_jax.data import eval_pipeline
 
-        builder = eval_pipeline.labelled_builder(self.config.data)  # before compiling
-        classes = builder.info.features["label"].num_classes
-        config_lib._check(classes == self.config.num_classes, "num_classes",
-                          f"{self.config.num_classes}, but {builder.name!r} has {classes} "
-                          f"classes; set --config.num_classes={classes}")
-        for split in (self.config.data.split, self.config.data.eval_split):
-            config_lib._check(split.split("[")[0] in builder.info.splits, "data.eval_split",
-                              f"{builder.name!r} has no split {split!r} (it has "
-                              f"{sorted(builder.info.splits.keys())})")
+        data = eval_pipeline.labelled_data(self.config.data)  # before compiling
+        config_lib._check(data.num_classes == self.config.num_classes, "num_classes",
+                          f"{self.config.num_classes}, but {data} has {data.num_classes} "
+                          f"classes; set --config.num_classes={data.num_classes}")
+        for key in ("split", "eval_split"):
+            split = self.config.data[key]
+            config_lib._check(split.split("[")[0] in data.splits, f"data.{key}",
+                              f"{data} has no split {split!r} (it has {data.splits})")
 
     def input_options(self) -> dict:
         return {"with_labels": True, "randaug": self.config.augment.randaug}
@@ -303,11 +303,11 @@ class FinetuneTask(Task):
                            in_shardings=(params_sh, {k: batch_sh for k in
                                                      ("image", "label", "valid")}),
                            out_shardings=sharding.replicated(mesh))
-            builder = eval_pipeline.labelled_builder(c.data)
             iterator = eval_pipeline.EvalIterator(
-                builder, c.data.eval_split, global_batch_size=c.eval_batch_size,
-                image_size=c.data.image_size, crop_pct=c.data.crop_pct,
-                process_index=jax.process_index(), process_count=jax.process_count())
+                eval_pipeline.labelled_data(c.data), c.data.eval_split,
+                global_batch_size=c.eval_batch_size, image_size=c.data.image_size,
+                crop_pct=c.data.crop_pct, process_index=jax.process_index(),
+                process_count=jax.process_count())
             self._eval = (step, iterator, batch_sh)
         return self._eval
 

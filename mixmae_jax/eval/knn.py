@@ -79,8 +79,8 @@ class KnnMonitor:
         from mixmae_jax.train.step import bind
 
         self.cfg = eval_cfg
-        self.builder = eval_pipeline.labelled_builder(eval_cfg)
-        self.num_classes = self.builder.info.features["label"].num_classes
+        self.data = eval_pipeline.labelled_data(eval_cfg)
+        self.num_classes = self.data.num_classes
         self.image_size = image_size
         self.batch_sh = sharding.batch_sharding(mesh)
 
@@ -98,7 +98,7 @@ class KnnMonitor:
         from mixmae_jax.data import eval_pipeline
 
         it = eval_pipeline.EvalIterator(
-            self.builder, split, global_batch_size=self.cfg.batch_size,
+            self.data, split, global_batch_size=self.cfg.batch_size,
             image_size=self.image_size, crop_pct=self.cfg.crop_pct,
             process_index=jax.process_index(), process_count=jax.process_count())
         feats, labels, index = [], [], []
