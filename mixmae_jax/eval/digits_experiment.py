@@ -84,6 +84,7 @@ def main(argv=None) -> None:
     p.add_argument("--workdir", default="workdirs/experiment")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = p.parse_args(argv)
+    path = _config_path()  # before anything is written
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import jax
     from absl import logging
@@ -98,7 +99,6 @@ def main(argv=None) -> None:
     jax.config.update("jax_compilation_cache_dir", os.path.join(args.workdir, "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    path = _config_path()
     t0 = time.perf_counter()
     quiet = lambda s: None  # noqa: E731
 
