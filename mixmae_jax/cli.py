@@ -193,8 +193,16 @@ def _from_torch(args, overrides) -> None:
 
 
 def convert_main(argv=None):
-    p = argparse.ArgumentParser(prog="mixmae-convert", description="Convert checkpoints between "
-                                "mixmae-jax (Orbax) and each method's official PyTorch layout.")
+    p = argparse.ArgumentParser(
+        prog="mixmae-convert", description="Convert checkpoints between mixmae-jax (Orbax) and "
+        "each method's official PyTorch layout.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""examples:
+  mixmae-convert to-torch --workdir DIR [--step N] --out model.pth --format pretrain|finetune
+  mixmae-convert to-torch --workdir FINETUNE_DIR --best --out model.pth --format finetune
+  mixmae-convert from-torch --checkpoint official.pth --config configs/mixmim_b.py \\
+      --workdir DIR [--trust-pickle]
+
+`mixmae-convert to-torch --help` and `from-torch --help` list each command's flags.""")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("to-torch", help="Orbax workdir -> {'model': state_dict} .pth")
     t.add_argument("--workdir", required=True)

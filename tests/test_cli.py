@@ -199,3 +199,25 @@ def test_from_torch_names_a_file_that_is_no_checkpoint(setup, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and "notes.txt: " in err
     assert "not a readable PyTorch checkpoint" in err or "safe loader" in err
+
+
+@pytest.mark.parametrize("main, argv, flags", [
+    ("finetune_main", [], ("--config", "--workdir", "--init", "--debug", "--config.KEY=VALUE")),
+    ("convert_main", [], ("to-torch", "from-torch", "--best", "--format")),
+    ("convert_main", ["to-torch"], ("--workdir", "--step", "--best", "--out", "--format",
+                                    "--num-classes")),
+    ("convert_main", ["from-torch"], ("--checkpoint", "--config", "--workdir",
+                                      "--trust-pickle", "--allow-ape-mismatch")),
+    ("visualize_main", [], ("--workdir", "--images", "--out", "--mask")),
+    ("eval_main", [], ("knn", "linprobe")),
+    ("eval_main", ["knn"], ("--workdir", "--data", "--k", "--temperature", "--crop-pct")),
+    ("eval_main", ["linprobe"], ("--workdir", "--epochs", "--base-lr")),
+])
+def test_every_tool_has_help(capsys, main, argv, flags):
+    """`--help` of every tool and subcommand exits 0 and lists its flags."""
+    with pytest.raises(SystemExit) as e:
+        getattr(cli, main)([*argv, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in flags:
+        assert flag in out, flag
