@@ -296,3 +296,34 @@ def test_kill_9_during_checkpoint_writes_then_resume_logs_the_same_losses(tmp_pa
     a, b = by_step(_jsonl(straight)), by_step(_jsonl(killed))
     assert sorted(b) == list(range(1, total + 1))
     assert a == b
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_save_ends_with_one_clear_error_and_an_intact_checkpoint(
+        tmp_path, image_folder):
+    """A resumed run whose checkpoint write fails (the process may write files of at most
+    256 KiB: RLIMIT_FSIZE, as a full disk) stops at its next checkpoint step with one `error:`
+    line naming the step, the directory and the newest intact step; that step resumes."""
+    import resource
+
+    workdir = str(tmp_path / "run")
+    cmd = [os.path.join(os.path.dirname(sys.executable), "mixmae-pretrain"),
+           "--config", os.path.join(REPO, "configs/mixmim_b.py") + ":tiny",
+           "--workdir", workdir, "--config.data.source=folder",
+           f"--config.data.folder={image_folder}", "--config.checkpoint_every=2"]
+    subprocess.run([*cmd, "--config.total_steps=2"], check=True, capture_output=True)
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+
+    proc = subprocess.run([*cmd, "--config.total_steps=8"], capture_output=True, text=True,
+                          preexec_fn=limit_file_size)
+    assert proc.returncode == 2
+    # (Orbax's writer threads also print their tracebacks on stderr; ours is the one error line.)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and re.match(
+        r"error: checkpoint step 4 could not be written in .*checkpoints \(File too large\); "
+        r"the newest intact checkpoint is step 2", errors[0]), errors
+    assert trainer.restore_params(workdir)[2] == 2
+    subprocess.run([*cmd, "--config.total_steps=8"], check=True, capture_output=True)
+    assert trainer.restore_params(workdir)[2] == 8

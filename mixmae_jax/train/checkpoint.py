@@ -129,6 +129,10 @@ def write_atomic(path: epath.Path, text: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+class CheckpointWriteError(ValueError):
+    """An asynchronous checkpoint write failed (a full disk, a file-size limit, no permission)."""
+
+
 class CheckpointReadError(ValueError):
     """No checkpoint step of a workdir can be read."""
 
@@ -160,6 +164,7 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory, item_names=("state",), options=options
         )
+        self._pending: int | None = None  # the step of the last asynchronous save started
         if config is not None:
             try:
                 self._snapshot_config(config)
@@ -177,6 +182,37 @@ class Checkpointer:
         if jax.process_index() == 0:
             write_atomic(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
 
+    def _write_failed(self, error: Exception) -> CheckpointWriteError:
+        step = self._pending
+        reason = " ".join(f"{type(error).__name__}: {error}".split())
+        for cause in ("No space left on device", "File too large", "Permission denied",
+                      "Disk quota exceeded"):
+            if cause in reason:
+                reason = cause
+                break
+        else:
+            reason = reason[:200]
+        intact = [s for s in self.all_steps() if s != step]
+        newest = f"step {max(intact)}" if intact else "none"
+        return CheckpointWriteError(
+            f"checkpoint step {step} could not be written in {self.directory} ({reason}); the "
+            f"newest intact checkpoint is {newest}: free space or fix the location, then run "
+            "the same command to resume from it")
+
+    def _check_pending(self, wait: bool = False) -> None:
+        """Raises CheckpointWriteError if the last asynchronous save failed (when `wait`: after
+        waiting for it)."""
+        if self._pending is None:
+            return
+        try:
+            if wait:
+                self._manager.wait_until_finished()
+            self._manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001 - whatever the storage layer raised
+            error = self._write_failed(e)
+            self._pending = None
+            raise error from e
+
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
@@ -190,10 +226,19 @@ class Checkpointer:
         is already saved is never written twice.
         """
         step = int(step)
+        self._check_pending()  # a failed earlier write stops the run here, named
         if step in self._manager.all_steps():
             return False
-        return self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
-                                  force=force)
+        try:
+            started = self._manager.save(
+                step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=force)
+        except Exception as e:  # noqa: BLE001 - Orbax waits for the previous write first
+            if self._pending is None:
+                self._pending = step
+            raise self._write_failed(e) from e
+        if started:
+            self._pending = step
+        return started
 
     def restore(self, step: int | None, abstract_state: Any) -> Any:
         """The state saved at `step` (None: the latest), placed as `abstract_state`'s shardings."""
@@ -257,12 +302,19 @@ class Checkpointer:
         return step
 
     def wait(self) -> None:
-        """Block until the last asynchronous save is on disk."""
+        """Block until the last asynchronous save is on disk; CheckpointWriteError if it failed."""
+        self._check_pending(wait=True)
         self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            try:
+                self._manager.close()
+            except Exception:  # noqa: BLE001 - the write error above is the one to report
+                if self._pending is not None:
+                    raise
 
 
 # ---------------------------------------------------------------------------------------------
