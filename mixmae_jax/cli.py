@@ -274,7 +274,7 @@ def _visualize(args) -> None:
     from mixmae_jax.train import step as step_lib
     from mixmae_jax.train.trainer import restore_params
 
-    config, params, step = restore_params(args.workdir, args.step)
+    config, params, step = restore_params(args.workdir, args.step, pretraining_only=True)
     method = get_method(config)
     graphdef, _ = step_lib.graphdef_and_abstract_params(method)
     images = visualize.load_images(args.images, config.model.img_size)
@@ -358,7 +358,7 @@ def _eval(args) -> None:
     from mixmae_jax.train import step as step_lib
     from mixmae_jax.train.trainer import restore_params
 
-    config, params, step = restore_params(args.workdir, args.step)
+    config, params, step = restore_params(args.workdir, args.step, pretraining_only=True)
     method = get_method(config)
     graphdef, _ = step_lib.graphdef_and_abstract_params(method)
     model_fn = jax.jit(lambda p, x: method.features(step_lib.bind(graphdef, p), x))

@@ -385,3 +385,16 @@ def test_shipped_finetune_configs_hold_the_official_recipes():
     assert tuple(load("finetune_mae_vit_b.py").optim.no_decay) == ("pos_embed", "cls_token")
     for arg in ("", "finetune", "finetune,labels=10"):
         load("digits.py", arg or None)
+
+
+def test_pretraining_tools_refuse_a_finetuning_workdir(tmp_path, pretrain_workdir, capsys):
+    from mixmae_jax.cli import eval_main
+
+    workdir = str(tmp_path / "ft")
+    trainer.train(finetune_config(init=pretrain_workdir, total_steps=1), workdir, **QUIET)
+    with pytest.raises(SystemExit) as e:
+        eval_main(["knn", "--workdir", workdir])
+    assert e.value.code == 2
+    assert "a fine-tuning run" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--best: .* is a pretraining run"):
+        trainer.restore_params(pretrain_workdir, best=True)

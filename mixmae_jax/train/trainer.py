@@ -141,10 +141,15 @@ def load_config_snapshot(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def restore_params(workdir: str, step: int | None = None, *, best: bool = False):
+def restore_params(workdir: str, step: int | None = None, *, best: bool = False,
+                   pretraining_only: bool = False):
     """(config, params, step) of a run's checkpoint, on this host's devices (for tools): the
-    params only, not the optimizer moments. best: a fine-tuning run's best-top-1 params."""
+    params only, not the optimizer moments. best: a fine-tuning run's best-top-1 params;
+    pretraining_only: refuse a fine-tuning run (tools that need the pretraining model)."""
     config = load_config_snapshot(workdir)
+    if pretraining_only and config.get("task", "pretrain") == "finetune":
+        raise ValueError(f"--workdir {workdir}: a fine-tuning run (its classifier has no "
+                         "decoder); this tool reads pretraining runs")
     if best and config.get("task", "pretrain") != "finetune":
         raise ValueError(f"--best: {workdir} is a pretraining run; only fine-tuning keeps a "
                          "best checkpoint")
