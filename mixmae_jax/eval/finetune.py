@@ -156,14 +156,12 @@ def load_pretrained(init: str, config, layout: K.Layout, template: dict,
             names.add(layout.torch_name(path, "finetune"))
         except K.ConversionError:
             pass
-    dropped = []
     kept = {}
     for name, value in sd.items():
         # Computed buffers (index tables, masks) follow this config's geometry, not the file's;
         # a head for another number of classes is replaced by the fresh one.
         if (layout.is_constant_key(name) and name not in names) or (
                 name.startswith("head.") and tuple(value.shape)[0] != config.num_classes):
-            dropped.append(name)
             continue
         kept[name] = value
     if any(k.startswith("head.") for k in kept) and not all(
