@@ -349,7 +349,6 @@ def eval_main(argv=None):
 def _eval(args) -> None:
     import json
 
-    import jax
     import ml_collections
 
     from mixmae_jax.data import eval_pipeline
@@ -361,17 +360,13 @@ def _eval(args) -> None:
     config, params, step = restore_params(args.workdir, args.step, pretraining_only=True)
     method = get_method(config)
     graphdef, _ = step_lib.graphdef_and_abstract_params(method)
-    model_fn = jax.jit(lambda p, x: method.features(step_lib.bind(graphdef, p), x))
     source = "digits" if args.data == "digits" else "tfds"
     data = eval_pipeline.labelled_data(ml_collections.ConfigDict(dict(
         source=source, name=args.data, data_dir=args.data_dir, manual_dir=None)))
-    split_features = {}
-    for split in (args.train_split, args.test_split):
-        it = eval_pipeline.EvalIterator(data, split, global_batch_size=args.batch,
-                                        image_size=config.model.img_size,
-                                        crop_pct=args.crop_pct)
-        split_features[split] = knn.frozen_features(method, model_fn, params, it)
-    (xf, xl), (qf, ql) = split_features[args.train_split], split_features[args.test_split]
+    features = knn.FrozenFeatures(method, graphdef)
+    (xf, xl), (qf, ql) = (
+        features(params, data, split, batch_size=args.batch, image_size=config.model.img_size,
+                 crop_pct=args.crop_pct) for split in (args.train_split, args.test_split))
     num_classes = data.num_classes
     where = (f"{method.name}, step {step}, {data.name} {args.train_split} -> "
              f"{args.test_split}")

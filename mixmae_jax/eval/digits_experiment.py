@@ -33,8 +33,6 @@ def _config_path() -> str:
 
 def frozen_accuracy(config, params, *, probe_lr: float = 50.0) -> dict[str, float]:
     """k-NN and linear-probe top-1 of an encoder's frozen features (train -> test)."""
-    import jax
-
     from mixmae_jax.data import eval_pipeline
     from mixmae_jax.eval import knn, linear_probe
     from mixmae_jax.methods import get_method
@@ -42,14 +40,11 @@ def frozen_accuracy(config, params, *, probe_lr: float = 50.0) -> dict[str, floa
 
     method = get_method(config)
     graphdef, _ = step_lib.graphdef_and_abstract_params(method)
-    model_fn = jax.jit(lambda p, x: method.features(step_lib.bind(graphdef, p), x))
+    features = knn.FrozenFeatures(method, graphdef)
     data = eval_pipeline.labelled_data(config.data)
-    feats = {}
-    for split in ("train", "test"):
-        it = eval_pipeline.EvalIterator(data, split, global_batch_size=200,
-                                        image_size=config.data.image_size, crop_pct=1.0)
-        feats[split] = knn.frozen_features(method, model_fn, params, it)
-    (xf, xl), (qf, ql) = feats["train"], feats["test"]
+    (xf, xl), (qf, ql) = (
+        features(params, data, split, batch_size=200, image_size=config.data.image_size,
+                 crop_pct=1.0) for split in ("train", "test"))
     out = {"knn": knn.knn_accuracy(xf, xl, qf, ql, num_classes=10)["top1"]}
     out["linprobe"] = linear_probe.linear_probe(xf, xl, qf, ql, num_classes=10,
                                                 base_lr=probe_lr)["top1"]

@@ -295,9 +295,8 @@ class FinetuneTask(Task):
             c = self.config
             mesh = jax.tree.leaves(state["params"])[0].sharding.mesh
             batch_sh = sharding.batch_sharding(mesh)
-            graphdef, _ = step_lib.graphdef_and_abstract_params(self.method, self.build_model)
             params_sh = jax.tree.map(lambda x: x.sharding, state["params"])
-            step = jax.jit(make_eval_step(graphdef, c.num_classes),
+            step = jax.jit(make_eval_step(self.graphdef, c.num_classes),
                            in_shardings=(params_sh, {k: batch_sh for k in
                                                      ("image", "label", "valid")}),
                            out_shardings=sharding.replicated(mesh))

@@ -67,26 +67,22 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, *, k:
     return {"top1": top1 / n, "top5": top5 / n}
 
 
-class KnnMonitor:
-    """k-NN accuracy of the current encoder during pretraining (`config.eval`): the frozen
-    features of a labelled train split and test split (every example once, centre crops),
-    weighted k-NN from one to the other. Compiled once; the features are replicated to every
-    process."""
+class FrozenFeatures:
+    """`Method.features` of whole images, one labelled split at a time: every example once
+    (centre crops, `data/eval_pipeline.py`), padding dropped, in the split's stored order.
+    Jitted once over `mesh` (default: this host's first device); the features are replicated
+    to every process. Used by `mixmae-eval`, the k-NN monitor and the digits experiment."""
 
-    def __init__(self, eval_cfg, method, graphdef, params_sharding, mesh, image_size: int):
-        from mixmae_jax.data import eval_pipeline
+    def __init__(self, method, graphdef, *, mesh=None, params_sharding=None):
+        from mixmae_jax import imaging
         from mixmae_jax.train import sharding
         from mixmae_jax.train.step import bind
 
-        self.cfg = eval_cfg
-        self.data = eval_pipeline.labelled_data(eval_cfg)
-        self.num_classes = self.data.num_classes
-        self.image_size = image_size
+        mesh = mesh if mesh is not None else sharding.single_device_mesh()
         self.batch_sh = sharding.batch_sharding(mesh)
+        params_sharding = params_sharding or sharding.replicated(mesh)
 
         def features(params, batch):
-            from mixmae_jax import imaging
-
             f = method.features(bind(graphdef, params), imaging.normalize(batch["image"]))
             return f.astype(jnp.float32), batch["label"], batch["valid"], batch["index"]
 
@@ -94,13 +90,15 @@ class KnnMonitor:
         self._features = jax.jit(features, in_shardings=(params_sharding, {
             k: self.batch_sh for k in keys}), out_shardings=sharding.replicated(mesh))
 
-    def _split(self, params, split):
+    def __call__(self, params, data, split: str, *, batch_size: int, image_size: int,
+                 crop_pct: float):
+        """(features (N, C) float32, labels (N,)) of `split` of a `LabelledData`."""
         from mixmae_jax.data import eval_pipeline
 
         it = eval_pipeline.EvalIterator(
-            self.data, split, global_batch_size=self.cfg.batch_size,
-            image_size=self.image_size, crop_pct=self.cfg.crop_pct,
-            process_index=jax.process_index(), process_count=jax.process_count())
+            data, split, global_batch_size=batch_size, image_size=image_size,
+            crop_pct=crop_pct, process_index=jax.process_index(),
+            process_count=jax.process_count())
         feats, labels, index = [], [], []
         for local in it:
             batch = {k: jax.make_array_from_process_local_data(self.batch_sh, v)
@@ -112,24 +110,25 @@ class KnnMonitor:
         order = np.argsort(np.concatenate(index))
         return np.concatenate(feats)[order], np.concatenate(labels)[order]
 
+
+class KnnMonitor:
+    """k-NN accuracy of the current encoder during pretraining (`config.eval`): the frozen
+    features (`FrozenFeatures`) of a labelled train split and test split, weighted k-NN from
+    one to the other."""
+
+    def __init__(self, eval_cfg, features: FrozenFeatures, image_size: int):
+        from mixmae_jax.data import eval_pipeline
+
+        self.cfg = eval_cfg
+        self.data = eval_pipeline.labelled_data(eval_cfg)
+        self.features = features
+        self.image_size = image_size
+
     def __call__(self, params) -> dict[str, float]:
-        (xf, xl), (qf, ql) = (self._split(params, s) for s in (self.cfg.train_split,
-                                                                 self.cfg.test_split))
-        return knn_accuracy(xf, xl, qf, ql, k=self.cfg.k, temperature=self.cfg.temperature,
-                            num_classes=self.num_classes)
-
-
-def frozen_features(method, model_fn, params, iterator):
-    """(features (N, C), labels (N,)) of a labelled split in its stored order: `model_fn(params,
-    images)` is the jitted `Method.features` of the run; padding rows are dropped."""
-    from mixmae_jax import imaging
-
-    feats, labels, index = [], [], []
-    for batch in iterator:
-        f = np.asarray(model_fn(params, imaging.normalize(batch["image"])))
-        valid = batch["valid"]
-        feats.append(f[valid])
-        labels.append(batch["label"][valid])
-        index.append(batch["index"][valid])
-    order = np.argsort(np.concatenate(index))
-    return np.concatenate(feats)[order], np.concatenate(labels)[order]
+        c = self.cfg
+        (xf, xl), (qf, ql) = (
+            self.features(params, self.data, split, batch_size=c.batch_size,
+                          image_size=self.image_size, crop_pct=c.crop_pct)
+            for split in (c.train_split, c.test_split))
+        return knn_accuracy(xf, xl, qf, ql, k=c.k, temperature=c.temperature,
+                            num_classes=self.data.num_classes)

@@ -45,6 +45,7 @@ class Task:
         self.method = get_method(config)
         self.workdir = None  # set by `train`, with the primary process's print function
         self.print_fn = print
+        self.graphdef = None  # the model's graphdef, set by `build_state_fns`
         self._knn = None  # the k-NN monitor, built on first use
 
     def validate(self, num_devices: int, process_count: int) -> None:
@@ -80,13 +81,13 @@ class Task:
         if e is None or e.knn_every <= 0 or (step % e.knn_every and step != total_steps):
             return state
         if self._knn is None:
-            from mixmae_jax.eval.knn import KnnMonitor
+            from mixmae_jax.eval.knn import FrozenFeatures, KnnMonitor
 
-            mesh = jax.tree.leaves(state["params"])[0].sharding.mesh
-            graphdef, _ = step_lib.graphdef_and_abstract_params(self.method, self.build_model)
-            self._knn = KnnMonitor(e, self.method, graphdef,
-                                   jax.tree.map(lambda x: x.sharding, state["params"]), mesh,
-                                   self.config.data.image_size)
+            features = FrozenFeatures(
+                self.method, self.graphdef,
+                mesh=jax.tree.leaves(state["params"])[0].sharding.mesh,
+                params_sharding=jax.tree.map(lambda x: x.sharding, state["params"]))
+            self._knn = KnnMonitor(e, features, self.config.data.image_size)
         acc = self._knn(state["params"])
         writer.write_scalars(step, {f"knn_{k}": v for k, v in acc.items()})
         self.print_fn(f"k-NN step {step}: top-1 {acc['top1']:.4f}  top-5 {acc['top5']:.4f} "
@@ -113,6 +114,7 @@ def build_state_fns(config, mesh, steps_per_epoch: int, task: Task | None = None
     task = task or task_for(config)
     method = task.method
     graphdef, abstract_params = step_lib.graphdef_and_abstract_params(method, task.build_model)
+    task.graphdef = graphdef
     tx, lr_schedule = task.make_optimizer(abstract_params, steps_per_epoch)
     init_fn = step_lib.make_init_fn(method, tx, config.seed, build=task.build_model,
                                     extra=task.extra_state())
