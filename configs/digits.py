@@ -1,47 +1,85 @@
-r"""The digits experiment: does MixMIM pretraining help a classifier on real images no one here
-made? scikit-learn's handwritten digits (1,200 train / 597 test scans, upscaled to 32 px,
-`data/digits.py`), a small Swin, all on a 2-core CPU.
+r"""The digits experiment: does masked-image pretraining help a classifier on real images no one
+here made? scikit-learn's handwritten digits (1,200 train / 597 test scans, upscaled to 32 px,
+`data/digits.py`), small models, all on a 2-core CPU.
 
-  make experiment        # everything below, 3 seeds, the README table (under 30 minutes)
+  make experiment                    # MixMIM: everything below, 3 seeds, the README table
+  make experiment METHOD=mae         # or ummae, mixedae, simmim (each under 30 minutes)
   mixmae-pretrain --config configs/digits.py --workdir workdirs/digits
   mixmae-finetune --config configs/digits.py:finetune --workdir workdirs/digits_ft \
       --init workdirs/digits
   mixmae-finetune --config configs/digits.py:finetune,labels=10 --workdir workdirs/digits_ft10 \
       --init workdirs/digits
   mixmae-eval knn --workdir workdirs/digits --data digits
+  mixmae-pretrain --config configs/digits.py:method=mae --workdir workdirs/digits_mae
 
-Pretraining reads the train images without labels. Fine-tuning is the official MixMIM recipe
-(configs/finetune_mixmim_b.py: layer decay 0.7, drop path 0.1, RandomErasing, Mixup/CutMix,
-label smoothing) shrunk to this data: `labels=10` trains on 10 labelled images per class (the
-`train_10pc` split, 100 epochs), `labels=all` on all 1,200 (50 epochs), with a 40x larger
-base lr (see below) and no RandAugment (not implemented yet). The model is a 2-stage MixMIM Swin
-(4-px patches: 8x8 -> 4x4 tokens, 2.4M parameters), mixing 8 of the 16 final 8-px cells as the
-demo does; 1,000 pretraining steps of batch 64 (53 epochs), the k-NN monitor every 250.
+Pretraining reads the train images without labels. Fine-tuning is each method's official recipe
+(configs/finetune_*.py: layer decay, drop path 0.1, RandomErasing, Mixup/CutMix, label
+smoothing) shrunk to this data: `labels=10` trains on 10 labelled images per class (the
+`train_10pc` split, 100 epochs), `labels=all` on all 1,200 (50 epochs), with a 40x larger base
+lr than MixMIM's official 5e-4 (see below) and no RandAugment (the README table was measured
+without it). 1,000 pretraining steps of batch 64 (53 epochs), the k-NN monitor every 250.
+
+Models (`method=`), all 4-px patches on the 32-px digits (an 8x8 token grid):
+  mixmim:  a 2-stage MixMIM Swin (8x8 -> 4x4 tokens, 2.4M parameters), mixing 8 of the 16 final
+           8-px cells as the demo does.
+  mae:     a 4-block ViT, 96 wide, 75% of the 64 patches removed, a 2-block decoder.
+  mixedae: the mae ViT on mixed samples of 4 images (16 patches of each), top-k attention and
+           the homologous contrastive loss (weight 1, temperature 0.1, as the demo).
+  ummae:   UM-MAE's 2-stage Swin (as mixmim's widths) on the compact grid of uniform sampling:
+           one kept 4-px unit of every 2x2 block (16 of 64), 4 of them secondary-masked;
+           fine-tuning runs the full 8x8 grid with one 8x8 window.
+  simmim:  a 2-stage SimMIM Swin (shifted 4x4 windows), 10 of the 16 8-px squares masked, fine-
+           tuned with SimMIM's own recipe (configs/finetune_simmim_swin_b.py).
 """
 
-from mixmae_jax.config import parse_arg, sibling
+from mixmae_jax.config import ConfigError, parse_arg, sibling
 
-SWIN = dict(img_size=32, patch_size=4, embed_dim=64, depths=(2, 4), num_heads=(2, 4),
-            window_sizes=(8, 4), decoder_dim=128, decoder_depth=2, decoder_num_heads=4)
+SWIN = dict(embed_dim=64, depths=(2, 4), num_heads=(2, 4))
+VIT = dict(patch_size=4, embed_dim=96, depth=4, num_heads=3)
+DECODER = dict(decoder_dim=128, decoder_depth=2, decoder_num_heads=4)
+# method: (pretraining config, fine-tuning config, pretraining model, fine-tuning model changes)
+METHODS = {
+    "mixmim": ("mixmim_b.py", "finetune_mixmim_b.py",
+               dict(SWIN, patch_size=4, window_sizes=(8, 4), **DECODER), {}),
+    "mae": ("mae_vit_b.py", "finetune_mae_vit_b.py", dict(VIT, **DECODER), {}),
+    "mixedae": ("mixedae_vit_b.py", "finetune_mae_vit_b.py", dict(VIT, **DECODER), {}),
+    "ummae": ("ummae_swin_t.py", "finetune_ummae_swin_t.py",
+              dict(SWIN, window_size=4, posmlp_dim=16, unit_size=4, **DECODER),
+              dict(window_size=8)),
+    "simmim": ("simmim_swin_b.py", "finetune_simmim_swin_b.py",
+               dict(SWIN, window_sizes=(4, 4)), {}),
+}
 
 
 def get_config(arg=None):
-    opts = parse_arg(arg, finetune=False, labels="all", seed=0)
-    if opts["finetune"]:
-        c = sibling(__file__, "finetune_mixmim_b.py").get_config()
-    else:
-        c = sibling(__file__, "mixmim_b.py").get_config()
-    c.model.update(SWIN)
+    opts = parse_arg(arg, method="mixmim", finetune=False, labels="all", seed=0)
+    if opts["method"] not in METHODS:
+        raise ConfigError(f"config arg: unknown method {opts['method']!r} "
+                          f"({', '.join(METHODS)})")
+    if opts["labels"] not in ("10", "all"):
+        raise ConfigError(f"config arg: labels={opts['labels']!r} (10 or all)")
+    pretrain, finetune, model, finetune_model = METHODS[opts["method"]]
+    c = sibling(__file__, finetune if opts["finetune"] else pretrain).get_config()
+    c.model.update(img_size=32, **{k: v for k, v in model.items() if k in c.model})
     c.seed = opts["seed"]
     c.data.update(source="digits", split="train", image_size=32, shuffle_buffer=2048)
     if not opts["finetune"]:
+        if opts["method"] == "mixedae":  # as the demo: a stronger, sharper contrastive term
+            c.method.update(contrast_weight=1.0, contrast_temperature=0.1)
+        if opts["method"] == "simmim":
+            c.method.mask_patch_size = 8  # the final stride: a 4x4 grid of squares, 10 masked
+            # peak 3e-4 at batch 64 as the others; warmup from ~0, constant after it
+            c.optim.update(base_lr=3e-4 * 512 / 64, warmup_lr=0.0, min_lr=0.0)
+        else:  # as the demo: 8x the official blr (peak 3e-4 at batch 64)
+            c.optim.base_lr = 1.5e-4 * 8
         c.batch_size = 64
         c.total_steps = 1000
-        c.optim.update(base_lr=1.5e-4 * 8, warmup_epochs=5)  # as the demo: 8x the official blr
+        c.optim.warmup_epochs = 5
         c.log_every = 50
         c.checkpoint_every = 500
         c.eval.knn_every = 250  # the k-NN monitor: digits train -> test, logged as knn_top1
         return c
+    c.model.update(finetune_model)
     few = opts["labels"] == "10"
     c.num_classes = 10
     c.data.update(split="train_10pc" if few else "train", eval_split="test", crop_pct=1.0)
@@ -50,10 +88,12 @@ def get_config(arg=None):
     c.eval_batch_size = 597 + 3  # the whole test split in one padded batch
     c.epochs = 100 if few else 50  # 300 / 900 steps
     c.optim.warmup_epochs = 10 if few else 5
-    # 40x the official blr 5e-4 (tried 5e-4, 5e-3, 2e-2 with 10 labels per class: 37/63/68% top-1
-    # from pretraining, 16/42/53% from random init; 2e-2 with all labels: 88% vs 72%). The
-    # official value is sized for 100 epochs of 1.28M images; a few hundred small steps need more.
-    c.optim.base_lr = 2e-2
+    # 40x MixMIM's official blr 5e-4 (tried 5e-4, 5e-3, 2e-2 with 10 labels per class: 37/63/68%
+    # top-1 from pretraining, 16/42/53% from random init; 2e-2 with all labels: 88% vs 72%). The
+    # official value is sized for 100 epochs of 1.28M images; a few hundred small steps need
+    # more. Peak lr = 2e-2 * batch / 256 for every method (SimMIM's recipe divides by 512).
+    c.optim.base_lr = 2e-2 * c.optim.lr_batch_divisor / 256
+    c.optim.update(warmup_lr=0.0, min_lr=1e-6)
     c.eval_every_epochs = 0  # at the end only
     c.log_every = 50
     c.checkpoint_every = 1000

@@ -206,7 +206,8 @@ def defaults() -> ml_collections.ConfigDict:
             warmup_epochs=placeholder(float),
             warmup_lr=0.0,  # lr at step 0, rising linearly to the peak over the warmup
             min_lr=placeholder(float),
-            schedule="cosine",  # after warmup: "cosine" (half-cosine to min_lr) or "multistep"
+            schedule="cosine",  # after warmup: "cosine" (half-cosine to min_lr), "multistep" or
+            # "timm_cosine" (SimMIM fine-tuning: the half-cosine's phase counts from step 0)
             decay_epochs=(),  # "multistep": epochs at which the lr is multiplied by decay_rate
             decay_rate=0.1,
             weight_decay=placeholder(float),

@@ -13,7 +13,7 @@ import pytest
 import torch
 from recipes import load, override
 
-from mixmae_jax.config import ConfigError
+from mixmae_jax.config import ConfigError, validate
 from mixmae_jax.eval import layer_decay, mixup
 from mixmae_jax.methods import get_method
 from mixmae_jax.train import optim, trainer
@@ -114,6 +114,38 @@ def test_ummae_swin_t_layer_decay_puts_merges_in_their_block():
         i = int(name.split(".")[1])
         assert by_name[name] == pytest.approx(0.85 ** (13 - (i + 1))), name
     assert by_name["head.weight"] == 1.0
+
+
+def test_simmim_swin_b_layer_decay_is_the_official_rule():
+    """SimMIM optimizer.py get_swin_layer for depths (2, 2, 18, 2): 26 scales 0.8^(25 - id);
+    patch_embed id 0; layers.s.blocks.j id sum(depths[:s]) + j + 1; a stage's downsample the id
+    of its own last block; the final norm and head id 25 (the full lr)."""
+    by_name = _scales_by_name("finetune_simmim_swin_b.py", 0.8, "simmim")
+    depths = (2, 2, 18, 2)
+
+    def official_id(name):
+        parts = name.split(".")
+        if parts[0] == "patch_embed":
+            return 0
+        if parts[0] == "layers" and parts[2] == "blocks":
+            return sum(depths[:int(parts[1])]) + int(parts[3]) + 1
+        if parts[0] == "layers" and parts[2] == "downsample":
+            return sum(depths[:int(parts[1]) + 1])
+        return 25
+
+    from mixmae_jax.convert import torch_reference_simmim as R
+
+    with torch.device("meta"):
+        tmodel = R.SimMIMFinetuneTorch.from_model_config(load("finetune_simmim_swin_b.py").model)
+    trainable = {n for n, p in tmodel.named_parameters() if p.requires_grad}
+    assert set(by_name) == trainable
+    for name, scale in by_name.items():
+        assert scale == pytest.approx(0.8 ** (25 - official_id(name)), rel=1e-12), name
+    assert by_name["head.weight"] == by_name["norm.weight"] == 1.0
+    assert by_name["layers.0.downsample.reduction.weight"] == by_name[
+        "layers.0.blocks.1.attn.qkv.weight"] == pytest.approx(0.8 ** 23)
+    assert by_name["layers.3.blocks.1.mlp.fc2.weight"] == pytest.approx(0.8)
+    assert by_name["patch_embed.proj.weight"] == pytest.approx(0.8 ** 25)
 
 
 def test_layer_scales_multiply_the_whole_adamw_update():
@@ -298,6 +330,37 @@ def test_bad_finetune_configs_are_refused_naming_the_key(tmp_path, no_compiling,
         trainer.train(finetune_config(**overrides), str(tmp_path), **QUIET)
 
 
+@pytest.mark.slow
+def test_init_from_a_workdir_with_fc_norm_loads_the_encoder(tmp_path):
+    """MAE's classifier (UM-MAE's and MixedAE's too) adds an fc_norm the pretraining has not:
+    --init of a pretraining workdir loads every encoder tensor and starts fc_norm at weight 1,
+    bias 0."""
+    from mixmae_jax.convert import keymap as K
+    from mixmae_jax.eval import finetune
+
+    c = load("mae_vit_b.py", "tiny")
+    c.total_steps = 1
+    workdir = str(tmp_path / "pre")
+    trainer.train(c, workdir, **QUIET)
+    _, pre, _ = trainer.restore_params(workdir)
+    ft = load("finetune_mae_vit_b.py", "tiny")
+    ft.init = workdir
+    method = get_method(ft)
+    template = jax.device_get(jax.jit(lambda: step_lib.init_params(
+        method, jax.random.PRNGKey(0), lambda rngs: method.build_classifier(10, rngs)))())
+    lines = []
+    params = finetune.load_pretrained(workdir, ft, method.torch_layout(), template,
+                                      print_fn=lines.append)
+    assert "fresh: head.bias, head.kernel" in lines[0], lines
+    flat, flat_pre = K.flatten(params), K.flatten(pre)
+    fc_norm = {p: v for p, v in flat.items() if p.startswith("fc_norm")}
+    assert sorted(np.unique(np.concatenate([np.ravel(v) for v in fc_norm.values()]))) == [0, 1]
+    shared = [p for p in flat if p in flat_pre]
+    assert len(shared) > 10
+    for path in shared:  # the encoder, tensor for tensor (same paths in both models)
+        np.testing.assert_array_equal(flat[path], flat_pre[path], err_msg=path)
+
+
 def test_init_from_another_model_family_is_refused(tmp_path, monkeypatch):
     mae = load("mae_vit_b.py", "tiny")
     mae.data.update(source="digits", split="train")
@@ -383,8 +446,22 @@ def test_shipped_finetune_configs_hold_the_official_recipes():
     assert load("finetune_mixmim_b.py").data.crop_pct == 0.875
     assert load("finetune_ummae_swin_t.py").data.crop_pct == 1.0  # Resize(256) + Crop(256)
     assert tuple(load("finetune_mae_vit_b.py").optim.no_decay) == ("pos_embed", "cls_token")
-    for arg in ("", "finetune", "finetune,labels=10"):
-        load("digits.py", arg or None)
+    # SimMIM's own recipe (simmim_finetune__swin_base__img224_window7__800ep.yaml, config.py)
+    c = load("finetune_simmim_swin_b.py")
+    finetune.validate(c)
+    o = c.optim
+    assert (c.batch_size, c.epochs, c.model.img_size, tuple(c.model.window_sizes)) == (
+        2048, 100, 224, (7, 7, 7, 7))
+    assert (o.base_lr, o.lr_batch_divisor, o.warmup_epochs, o.warmup_lr, o.min_lr, o.schedule,
+            o.layer_decay, o.clip_grad_norm, o.b2) == (1.25e-3, 512, 20, 1e-6, 1e-6,
+                                                       "timm_cosine", 0.8, 5.0, 0.999)
+    assert get_method(c).layer_decay_rule == "simmim" and c.data.crop_pct == 0.875
+    assert c.augment.randaug == "rand-m9-mstd0.5-inc1" and c.model.drop_path_rate == 0.1
+    load("finetune_simmim_swin_b.py", "tiny")
+    for method in ("mixmim", "mae", "mixedae", "ummae", "simmim"):  # the digits experiment
+        validate(load("digits.py", f"method={method}"))
+        for arg in ("finetune", "finetune,labels=10"):
+            finetune.validate(load("digits.py", f"method={method},{arg}"))
 
 
 def test_pretraining_tools_refuse_a_finetuning_workdir(tmp_path, pretrain_workdir, capsys):

@@ -122,6 +122,26 @@ def test_multistep_schedule_matches_timm_with_warmup_lr():
         np.testing.assert_allclose(float(schedule(step)), expected, rtol=1e-6, atol=1e-6 * peak)
 
 
+def test_timm_cosine_schedule_matches_timm_with_warmup_lr():
+    """SimMIM fine-tuning: timm CosineLRScheduler(t_initial=total, lr_min, warmup_lr_init,
+    warmup_t): init + t * (peak - init) / warmup_t, then min + (peak - min) / 2 *
+    (1 + cos(pi * t / total)) with t counted from step 0 (no warmup prefix), min past the end."""
+    c = _config(schedule="timm_cosine", warmup_lr=1e-6, min_lr=2e-6, lr_batch_divisor=512)
+    spe = 7
+    _, schedule = optim.make_optimizer(c, spe)
+    peak = optim.peak_lr(c)
+
+    def timm(t):
+        if t < 14:
+            return 1e-6 + t * (peak - 1e-6) / 14
+        return 2e-6 + (peak - 2e-6) * 0.5 * (1 + math.cos(math.pi * min(t, 70) / 70))
+
+    for step in (0, 5, 13, 14, 15, 40, 69, 70, 200):
+        np.testing.assert_allclose(float(schedule(step)), timm(step), rtol=1e-6, atol=1e-6 * peak)
+    # the cosine starts below the peak: its phase at the end of the warmup is already 14 / 70
+    assert float(schedule(14)) < peak * 0.91
+
+
 def test_no_decay_patterns_exempt_named_tensors():
     params = {"encoder": {"mask_token": jnp.ones((1, 1, 4)), "qkv": {"kernel": jnp.ones((4, 4)),
                                                                       "bias": jnp.ones(4)}},

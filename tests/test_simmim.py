@@ -391,6 +391,29 @@ def test_pretraining_export_to_finetune_format_and_back():
                                   ["qkv"]["kernel"])
 
 
+def test_odd_shifted_window_classifier_parity():
+    """SimMIM fine-tunes Swin-B at window 7 (shift 3): an odd window, shifted. A 6x6 map with
+    window 3 (shift 1) in stage 0 and a clamped 3x3 stage 1: the classifier's logits equal the
+    official classifier's (float64 reference, strict load with its own index and mask buffers)."""
+    cfg = tiny_config().model
+    cfg.update(img_size=24, depths=(2, 2), num_heads=(2, 4), window_sizes=(3, 3))
+    layout = SimMIMLayout(cfg)
+    graphdef, abstract = abstract_model(lambda: SwinClassifier(cfg, 5, rngs=nnx.Rngs(0)))
+    params = random_params(abstract, seed=4)
+    sd = to_torch.params_to_state_dict(params, layout, format="finetune", num_classes=5)
+    tmodel = R.SimMIMFinetuneTorch.from_model_config(dict(cfg.to_dict(), ape=False),
+                                                     num_classes=5)
+    assert tmodel.layers[0].blocks[1].shift == 1 and tmodel.layers[1].blocks[1].shift == 0
+    load_with_own_constants(tmodel, sd, layout)
+    x = np.random.default_rng(1).standard_normal((2, 24, 24, 3)).astype(np.float32)
+    got = np.asarray(bind(graphdef, params)(x))
+    with torch.no_grad():
+        t32 = tmodel.float().eval()(nchw(x)).numpy()
+        t64 = tmodel.double().eval()(nchw(x).double()).numpy()
+    check_against_exact("odd window 3, shift 1", {"logits": got}, {"logits": t32},
+                        {"logits": t64}, FWD_TOL)
+
+
 # ---------------------------------------------------------------------------------------------
 # (d) Exported constants are the reference's own.
 # ---------------------------------------------------------------------------------------------

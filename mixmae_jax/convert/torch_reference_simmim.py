@@ -582,7 +582,7 @@ class SwinTransformerTorch(nn.Module):
             drop_rate=d.get("drop_rate", 0.0),
             attn_drop_rate=d.get("attn_drop_rate", 0.0),
             drop_path_rate=d.get("drop_path_rate", 0.0),
-            ape=bool(d.get("ape", False)),
+            ape=d.get("ape", False) not in (False, None, "none"),  # mixmae-jax writes "none"
             patch_norm=bool(d.get("patch_norm", True)),
         )
         return kw

@@ -2,9 +2,10 @@
 scikit-learn's handwritten digits, frozen (k-NN, linear probe) and fine-tuned (10 labels per
 class and all labels), 3 fine-tuning seeds, one Markdown table.
 
-    python -m mixmae_jax.eval.digits_experiment --workdir workdirs/experiment [--seeds 0 1 2]
+    python -m mixmae_jax.eval.digits_experiment --workdir workdirs/experiment/mixmim \
+        [--method mixmim|mae|mixedae|ummae|simmim] [--seeds 0 1 2]
 
-Steps (configs/digits.py holds every value): MixMIM pretraining on the 1,200 train images
+Steps (configs/digits.py holds every value): the method's pretraining on the 1,200 train images
 without labels (resumed if already there); k-NN and linear probe of the pretrained and of a
 random encoder on the frozen features; then per seed, fine-tuning from each start with each
 label budget, top-1 on the 597 test images at the end of each run. Writes results.json and
@@ -56,9 +57,14 @@ def _mean_std(values) -> str:
     return f"{v.mean():.1f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.1f}"
 
 
+NAMES = {"mixmim": "MixMIM", "mae": "MAE", "mixedae": "MixedAE", "ummae": "UM-MAE",
+         "simmim": "SimMIM"}
+
+
 def table(results: dict) -> str:
     """The README table from results.json's dict."""
-    rows = ["| evaluation | pretrained (MixMIM) | random init |", "| --- | --- | --- |"]
+    name = NAMES[results.get("method", "mixmim")]
+    rows = [f"| evaluation | pretrained ({name}) | random init |", "| --- | --- | --- |"]
     for key, label in (("knn", "k-NN (k=20), frozen"), ("linprobe", "linear probe, frozen")):
         rows.append(f"| {label} | {100 * results['frozen']['pretrained'][key]:.1f} | "
                     f"{100 * results['frozen']['random'][key]:.1f} |")
@@ -76,9 +82,12 @@ def table(results: dict) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m mixmae_jax.eval.digits_experiment",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", default="workdirs/experiment")
+    p.add_argument("--method", default="mixmim", choices=sorted(NAMES),
+                   help="the pretraining method (configs/digits.py:method=...)")
+    p.add_argument("--workdir", default=None, help="default: workdirs/experiment/METHOD")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = p.parse_args(argv)
+    args.workdir = args.workdir or os.path.join("workdirs", "experiment", args.method)
     path = _config_path()  # before anything is written
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import jax
@@ -98,13 +107,13 @@ def main(argv=None) -> None:
     quiet = lambda s: None  # noqa: E731
 
     pre_dir = os.path.join(args.workdir, "pretrain")
-    pre_cfg = config_lib.load_config(path)
+    pre_cfg = config_lib.load_config(f"{path}:method={args.method}")
     print(f"[{time.perf_counter() - t0:6.0f}s] pretraining -> {pre_dir}", flush=True)
     trainer.train(pre_cfg, pre_dir, print_fn=quiet)
     _, params, _ = trainer.restore_params(pre_dir)
     random_params = jax.jit(lambda: step_lib.init_params(
         get_method(pre_cfg), jax.random.PRNGKey(0)))()
-    results = {"frozen": {"pretrained": frozen_accuracy(pre_cfg, params),
+    results = {"method": args.method, "frozen": {"pretrained": frozen_accuracy(pre_cfg, params),
                           "random": frozen_accuracy(pre_cfg, random_params)},
                "finetune": []}
     print(f"[{time.perf_counter() - t0:6.0f}s] frozen: {results['frozen']}", flush=True)
@@ -112,7 +121,8 @@ def main(argv=None) -> None:
         for labels in ("10", "all"):
             for init in ("pretrained", "random"):
                 name = f"ft_{labels}_{init}_s{seed}"
-                cfg = config_lib.load_config(f"{path}:finetune,labels={labels},seed={seed}")
+                cfg = config_lib.load_config(
+                    f"{path}:method={args.method},finetune,labels={labels},seed={seed}")
                 cfg.init = pre_dir if init == "pretrained" else ""
                 out = trainer.train(cfg, os.path.join(args.workdir, name), print_fn=quiet)
                 top1 = out["final_top1"]

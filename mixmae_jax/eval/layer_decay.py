@@ -11,6 +11,10 @@ Each parameter gets a layer id from its name in the method's official fine-tunin
   `patch_embed.*`, `absolute_pos_embed` -> 0; `layers.s.blocks.j.*` -> sum(depths[:s]) + j + 1;
   `layers.s.downsample.*` -> the id of the first block of stage s + 1; everything else (`norm`,
   `head`) -> num_layers - 1, the last block's id: no parameter gets scale 1.0.
+* "simmim" (SimMIM `optimizer.py::get_swin_layer`): num_layers = sum(depths) + 1; `mask_token`,
+  `patch_embed.*` -> 0; `layers.s.blocks.j.*` -> sum(depths[:s]) + j + 1;
+  `layers.s.downsample.*` -> sum(depths[:s + 1]), the id of the last block of its own stage;
+  everything else (`absolute_pos_embed` included, `norm`, `head`) -> num_layers, scale 1.0.
 
 PyTorch applies AdamW's weight decay as lr_group * wd, so the scale multiplies the whole update
 (`optim.make_optimizer`).
@@ -24,7 +28,7 @@ import jax
 
 from mixmae_jax.convert import keymap as K
 
-RULES = ("blocks", "mixmim")
+RULES = ("blocks", "mixmim", "simmim")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _STAGE_BLOCK = re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.")
 _DOWNSAMPLE = re.compile(r"^layers\.(\d+)\.downsample\.")
@@ -42,7 +46,7 @@ def layer_ids(names, rule: str) -> tuple[dict[str, int], int]:
                 return 0
             m = _BLOCK.match(name)
             return int(m.group(1)) + 1 if m else num_layers
-    elif rule == "mixmim":
+    elif rule in ("mixmim", "simmim"):
         depths: dict[int, int] = {}
         for n in names:
             if m := _STAGE_BLOCK.match(n):
@@ -50,17 +54,18 @@ def layer_ids(names, rule: str) -> tuple[dict[str, int], int]:
                 depths[s] = max(depths.get(s, 0), j + 1)
         before = [sum(depths.get(t, 0) for t in range(s)) for s in range(len(depths) + 1)]
         num_layers = sum(depths.values()) + 1
+        simmim = rule == "simmim"
 
         def layer(name):
-            if name.startswith(_STEM):
+            if name.startswith(("mask_token", "patch_embed.") if simmim else _STEM):
                 return 0
             if m := _STAGE_BLOCK.match(name):
                 return before[int(m.group(1))] + int(m.group(2)) + 1
-            if m := _DOWNSAMPLE.match(name):
-                return before[int(m.group(1)) + 1] + 1
-            return num_layers - 1
+            if m := _DOWNSAMPLE.match(name):  # SimMIM: its own stage's end; MixMIM: the next's
+                return before[int(m.group(1)) + 1] + (0 if simmim else 1)
+            return num_layers if simmim else num_layers - 1
     else:
-        raise ValueError(f"optim.layer_decay_rule: unknown rule {rule!r} ({' or '.join(RULES)})")
+        raise ValueError(f"optim.layer_decay_rule: unknown rule {rule!r} ({', '.join(RULES)})")
     return {n: layer(n) for n in names}, num_layers
 
 

@@ -83,9 +83,8 @@ class Method(abc.ABC):
 
     # -- fine-tuning ----------------------------------------------------------------------------
 
-    # The official fine-tuning recipe's layer-wise lr decay rule (`eval/layer_decay.py`); None:
-    # the project has not implemented this method's rule.
-    layer_decay_rule: str | None = "blocks"
+    # The official fine-tuning recipe's layer-wise lr decay rule (`eval/layer_decay.py`).
+    layer_decay_rule: str = "blocks"
 
     def build_classifier(self, num_classes: int, rngs: nnx.Rngs) -> nnx.Module:
         """The official fine-tuning model of `config.model` (a head of `num_classes`)."""

@@ -145,9 +145,9 @@ class Method(base.Method):
 
     @property
     def layer_decay_rule(self):
-        """UM-MAE's baselines fine-tune with UM-MAE's script ("blocks"); SimMIM's own Swin rule
-        (microsoft/SimMIM) is not implemented."""
-        return None if self.model_cfg.name == "swin" else "blocks"
+        """SimMIM's Swin fine-tunes with its own rule (microsoft/SimMIM `get_swin_layer`); UM-MAE's
+        baselines fine-tune with UM-MAE's script ("blocks")."""
+        return "simmim" if self.model_cfg.name == "swin" else "blocks"
 
     def build_model(self, rngs: nnx.Rngs):
         cls = SimMIMModel if self.model_cfg.name == "swin" else UnitSimMIMModel

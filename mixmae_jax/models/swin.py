@@ -96,9 +96,6 @@ def check_config(cfg, check) -> None:
         win = min(window, res)
         check(window > 0 and res % win == 0, "model.window_sizes",
               f"stage {s}: window {window} does not tile the {res}x{res} token map")
-        if cfg.shift_windows and win < res:
-            check(win % 2 == 0, "model.window_sizes",
-                  f"stage {s}: shifted windows need an even window, got {window}")
 
 
 class WindowAttention(nnx.Module):

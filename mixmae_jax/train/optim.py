@@ -6,8 +6,10 @@ The values are each recipe's (configs/*.py); the mechanics follow the official c
   `min_lr + (peak - min_lr) * 0.5 * (1 + cos(pi * (e - warmup) / (epochs - warmup)))`; weight
   decay on every tensor with >= 2 dims, none on 1-D tensors (biases, LayerNorm).
 * SimMIM (`main_simmim.py`, `lr_scheduler.py`, `optimizer.py`): peak lr = base_lr * batch / 512;
-  warmup from `warmup_lr` (timm's schedulers, per step), then a multi-step decay; no weight
-  decay on 1-D tensors and on the names its `no_weight_decay` lists (`optim.no_decay`).
+  warmup from `warmup_lr` (timm's schedulers, per step), then a multi-step decay (pretraining) or
+  timm's cosine (fine-tuning, "timm_cosine": its phase counts from step 0, not from the end of
+  the warmup); no weight decay on 1-D tensors and on the names its `no_weight_decay` lists
+  (`optim.no_decay`).
 optax.adamw's decoupled decay (`-lr_t * wd * p`) is PyTorch AdamW's.
 
 Gradient accumulation (`optim.grad_accum_steps`) is not done here: the train step splits each
@@ -25,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -57,7 +60,9 @@ def make_schedule(peak: float, min_lr: float, warmup: int, total: int, *, warmup
     """Per-step lr: linear warmup_lr -> peak over `warmup` steps, then
     "cosine": half-cosine from peak to `min_lr` at `total` (official MAE/MixMIM per-step form);
     "multistep": peak * decay_rate ** (number of `decay_steps` reached), as timm's
-    MultiStepLRScheduler with t_in_epochs=False (SimMIM)."""
+    MultiStepLRScheduler with t_in_epochs=False (SimMIM);
+    "timm_cosine": min_lr + (peak - min_lr) * 0.5 * (1 + cos(pi * t / total)) for t >= warmup,
+    min_lr past `total`, as timm's CosineLRScheduler(t_initial=total, warmup_prefix=False)."""
     if kind == "cosine":
         return optax.warmup_cosine_decay_schedule(warmup_lr, peak, warmup, max(total, warmup + 1),
                                                   end_value=min_lr)
@@ -66,7 +71,16 @@ def make_schedule(peak: float, min_lr: float, warmup: int, total: int, *, warmup
             peak, {int(s) - warmup: decay_rate for s in decay_steps if s > warmup})
         return optax.join_schedules([optax.linear_schedule(warmup_lr, peak, warmup), after],
                                     [warmup])
-    raise ValueError(f"optim.schedule: unknown schedule {kind!r} (cosine or multistep)")
+    if kind == "timm_cosine":
+        def schedule(step):
+            t = jnp.asarray(step, jnp.float32)
+            warm = warmup_lr + t * (peak - warmup_lr) / max(warmup, 1)
+            phase = jnp.pi * jnp.minimum(t, total) / max(total, 1)
+            return jnp.where(t < warmup, warm,
+                             min_lr + (peak - min_lr) * 0.5 * (1.0 + jnp.cos(phase)))
+        return schedule
+    raise ValueError(f"optim.schedule: unknown schedule {kind!r} (cosine, multistep or "
+                     "timm_cosine)")
 
 
 def decay_mask(params: Any, no_decay=()) -> Any:
