@@ -9,17 +9,29 @@ Official top-1 after 600 pretraining epochs: 85.1.
 
 This file holds the recipe the fine-tuning configs share (finetune_mae_vit_b, finetune_ummae_*
 call `get_config` with their pretraining recipe and values).
-Variants: `:tiny` (a CPU smoke run on the embedded digits, same code path).
+Variants: `:tiny` (a CPU smoke run on the embedded digits, same code path), `:res=384` (the
+384 fine-tuning of a 224 pretraining: windows 16/16/24/12, the resized APE, eval crop 1.0).
 Values: shared/reference/mixmim.md §5.2-5.3; ummae_mixedae.md §1.9, §1.11; MAE FINETUNE.md.
 """
 
-from mixmae_jax.config import finetune_defaults, parse_arg, sibling
+from mixmae_jax.config import ConfigError, finetune_defaults, parse_arg, sibling
 
 
 def get_config(arg=None, pretrain="mixmim_b.py", layer_decay=0.7, drop_path=0.1,
                crop_pct=0.875, no_decay=()):
-    opts = parse_arg(arg, tiny=False)
-    c = sibling(__file__, pretrain).get_config("tiny" if opts["tiny"] else None)
+    opts = parse_arg(arg, tiny=False, res=224)
+    if opts["res"] != 224 and (pretrain != "mixmim_b.py" or opts["res"] != 384):
+        raise ConfigError(f"config arg: res={opts['res']} (MixMIM fine-tunes at 224 or 384)")
+    if opts["tiny"]:
+        c = sibling(__file__, pretrain).get_config("tiny")
+    elif opts["res"] == 384:
+        # models_mixmim_ft mixmim_base_384: windows 16/16/24/12; the APE is the 224 checkpoint's
+        # 56x56 sin-cos table bicubic-resized to 96x96 (main_finetune.py interpolate_pos_embed)
+        c = sibling(__file__, pretrain).get_config("res=384")
+        c.model.ape_grid = 224 // c.model.patch_size
+        crop_pct = 1.0  # evaluation at 384: resize 384, centre crop (reference §5.2)
+    else:
+        c = sibling(__file__, pretrain).get_config()
     finetune_defaults(c)
     c.model.drop_path_rate = drop_path  # linear over the blocks
     c.num_classes = 1000

@@ -303,6 +303,53 @@ def test_finetuned_export_loads_strictly_and_computes_the_same_logits(tmp_path,
     assert err < 1e-5, err
 
 
+def test_384_style_finetuning_adds_the_official_loaders_resized_ape(pretrain_workdir):
+    """`finetune_mixmim_b.py:res=384` in small: a 32-px (8x8) pretraining fine-tuned at 48 px
+    (12x12) with model.ape_grid=8. The official loader bicubic-resizes the 8x8 sin-cos table
+    (F.interpolate, align_corners=False) instead of recomputing it at 12x12; the classifier adds
+    that table, exports it, imports an official file holding it without allow_ape_mismatch, and
+    its logits equal the reference's with the exported state_dict loaded strictly."""
+    import torch.nn.functional as F
+
+    from mixmae_jax.convert import from_torch, to_torch
+    from mixmae_jax.convert import torch_reference as R
+    from mixmae_jax.eval import finetune
+    from mixmae_jax.models import layers as L
+
+    c = finetune_config(init=pretrain_workdir)
+    c.model.update(img_size=48, window_sizes=(6, 6), ape_grid=8)
+    c.data.image_size = 48
+    finetune.validate(c)
+    src = R.MixMIMPretrainTorch.from_model_config(dict(load("mixmim_b.py", "tiny").model,
+                                                       **SMALL_SWIN)).absolute_pos_embed
+    src = src.detach()  # the reference's own 8x8 table
+    official = F.interpolate(src.reshape(1, 8, 8, 16).permute(0, 3, 1, 2), size=(12, 12),
+                             mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
+    official = official.reshape(1, 144, 16)
+    # fp32 sums of 16 products of |w| <= 1.3 with values in [-1, 1]: a few ulp of 1
+    np.testing.assert_allclose(L.ape_table(16, 12, 8), official[0].numpy(), rtol=0, atol=4e-6)
+    assert np.max(np.abs(L.ape_table(16, 12, 8) - L.sincos_pos_embed_2d(16, 12, 12))) > 0.1
+
+    method = get_method(c)
+    layout = method.torch_layout()
+    template = jax.device_get(jax.jit(lambda: step_lib.init_params(
+        method, jax.random.PRNGKey(0), lambda rngs: method.build_classifier(10, rngs)))())
+    params = finetune.load_pretrained(pretrain_workdir, c, layout, template, print_fn=print)
+    sd = to_torch.params_to_state_dict(params, layout, format="finetune", num_classes=10)
+    np.testing.assert_allclose(sd["absolute_pos_embed"].numpy(), official.numpy(), atol=4e-6)
+    official_file = dict(sd, absolute_pos_embed=official)
+    again, _ = from_torch.state_dict_to_params(official_file, layout, template)  # no mismatch
+    tmodel = R.MixMIMFinetuneTorch.from_model_config(c.model, num_classes=10)
+    tmodel.load_state_dict(official_file, strict=True)
+    graphdef, _ = step_lib.graphdef_and_abstract_params(
+        method, lambda rngs: method.build_classifier(10, rngs))
+    x = np.random.default_rng(0).standard_normal((2, 48, 48, 3)).astype(np.float32)
+    want = tmodel.double().eval()(torch.from_numpy(x).permute(0, 3, 1, 2).double())
+    want = want.detach().numpy()
+    got = np.asarray(step_lib.bind(graphdef, again)(x))
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+
+
 # -- bad input ----------------------------------------------------------------------------------
 
 

@@ -199,14 +199,21 @@ def fresh_head(num_classes: int, in_dim: int, seed: int, std: float = HEAD_INIT_
 
 
 def check_sincos(name: str, value, dim: int, target_grid: int, report,
-                 allow_mismatch: bool, *, cls_row: bool = False) -> str | None:
+                 allow_mismatch: bool, *, cls_row: bool = False,
+                 source_grid: int = 0) -> str | None:
     """A file's fixed position table: the 2-D sin-cos table of its own grid (a leading zero row
-    for the cls token if `cls_row`), else a problem (or, allowed, a warning and a note)."""
+    for the cls token if `cls_row`), or the target's own table (`L.ape_table` of `source_grid`
+    resized), else a problem (or, allowed, a warning and a note)."""
     shape = tuple(value.shape)
     extra = int(cls_row)
     side = square_side(shape[1] - extra) if len(shape) == 3 else None
     if len(shape) != 3 or shape[0] != 1 or shape[2] != dim or side is None:
         return f"{name}: shape {shape}, expected (1, {'1 + ' if cls_row else ''}G*G, {dim})"
+    if source_grid and side == target_grid and not cls_row:
+        resized = L.ape_table(dim, side, source_grid)
+        if np.max(np.abs(tensor_to_numpy(value)[0].astype(np.float64) - resized)) <= APE_ATOL:
+            report.constants.append(name)  # the official loader's resize: what the model adds
+            return None
     table = L.sincos_pos_embed_2d(dim, side, side)
     if cls_row:
         table = np.concatenate([np.zeros((1, dim), np.float32), table])

@@ -5,12 +5,13 @@ The Flax modules are named so that one prefix table maps them (`encoder.` is the
 level; the decoder's parts are flat `decoder_*` names). Constants: `absolute_pos_embed` and
 `decoder_pos_embed` (frozen 2-D sin-cos tables) and the `relative_position_index` buffers.
 
-On import, a file's sin-cos tables must be the sin-cos table of the file's own grid. mixmae-jax
-has no position-table parameter: it always adds the sin-cos table of the target grid. A file
-whose table is something else -- e.g. a 384 finetune checkpoint made by the official loader,
-which bicubic-resizes the 56x56 table instead of recomputing it -- cannot be represented exactly,
-so it is refused unless `allow_ape_mismatch=True`, which warns and uses the sin-cos table (the
-report records the largest deviation).
+On import, a file's sin-cos tables must be the sin-cos table of the file's own grid, or the
+target's own table. mixmae-jax has no position-table parameter: it adds the sin-cos table of the
+target grid, or with `model.ape_grid` set (the 384 fine-tuning configs: 56) the sin-cos table of
+that grid bicubic-resized as the official loader does (`layers.ape_table`), so an official 384
+finetune checkpoint imports exactly into a config with `ape_grid=56`. Any other table cannot be
+represented exactly, so it is refused unless `allow_ape_mismatch=True`, which warns and uses the
+model's table (the report records the largest deviation).
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ class MixMIMLayout(SwinLayout):
     def constant_entries(self, fmt: str) -> dict[str, np.ndarray]:
         cfg = self.model_cfg
         grid, final = self.grids()
-        out = {"absolute_pos_embed": L.sincos_pos_embed_2d(cfg["embed_dim"], grid, grid)[None]}
+        out = {"absolute_pos_embed": L.ape_table(cfg["embed_dim"], grid,
+                                                 cfg.get("ape_grid", 0))[None]}
         out.update(self.index_entries())
         if fmt == "pretrain":
             out["decoder_pos_embed"] = L.sincos_pos_embed_2d(cfg["decoder_dim"], final,
@@ -69,7 +71,7 @@ class MixMIMLayout(SwinLayout):
         grid, final = self.grids()
         if name == "absolute_pos_embed":
             return check_sincos(name, value, self.model_cfg["embed_dim"], grid, report,
-                                allow_mismatch)
+                                allow_mismatch, source_grid=self.model_cfg.get("ape_grid", 0))
         return check_sincos(name, value, self.model_cfg["decoder_dim"], final, report,
                             allow_mismatch)
 

@@ -159,18 +159,19 @@ def load_pretrained(init: str, config, layout: K.Layout, template: dict,
             pass
     kept = {}
     for name, value in sd.items():
-        # Computed buffers (index tables, masks) follow this config's geometry, not the file's;
-        # a head for another number of classes is replaced by the fresh one.
-        if (layout.is_constant_key(name) and name not in names) or (
-                name.startswith("head.") and tuple(value.shape)[0] != config.num_classes):
+        # A head for another number of classes is replaced by the fresh one. The file's computed
+        # buffers (index tables, masks) stay: each is checked against the file's own geometry
+        # (its bias tables' window), and the model computes this config's.
+        if name.startswith("head.") and tuple(value.shape)[0] != config.num_classes:
             continue
         kept[name] = value
     if any(k.startswith("head.") for k in kept) and not all(
             k in kept for k in ("head.weight", "head.bias")):
         kept = {k: v for k, v in kept.items() if not k.startswith("head.")}
     fmt = layout.detect_format(kept)
-    kept.update({k: torch.as_tensor(np.array(v))
-                 for k, v in layout.constant_entries(fmt).items() if k not in names})
+    kept.update({k: torch.as_tensor(np.array(v))  # buffers the file lacks
+                 for k, v in layout.constant_entries(fmt).items()
+                 if k not in names and k not in kept})
     try:
         params, report = from_torch.state_dict_to_params(kept, layout, template,
                                                          allow_ape_mismatch=True)

@@ -165,6 +165,40 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
     return table
 
 
+def _bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) weights of torch's 1-D bicubic resize (`F.interpolate(mode="bicubic",
+    align_corners=False)`): source x = (i + 0.5) * n_in / n_out - 0.5, Keys' cubic with
+    A = -0.75 on the 4 nearest samples, indices clamped at the border."""
+    a = -0.75
+    x = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    i0 = np.floor(x)
+    t = x - i0
+    d = np.stack([t + 1, t, 1 - t, 2 - t], axis=1)  # distances to samples i0-1 .. i0+2
+    near = ((a + 2) * d - (a + 3)) * d * d + 1  # |d| <= 1
+    far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a  # 1 < |d| < 2
+    w = np.where(d <= 1, near, far)
+    out = np.zeros((n_out, n_in))
+    for k in range(4):
+        np.add.at(out, (np.arange(n_out), np.clip(i0 + k - 1, 0, n_in - 1).astype(int)), w[:, k])
+    return out
+
+
+@functools.cache
+def ape_table(dim: int, grid: int, source_grid: int = 0) -> np.ndarray:
+    """The fixed position table added to a (grid x grid) token map, (grid * grid, dim) float32:
+    the 2-D sin-cos table of `source_grid` (0: `grid`), bicubic-resized to `grid` as torch does
+    when the grids differ -- the table the official MixMIM loader gives a 384 fine-tuning model
+    from a 224 checkpoint (`util/pos_embed.py`: resized, not recomputed)."""
+    if not source_grid or source_grid == grid:
+        return sincos_pos_embed_2d(dim, grid, grid)
+    src = sincos_pos_embed_2d(dim, source_grid, source_grid).astype(np.float64)
+    m = _bicubic_matrix(source_grid, grid)
+    table = np.einsum("ir,js,rsd->ijd", m, m, src.reshape(source_grid, source_grid, dim))
+    table = table.reshape(grid * grid, dim).astype(np.float32)
+    table.setflags(write=False)
+    return table
+
+
 @functools.cache
 def relative_position_index(window: int) -> np.ndarray:
     """(w*w, w*w) int64 index into the [(2w-1)^2, heads] bias table (Swin formula)."""

@@ -11,7 +11,8 @@ is general over k sources.
 
 The model config (`config.model`, name "swin"): img_size, patch_size, in_chans, embed_dim, depths,
 num_heads, window_sizes (one per stage), mlp_ratio, qkv_bias, drop_path_rate, ape ("sincos": the
-fixed 2-D table MixMIM adds; "none": official Swin's default), shift_windows (odd blocks shift by
+fixed 2-D table MixMIM adds; "none": official Swin's default), ape_grid (0, or the grid whose sin-cos
+table is bicubic-resized to this one), shift_windows (odd blocks shift by
 half a window), remat, scan_blocks, and the decoder of the method (decoder_*).
 """
 
@@ -60,6 +61,9 @@ def model_config(variant: str = "B", img_size: int = 224, *, window_sizes=(14, 1
         qkv_bias=True,
         drop_path_rate=0.0,
         ape=ape,
+        # "sincos" computed on this grid, then bicubic-resized to the token grid (0: the token
+        # grid itself): the official 384 fine-tuning's table, 56 from its 224 checkpoint.
+        ape_grid=0,
         shift_windows=shift_windows,
         decoder_dim=decoder[0],
         decoder_depth=decoder[1],
@@ -89,6 +93,9 @@ def check_config(cfg, check) -> None:
     if cfg.ape == "sincos":
         check(cfg.embed_dim % 4 == 0, "model.embed_dim", f"{cfg.embed_dim} must be divisible "
               "by 4 (2-D sin-cos position embedding)")
+    ape_grid = cfg.get("ape_grid", 0)
+    check(ape_grid >= 0 and (ape_grid == 0 or cfg.ape == "sincos"), "model.ape_grid",
+          f"{ape_grid}: the grid of a resized sin-cos table (0: none), needs model.ape='sincos'")
     for s, res in enumerate(stage_resolutions(cfg)):
         dim, heads, window = cfg.embed_dim * 2**s, cfg.num_heads[s], cfg.window_sizes[s]
         check(dim % heads == 0, "model.num_heads",
@@ -215,6 +222,7 @@ class SwinEncoder(nnx.Module):
         self.grid = cfg.img_size // cfg.patch_size
         self.embed_dim = cfg.embed_dim
         self.ape = cfg.get("ape", "sincos")
+        self.ape_grid = int(cfg.get("ape_grid", 0))
         if mask_token:  # SimMIM: replaces masked patch embeddings (official trunc_normal .02)
             self.mask_token = nnx.Param(L.table_init(rngs.params(), (1, 1, cfg.embed_dim),
                                                      jnp.float32))
@@ -267,7 +275,7 @@ class SwinEncoder(nnx.Module):
         """
         x = tokens.astype(jnp.float32)
         if self.ape == "sincos":
-            ape = L.sincos_pos_embed_2d(self.embed_dim, self.grid, self.grid)
+            ape = L.ape_table(self.embed_dim, self.grid, self.ape_grid)
             x = x + ape.reshape(self.grid, self.grid, self.embed_dim)
         stages = [x]
         first = 0
