@@ -63,8 +63,19 @@ def _tfds_data(builder) -> LabelledData:
                          f"(it has {sorted(features.keys())}): evaluation needs labels")
 
     def records(split):
-        ds = builder.as_dataset(split=split, shuffle_files=False,
-                                decoders={"image": tfds.decode.SkipDecoding()})
+        decoders = {"image": tfds.decode.SkipDecoding()}
+        if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:  # no as_dataset
+            source = builder.as_data_source(split=split, decoders=decoders)
+
+            def in_order(chunk=256):
+                for start in range(0, len(source), chunk):
+                    for ex in source.__getitems__(list(range(start, min(start + chunk,
+                                                                        len(source))))):
+                        yield ex["image"], np.int32(ex["label"])
+
+            return tf.data.Dataset.from_generator(in_order, output_signature=(
+                tf.TensorSpec((), tf.string), tf.TensorSpec((), tf.int32)))
+        ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
         return ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32)))
 
     splits = {k: v.num_examples for k, v in builder.info.splits.items()}

@@ -11,6 +11,10 @@ One tf.data pipeline for every source:
 
 TFDS shares are read as a few contiguous chunks, randomly interleaved each epoch, then through a
 shuffle buffer (`data.shuffle_buffer`); folder shares (paths only) are fully shuffled per epoch.
+A TFDS dataset prepared as ArrayRecord (`file_format="array_record"`) is read by index instead:
+one global permutation per epoch (`tf.random.experimental.index_shuffle`), the same for any
+number of processes, and a resume reads nothing before its position -- O(1) at ImageNet scale,
+where skipping through TFRecord files reads every record before the position.
 
 Every random choice is a function of the seed and the stream position, so the batches are
 deterministic and the stream restarts exactly at any step: `start_step=k` yields what an
@@ -53,10 +57,15 @@ class Source:
     name: names the dataset in error messages.
     """
 
-    epoch: Callable[[tf.Tensor], tf.data.Dataset]
+    epoch: Callable[[tf.Tensor], tf.data.Dataset] | None
     size: int
     name: str
     data_is_path: bool
+    # Random access (a TFDS dataset prepared as ArrayRecord): global example indices (int64
+    # numpy) -> (keys, encoded images, labels) numpy arrays; `total` examples over all processes.
+    # Then the order is a function of the seed and the global position only (see TrainIterator).
+    read: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+    total: int = 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -82,6 +91,9 @@ def tfds_source(
         raise ValueError(f"{name} has no 'label' feature (it has "
                          f"{sorted(builder.info.features.keys())}): training a classifier "
                          "needs labels")
+
+    if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
+        return _random_access_source(builder, split, name, process_count, with_labels)
 
     def record(ex):
         label = tf.cast(ex["label"], tf.int32) if with_labels else tf.constant(-1, tf.int32)
@@ -126,6 +138,25 @@ def tfds_source(
         return ds.shuffle(buffer, seed=seed[0])
 
     return Source(epoch, size, name, data_is_path=False)
+
+
+def _random_access_source(builder, split: str, name: str, process_count: int,
+                          with_labels: bool) -> Source:
+    """A TFDS split in ArrayRecord files, read by index (`as_data_source`): any example in O(1),
+    so a resume starts at its position without reading what comes before it."""
+    source = builder.as_data_source(split=split,
+                                    decoders={"image": tfds.decode.SkipDecoding()})
+    total = len(source)
+
+    def read(indices):
+        examples = source.__getitems__([int(i) for i in indices])
+        keys = np.array([f"{split}[{i}]".encode() for i in indices], dtype=object)
+        images = np.array([ex["image"] for ex in examples], dtype=object)
+        labels = np.array([ex["label"] if with_labels else -1 for ex in examples], np.int32)
+        return keys, images, labels
+
+    return Source(None, total // process_count, name + " (ArrayRecord)", data_is_path=False,
+                  read=read, total=total)
 
 
 def list_images(folder: str) -> list[str]:
@@ -274,8 +305,10 @@ class TrainIterator(Iterator):
                 f"one global batch (batch_size={global_batch_size}); lower batch_size"
             )
         self.source = source
-        self.num_examples = source.size * process_count
+        self.num_examples = source.total if source.read else source.size * process_count
         self.steps_per_epoch = self.num_examples // global_batch_size
+        self._global_batch_size = global_batch_size
+        self._process_index = process_index
         self.step = start_step
         self._image_size = image_size
         self._crop_scale = tuple(crop_scale)
@@ -285,14 +318,20 @@ class TrainIterator(Iterator):
         self._consumed = 0  # stream positions consumed (yielded or skipped) so far
         self._yielded = 0
         # Independent stateless key streams: (seed, 2 * process + 0) orders, (..+1) augments.
-        self._order_key = tf.constant([seed, 2 * process_index], tf.int64)
-        self._augment_key = tf.constant([seed, 2 * process_index + 1], tf.int64)
+        # Random access draws one global order and keys augmentation by the global position:
+        # every process uses process 0's keys.
+        stream = 0 if source.read else process_index
+        self._order_key = tf.constant([seed, 2 * stream], tf.int64)
+        self._augment_key = tf.constant([seed, 2 * stream + 1], tf.int64)
         self._iterator = self._build().as_numpy_iterator()
 
     # -- the tf.data graph ----------------------------------------------------------------------
 
     def _positions(self, start: int) -> tf.data.Dataset:
-        """(position, key, data) from stream position `start` on, endless, nothing decoded."""
+        """(position, key, data, label) from local stream position `start` on, endless, nothing
+        decoded."""
+        if self.source.read:
+            return self._random_access_positions(start)
         n = self.source.size
 
         def epoch(e):
@@ -305,11 +344,44 @@ class TrainIterator(Iterator):
             tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch).skip(offset)
         )
 
+    def _random_access_positions(self, start: int) -> tf.data.Dataset:
+        """The global stream: position p of epoch e = p // N is example
+        index_shuffle(p % N, seed(e)) of the N in the split; global batch k holds positions
+        [k * B, (k + 1) * B), this process the b = B / P of them at offset process * b. So the
+        data (and, keyed by p, its augmentation) depend on the seed and the global step only,
+        whatever the number of processes, and a resume starts reading at its own position."""
+        n = self.source.total
+
+        def example(q):
+            p = self._global_position(q)
+            seed = tf.random.experimental.stateless_fold_in(self._order_key, p // n, alg=_ALG)
+            return q, tf.random.experimental.index_shuffle(p % n, seed, tf.constant(n - 1,
+                                                                                     tf.int64))
+
+        def read(q, index):
+            keys, data, labels = tf.numpy_function(self.source.read, [index],
+                                                   [tf.string, tf.string, tf.int32],
+                                                   stateful=False)
+            return q, keys, data, labels
+
+        auto = tf.data.AUTOTUNE
+        return (tf.data.Dataset.range(start, np.iinfo(np.int64).max)
+                .map(example)
+                .batch(self.local_batch_size)  # one read per local batch
+                .map(read, num_parallel_calls=auto)
+                .unbatch())
+
+    def _global_position(self, q):
+        """Global stream position of this process's local position q (random access)."""
+        b = self.local_batch_size
+        return (q // b) * self._global_batch_size + self._process_index * b + q % b
+
     def _decode(self, position, key, data, label):
         del key
         if self.source.data_is_path:
             data = tf.io.read_file(data)
-        seed = tf.random.experimental.stateless_fold_in(self._augment_key, position, alg=_ALG)
+        keyed = self._global_position(position) if self.source.read else position
+        seed = tf.random.experimental.stateless_fold_in(self._augment_key, keyed, alg=_ALG)
         image = augment.random_resized_crop_flip(
             data, seed, self._image_size, self._crop_scale, self._hflip, self._randaug
         )
