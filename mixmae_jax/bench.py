@@ -99,6 +99,7 @@ def _train_step(config, args) -> dict:
     from mixmae_jax.train import step as step_lib
     from mixmae_jax.train.trainer import build_state_fns, jit_train_step, task_for
 
+    step_lib.enable_compilation_cache(config.get("compilation_cache_dir", ""))
     mesh = sharding.make_mesh(config.mesh)
     n_dev = mesh.devices.size
     task = task_for(config)

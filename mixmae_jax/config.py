@@ -221,6 +221,10 @@ def defaults() -> ml_collections.ConfigDict:
             grad_accum_steps=1,
         )
     )
+    # A directory for XLA's persistent compilation cache ("": off): a repeated run (a resume, a
+    # second fine-tuning, the bench) loads its compiled step instead of compiling it again.
+    # Compiled CPU code targets this machine's CPU: do not share one between CPU kinds.
+    c.compilation_cache_dir = ""
     c.compute_dtype = "float32"  # "bfloat16": bf16 matmuls, fp32 master weights/LN/softmax/loss
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1: all remaining devices
     # (regex over "/"-joined parameter paths, mesh axis or None); first match wins.

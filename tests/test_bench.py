@@ -39,3 +39,23 @@ def test_bench_takes_and_names_config_overrides(capsys):
     demo = os.path.join(CONFIGS, "demo.py")
     assert bench.main(["--config", demo, "--config.no_such_key=1"]) == 2
     assert "no_such_key" in capsys.readouterr().out
+
+
+def test_compilation_cache_makes_a_repeated_run_compile_nothing(tmp_path):
+    """config.compilation_cache_dir: the first bench fills the cache, a second identical one
+    (a fresh process) finds every compiled function there and adds no entry."""
+    from jax_subprocess import run_python
+
+    cache = tmp_path / "xla"
+    script = """
+        import sys
+        from mixmae_jax import bench
+        sys.exit(bench.main(sys.argv[1:]))
+    """
+    args = ("--config", os.path.join(CONFIGS, "mae_vit_b.py:tiny"), "--steps", "1",
+            f"--config.compilation_cache_dir={cache}")
+    run_python(script, *args)
+    first = sorted(p.name for p in cache.iterdir())
+    assert first, "nothing cached"
+    run_python(script, *args)
+    assert sorted(p.name for p in cache.iterdir()) == first

@@ -85,8 +85,8 @@ def main(argv=None) -> None:
                              build_s=round(built, 1)))
             print(f"{fmt:12s} start step {start:6d}: first batch after "
                   f"{rows[-1]['first_batch_s']:7.2f} s", flush=True)
-    print(f"\n| format | resume at step | examples before it | first batch (s) |\n"
-          f"| --- | --- | --- | --- |")
+    print("\n| format | resume at step | examples before it | first batch (s) |\n"
+          "| --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['format']} | {r['start_step']} | {r['skipped_examples']:,} | "
               f"{r['first_batch_s']} |")

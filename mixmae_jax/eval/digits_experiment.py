@@ -100,9 +100,7 @@ def main(argv=None) -> None:
 
     logging.set_verbosity(logging.WARNING)
     os.makedirs(args.workdir, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", os.path.join(args.workdir, "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    step_lib.enable_compilation_cache(os.path.join(args.workdir, "jax_cache"))
     t0 = time.perf_counter()
     quiet = lambda s: None  # noqa: E731
 

@@ -11,9 +11,9 @@ is general over k sources.
 
 The model config (`config.model`, name "swin"): img_size, patch_size, in_chans, embed_dim, depths,
 num_heads, window_sizes (one per stage), mlp_ratio, qkv_bias, drop_path_rate, ape ("sincos": the
-fixed 2-D table MixMIM adds; "none": official Swin's default), ape_grid (0, or the grid whose sin-cos
-table is bicubic-resized to this one), shift_windows (odd blocks shift by
-half a window), remat, scan_blocks, and the decoder of the method (decoder_*).
+fixed 2-D table MixMIM adds; "none": official Swin's default), ape_grid (0, or the grid whose
+sin-cos table is bicubic-resized to this one), shift_windows (odd blocks shift by half a window),
+remat, scan_blocks, and the decoder of the method (decoder_*).
 """
 
 from __future__ import annotations

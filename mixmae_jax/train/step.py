@@ -11,6 +11,8 @@ the seed and the step: a resumed run replays the same masks as an uninterrupted 
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -141,3 +143,12 @@ def make_train_step(config, method, graphdef, tx, lr_schedule, num_groups: int):
         return new_state, metrics
 
     return train_step
+
+
+def enable_compilation_cache(directory: str) -> None:
+    """XLA's persistent compilation cache in `directory` (config.compilation_cache_dir; "": no
+    change), for every compiled function however small or quick to compile."""
+    if directory:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

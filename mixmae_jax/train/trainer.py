@@ -209,6 +209,7 @@ def train(config, workdir: str, *, print_fn=print, stop_at: int | None = None,
     from mixmae_jax.data import input_pipeline  # imports TensorFlow
 
     # ----- Devices and config ----------------------------------------------------------------
+    step_lib.enable_compilation_cache(config.get("compilation_cache_dir", ""))
     mesh = sharding.make_mesh(config.mesh)
     num_devices = mesh.devices.size
     task = task or task_for(config)
