@@ -111,14 +111,14 @@ TPU_ENV = {
 
 
 # ---- all scripts ----------------------------------------------------------------------------
-@pytest.mark.parametrize("script", ["common.sh", *SCRIPTS])
+@pytest.mark.parametrize("script", ["common.sh", "gpu_check.sh", *SCRIPTS])
 def test_bash_syntax(script):
     subprocess.run(["bash", "-n", str(LAUNCH / script)], check=True)
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
 def test_shellcheck():
-    files = [f"launch/{name}" for name in ("common.sh", *SCRIPTS)]
+    files = [f"launch/{name}" for name in ("common.sh", "gpu_check.sh", *SCRIPTS)]
     proc = subprocess.run(
         ["shellcheck", "-x", "--severity=warning", *files], cwd=ROOT, capture_output=True, text=True
     )
@@ -134,7 +134,7 @@ def test_help_exits_zero_and_lists_parameters(script):
     assert os.access(LAUNCH / script, os.X_OK)
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", [*SCRIPTS, "gpu_check.sh"])
 def test_unknown_subcommand_fails(script):
     proc = launch(script, "--dry-run", "frobnicate", check=False)
     assert proc.returncode != 0 and "unknown subcommand" in proc.stderr
@@ -422,3 +422,32 @@ def test_slurm_srun_line_runs_each_task_with_its_own_id_and_gpu(tmp_path):
     proc = launch("slurm_multinode.sh", "run", env={**env, "CUDA_VISIBLE_DEVICES": "4,5,6,7"},
                   path_prepend=[tmp_path / "bin"])  # fmt: skip
     assert [ln.split()[0] for ln in proc.stdout.splitlines()] == ["4", "5", "6", "7"] * 2
+
+
+# ---- the accelerator check ----------------------------------------------------------------------
+def test_gpu_check_help_and_dry_runs():
+    """prepare (here): the two wheels the GPU image lacks, for its Python, and the references;
+    check (there): nvidia-smi, the carried wheels, then parity, smoke, bench and summary, each
+    teed to its log in OUT. (tests/test_gpu_check.py runs the check itself with fakes.)"""
+    out = launch("gpu_check.sh", "--help").stdout
+    assert "Usage:" in out and "--dry-run" in out and os.access(LAUNCH / "gpu_check.sh", os.X_OK)
+    assert re.search(r"^  BENCH_BUDGET_S +300$", out, re.M)
+    ml_pin = re.search(r"^ml_collections==(\S+)$", (ROOT / "requirements.txt").read_text(),
+                       re.M).group(1)
+    cd, mkdir, download, refs = dry_run("gpu_check.sh", "prepare")
+    assert mkdir == ["mkdir", "-p", ".gpu_carry/wheels"]
+    assert download[1:4] == ["-m", "pip", "download"] and "--only-binary=:all:" in download
+    assert download[download.index("--python-version") + 1] == "3.12"
+    assert download[-2:] == [f"ml_collections=={ml_pin}", "PyYAML"]
+    assert refs[-3:] == ["refs", "--out", ".gpu_carry/refs.npz"] and "JAX_PLATFORMS=cpu" in refs
+    cmds = dry_run("gpu_check.sh", env={"OUT": "/o", "BENCH_CONFIGS": "mae_vit_b.py"})
+    assert cmds[0][0] == "cd" and cmds[1] == ["mkdir", "-p", "/o"]
+    text = [" ".join(c) for c in cmds]
+    assert "nvidia-smi > /o/nvidia-smi.txt" in text[2]
+    assert "pip install --quiet --no-deps --no-index .gpu_carry/wheels/*.whl" in text[3]
+    parts = [next(a for a in c if a in ("parity", "smoke", "bench", "summary")) for c in cmds[4:]]
+    assert parts == ["parity", "smoke", "bench", "summary"]
+    bench = cmds[6]
+    assert bench[bench.index("--dtypes") + 1:bench.index("--dtypes") + 3] == ["bfloat16",
+                                                                               "float32"]
+    assert bench[bench.index("--configs") + 1] == "mae_vit_b.py" and "/o/bench.log" in text[6]
