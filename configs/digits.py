@@ -12,6 +12,10 @@ here made? scikit-learn's handwritten digits (1,200 train / 597 test scans, upsc
   mixmae-eval knn --workdir workdirs/digits --data digits
   mixmae-pretrain --config configs/digits.py:method=mae --workdir workdirs/digits_mae
 
+`:toy` is a 1-block-per-stage MixMIM Swin (embed 32) at a higher lr: the encoder the suite's
+pretrained-vs-random test ships (`python -m mixmae_jax.eval.digits_experiment --toy-encoder
+tests/data/digits_toy_encoder.npz` makes it again, about 2 minutes).
+
 Pretraining reads the train images without labels. Fine-tuning is each method's official recipe
 (configs/finetune_*.py: layer decay, drop path 0.1, RandomErasing, Mixup/CutMix, label
 smoothing) shrunk to this data: `labels=10` trains on 10 labelled images per class (the
@@ -52,7 +56,7 @@ METHODS = {
 
 
 def get_config(arg=None):
-    opts = parse_arg(arg, method="mixmim", finetune=False, labels="all", seed=0)
+    opts = parse_arg(arg, method="mixmim", finetune=False, labels="all", seed=0, toy=False)
     if opts["method"] not in METHODS:
         raise ConfigError(f"config arg: unknown method {opts['method']!r} "
                           f"({', '.join(METHODS)})")
@@ -78,6 +82,13 @@ def get_config(arg=None):
         c.log_every = 50
         c.checkpoint_every = 500
         c.eval.knn_every = 250  # the k-NN monitor: digits train -> test, logged as knn_top1
+        if opts["toy"]:  # the suite's pretrained-vs-random toy (tests/data/digits_toy_encoder.npz)
+            if opts["method"] != "mixmim":
+                raise ConfigError("config arg: toy is a MixMIM model")
+            c.model.update(embed_dim=32, depths=(1, 1), num_heads=(2, 4), decoder_dim=32,
+                           decoder_depth=1, decoder_num_heads=2)
+            c.optim.update(base_lr=1e-2, warmup_epochs=1)
+            c.eval.knn_every = 0
         return c
     c.model.update(finetune_model)
     few = opts["labels"] == "10"

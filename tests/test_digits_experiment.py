@@ -1,5 +1,7 @@
 """The digits experiment's pieces (the whole run is `make experiment`, ~22 minutes)."""
 
+import os
+
 import jax
 import pytest
 from recipes import load
@@ -19,6 +21,31 @@ def test_frozen_accuracy_of_an_encoder_on_the_digits():
     acc = de.frozen_accuracy(c, params)
     assert set(acc) == {"knn", "linprobe"}
     assert 0.3 < acc["knn"] <= 1.0 and 0.3 < acc["linprobe"] <= 1.0
+
+
+TOY_ENCODER = os.path.join(os.path.dirname(__file__), "data", "digits_toy_encoder.npz")
+
+
+def test_pretrained_encoder_beats_random_init_on_frozen_features():
+    """The pretrained-vs-random toy: the encoder of configs/digits.py:toy after 1,000 MixMIM
+    steps on the digits images without labels (shipped; 83.6% k-NN when made) against the same
+    model from random init (64.0%): the probe machinery tells them apart in seconds. Margins are
+    half the measured gaps (k-NN +19.6 points, linear probe +8.7)."""
+    c = load("digits.py", "toy")
+    init = jax.jit(lambda: step_lib.init_params(get_method(c), jax.random.PRNGKey(0)))()
+    pretrained = de.load_toy_encoder(TOY_ENCODER, init)
+    got = {name: de.frozen_accuracy(c, params)
+           for name, params in (("pretrained", pretrained), ("random", init))}
+    assert got["pretrained"]["knn"] - got["random"]["knn"] > 0.10, got
+    assert got["pretrained"]["linprobe"] - got["random"]["linprobe"] > 0.04, got
+
+
+def test_a_toy_encoder_of_another_shape_is_refused(tmp_path):
+    c = load("digits.py", "toy")
+    c.model.embed_dim = 16
+    init = jax.jit(lambda: step_lib.init_params(get_method(c), jax.random.PRNGKey(0)))()
+    with pytest.raises(ValueError, match="make the file again"):
+        de.load_toy_encoder(TOY_ENCODER, init)
 
 
 def test_table_reports_mean_and_spread_per_setting():

@@ -79,6 +79,39 @@ def table(results: dict) -> str:
                               f"over seeds {seeds}.")
 
 
+def save_toy_encoder(out: str, workdir: str) -> None:
+    """Pretrains `configs/digits.py:toy` in `workdir` and writes its encoder's params to `out`
+    (npz, one array per parameter path): the suite's pretrained-vs-random toy."""
+    import jax
+
+    from mixmae_jax import config as config_lib
+    from mixmae_jax.train import trainer
+
+    config = config_lib.load_config(f"{_config_path()}:toy")
+    trainer.train(config, workdir, print_fn=lambda s: None)
+    _, params, step = trainer.restore_params(workdir)
+    leaves, _ = jax.tree_util.tree_flatten_with_path(params["encoder"])
+    arrays = {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
+    np.savez_compressed(out, **arrays)
+    print(f"wrote {out}: the encoder after {step} steps ({len(arrays)} arrays)")
+
+
+def load_toy_encoder(path: str, params):
+    """`params` (a digits.py:toy model's) with the encoder from `save_toy_encoder`'s file."""
+    import jax
+
+    data = np.load(path)
+
+    def pick(p, leaf):
+        key = jax.tree_util.keystr(p)
+        if key not in data or data[key].shape != leaf.shape:
+            raise ValueError(f"{path}: no {leaf.shape} array {key}; the toy model changed, "
+                             "make the file again (configs/digits.py, `:toy`)")
+        return data[key]
+
+    return dict(params, encoder=jax.tree_util.tree_map_with_path(pick, params["encoder"]))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m mixmae_jax.eval.digits_experiment",
                                 description=__doc__.split("\n\n")[0])
@@ -86,7 +119,15 @@ def main(argv=None) -> None:
                    help="the pretraining method (configs/digits.py:method=...)")
     p.add_argument("--workdir", default=None, help="default: workdirs/experiment/METHOD")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--toy-encoder", default="", metavar="NPZ",
+                   help="only pretrain configs/digits.py:toy and save its encoder here")
     args = p.parse_args(argv)
+    if args.toy_encoder:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as workdir:
+            save_toy_encoder(args.toy_encoder, workdir)
+        return
     args.workdir = args.workdir or os.path.join("workdirs", "experiment", args.method)
     path = _config_path()  # before anything is written
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
