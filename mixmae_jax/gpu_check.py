@@ -45,26 +45,6 @@ def _config(spec: str, overrides=()):
     return config_lib.load_config(full + (f":{arg}" if arg else ""), overrides)
 
 
-def _paths(tree) -> dict:
-    import jax
-
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
-
-
-def _with_values(tree, values: dict):
-    import jax
-
-    def pick(path, leaf):
-        value = values[jax.tree_util.keystr(path)]
-        if value.shape != leaf.shape:
-            raise ValueError(f"{jax.tree_util.keystr(path)}: reference shape {value.shape}, "
-                             f"model {leaf.shape}")
-        return value
-
-    return jax.tree_util.tree_map_with_path(pick, tree)
-
-
 def loss_and_grads(spec: str, params=None, images=None):
     """(params, images, loss, grads) of the pretraining loss of `spec` at batch 4 (fixed plan and
     drop-path keys); params and images are made from seed 0 unless given."""
@@ -78,7 +58,7 @@ def loss_and_grads(spec: str, params=None, images=None):
     method = get_method(config)
     graphdef, _ = step_lib.graphdef_and_abstract_params(method)
     fresh = jax.jit(lambda: step_lib.init_params(method, jax.random.PRNGKey(0)))()
-    params = fresh if params is None else _with_values(fresh, params)
+    params = fresh if params is None else step_lib.from_flat_arrays(fresh, params, "refs")
     if images is None:
         s = config.model.img_size
         images = np.random.default_rng(0).integers(0, 256, (PARITY_BATCH, s, s, 3), np.uint8)
@@ -90,7 +70,7 @@ def loss_and_grads(spec: str, params=None, images=None):
         return loss
 
     loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params, images)
-    return _paths(params), images, float(loss), _paths(grads)
+    return step_lib.flat_arrays(params), images, float(loss), step_lib.flat_arrays(grads)
 
 
 def make_refs(out: str, cases=PARITY_CASES) -> None:
@@ -154,6 +134,7 @@ def smoke(workdir: str, spec: str = "mixmim_b.py:tiny") -> dict:
 
     from mixmae_jax.train import checkpoint as ckpt_lib
     from mixmae_jax.train import sharding
+    from mixmae_jax.train import step as step_lib
     from mixmae_jax.train.trainer import build_state_fns, jit_train_step, task_for
 
     config = _config(spec)
@@ -162,7 +143,7 @@ def smoke(workdir: str, spec: str = "mixmim_b.py:tiny") -> dict:
     _, tx, schedule, graphdef, init_fn, abstract, state_sh = build_state_fns(
         config, mesh, 100, task)
     state = jax.jit(init_fn, out_shardings=state_sh)()
-    start = _paths(state["params"])
+    start = step_lib.flat_arrays(state["params"])
     step_fn = jit_train_step(config, mesh, task.objective, graphdef, tx, schedule, state_sh,
                              batch_keys=task.batch_keys)
     s, b = config.model.img_size, config.batch_size
@@ -173,14 +154,15 @@ def smoke(workdir: str, spec: str = "mixmim_b.py:tiny") -> dict:
                                          sharding.batch_sharding(mesh))}
         state, metrics = step_fn(state, batch)
         losses.append(float(metrics["loss"]))
-    moved = max(float(np.max(np.abs(v - start[k]))) for k, v in _paths(state["params"]).items())
+    end = step_lib.flat_arrays(state["params"])
+    moved = max(float(np.max(np.abs(v - start[k]))) for k, v in end.items())
     ckpt = ckpt_lib.Checkpointer(workdir, save_every=1, keep=1, config=config)
     ckpt.save(2, state, force=True)
     ckpt.wait()
     restored = ckpt.restore(2, sharding.abstract_with_shardings(abstract, state_sh))
     ckpt.close()
-    same = all(np.array_equal(v, _paths(restored["params"])[k])
-               for k, v in _paths(state["params"]).items())
+    back = step_lib.flat_arrays(restored["params"])
+    same = all(np.array_equal(v, back[k]) for k, v in end.items())
     out = dict(config=spec, losses=losses, step=int(state["step"]), params_moved=moved,
                restored_equal=same)
     out["ok"] = bool(np.all(np.isfinite(losses)) and out["step"] == 2 and moved > 0 and same)

@@ -638,3 +638,25 @@ def test_convert_and_visualize_give_the_official_loss(tmp_path, capsys):
     with torch.no_grad():
         loss = ref(x, token_mask)
     assert abs(jax_loss - float(loss)) <= 1e-5 * abs(float(loss)) + 1e-6
+
+
+def test_classifier_starts_as_the_official_swin_init_pass():
+    """The official SimMIM classifier runs `_init_weights` over every Linear, the head included
+    (trunc-normal .02, zero bias), and never re-draws the head; MixMIM's re-draws it at 2e-5 and
+    keeps xavier-uniform in the blocks (xavier on qkv (64, 192): std sqrt(2 / 256) = 0.088)."""
+    def classifier(name):
+        c = tiny_config() if name == "simmim" else load("mixmim_b.py", "tiny")
+        if name == "mixmim":
+            c.model.update(TINY, ape="sincos")
+        method = get_method(c)
+        return jax.jit(lambda: init_params(method, jax.random.PRNGKey(0),
+                                           lambda rngs: method.build_classifier(1000, rngs)))()
+
+    sim, mix = classifier("simmim"), classifier("mixmim")
+    # std of 64,000 / 12,288 draws: relative standard error below 1%
+    head, qkv = sim["head"], sim["encoder"]["layers"][2]["blocks"][1]["attn"]["qkv"]
+    assert 0.019 < float(jnp.std(head["kernel"])) < 0.021
+    assert 0.019 < float(jnp.std(qkv["kernel"])) < 0.021
+    assert not np.any(head["bias"]) and not np.any(qkv["bias"])
+    assert 1.9e-5 < float(jnp.std(mix["head"]["kernel"])) < 2.1e-5
+    assert float(jnp.std(mix["encoder"]["layers"][2]["blocks"][1]["attn"]["qkv"]["kernel"])) > 0.08

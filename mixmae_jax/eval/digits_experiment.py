@@ -82,34 +82,28 @@ def table(results: dict) -> str:
 def save_toy_encoder(out: str, workdir: str) -> None:
     """Pretrains `configs/digits.py:toy` in `workdir` and writes its encoder's params to `out`
     (npz, one array per parameter path): the suite's pretrained-vs-random toy."""
-    import jax
-
     from mixmae_jax import config as config_lib
+    from mixmae_jax.train import step as step_lib
     from mixmae_jax.train import trainer
 
     config = config_lib.load_config(f"{_config_path()}:toy")
     trainer.train(config, workdir, print_fn=lambda s: None)
     _, params, step = trainer.restore_params(workdir)
-    leaves, _ = jax.tree_util.tree_flatten_with_path(params["encoder"])
-    arrays = {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
+    arrays = step_lib.flat_arrays(params["encoder"])
     np.savez_compressed(out, **arrays)
     print(f"wrote {out}: the encoder after {step} steps ({len(arrays)} arrays)")
 
 
 def load_toy_encoder(path: str, params):
     """`params` (a digits.py:toy model's) with the encoder from `save_toy_encoder`'s file."""
-    import jax
+    from mixmae_jax.train import step as step_lib
 
-    data = np.load(path)
-
-    def pick(p, leaf):
-        key = jax.tree_util.keystr(p)
-        if key not in data or data[key].shape != leaf.shape:
-            raise ValueError(f"{path}: no {leaf.shape} array {key}; the toy model changed, "
-                             "make the file again (configs/digits.py, `:toy`)")
-        return data[key]
-
-    return dict(params, encoder=jax.tree_util.tree_map_with_path(pick, params["encoder"]))
+    try:
+        encoder = step_lib.from_flat_arrays(params["encoder"], np.load(path), path)
+    except ValueError as e:
+        raise ValueError(f"{e}; the toy model changed, make the file again "
+                         "(configs/digits.py, `:toy`)") from None
+    return dict(params, encoder=encoder)
 
 
 def main(argv=None) -> None:

@@ -149,6 +149,14 @@ class Method(base.Method):
         baselines fine-tune with UM-MAE's script ("blocks")."""
         return "simmim" if self.model_cfg.name == "swin" else "blocks"
 
+    def build_classifier(self, num_classes: int, rngs: nnx.Rngs) -> nnx.Module:
+        """The official Swin classifier runs its init pass over every Linear, the head included
+        (trunc-normal .02, never re-drawn after loading, unlike MixMIM's and MAE's 2e-5)."""
+        classifier = super().build_classifier(num_classes, rngs)
+        if self.model_cfg.name == "swin":
+            swin_init_pass(classifier, rngs)
+        return classifier
+
     def build_model(self, rngs: nnx.Rngs):
         cls = SimMIMModel if self.model_cfg.name == "swin" else UnitSimMIMModel
         return cls(self.model_cfg, dtype=self.compute_dtype, rngs=rngs)

@@ -14,7 +14,7 @@ from mixmae_jax.models import layers as L
 from mixmae_jax.models.swin import SwinEncoder
 
 # main_finetune.py re-initialises the head with trunc_normal_(std=2e-5) after loading.
-head_init = nnx.initializers.truncated_normal(stddev=2e-5, lower=-2.0 / 2e-5, upper=2.0 / 2e-5)
+head_init = L.trunc_normal_init(2e-5)
 
 
 class SwinClassifier(nnx.Module):

@@ -22,8 +22,15 @@ LN_EPS = 1e-5  # PyTorch nn.LayerNorm default; Flax's default (1e-6) would break
 
 # nn.Linear in MixMIM: xavier-uniform weight (on the fused qkv shape), zero bias.
 linear_kernel_init = nnx.initializers.xavier_uniform()
-# relative-position tables and mask token: trunc_normal_(std=.02) with bounds +-2 (absolute).
-table_init = nnx.initializers.truncated_normal(stddev=0.02, lower=-2.0 / 0.02, upper=2.0 / 0.02)
+
+
+def trunc_normal_init(std: float):
+    """timm's trunc_normal_(std=std): a normal cut at the absolute bounds +-2."""
+    return nnx.initializers.truncated_normal(stddev=std, lower=-2.0 / std, upper=2.0 / std)
+
+
+# relative-position tables and mask token: trunc_normal_(std=.02).
+table_init = trunc_normal_init(0.02)
 # torch Conv2d default: kaiming_uniform(a=sqrt(5)) == U(+-1/sqrt(fan_in)) for weight and bias.
 conv_kernel_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 

@@ -15,6 +15,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -34,6 +35,26 @@ def init_params(method, rng, build=None):
     """Freshly initialised params (pure dict) from a key; call under jit for sharded init."""
     model = (build or method.build_model)(nnx.Rngs(params=rng))
     return nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
+
+
+def flat_arrays(tree) -> dict:
+    """{`jax.tree_util.keystr` path: numpy array} of a params pytree: the npz form of the
+    suite's toy encoder and the GPU check's references."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
+
+
+def from_flat_arrays(tree, arrays, source: str):
+    """`tree` with every leaf taken from `flat_arrays`' dict (or an npz) `arrays`, which must hold
+    each path at the leaf's shape; else a ValueError naming `source` and the path."""
+    def pick(path, leaf):
+        key = jax.tree_util.keystr(path)
+        if key not in arrays or arrays[key].shape != leaf.shape:
+            found = f"shape {arrays[key].shape}" if key in arrays else "absent"
+            raise ValueError(f"{source}: no {tuple(leaf.shape)} array {key} ({found})")
+        return arrays[key]
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
 
 
 def bind(graphdef, params):
