@@ -23,6 +23,9 @@ def get_config(arg=None, variant="B"):
     c = defaults()
     # Swin with 4x4 patches, windows 14/14/14/7, no shift, sin-cos APE; decoder 512 x 8, 16 heads.
     c.model = swin.model_config(variant, opts["res"], window_sizes=WINDOWS[opts["res"]])
+    # The backward recomputes the norms, GELU and the 196-token softmax from the weight matmuls'
+    # outputs: faster than storing them (models/layers.py REMAT_MODES).
+    c.model.remat = "dots"
     c.method.update(dict(
         name="mixmim",
         mask_ratio=0.5,  # int(L * r) = 24 of the 49 final-grid cells come from the partner

@@ -1,7 +1,7 @@
 r"""MixMIM-H pretraining (684.7 M parameters with the decoder): FSDP and rematerialised blocks.
 
   mixmae-pretrain --config configs/mixmim_h.py --workdir gs://BUCKET/mixmim_h \
-      --config.mesh.fsdp=16 --config.compute_dtype=bfloat16 --config.model.remat=True
+      --config.mesh.fsdp=16 --config.compute_dtype=bfloat16 --config.model.remat=full
 
 Sized for 64 x H100 or a TPU v4-128 (global batch 2048). About 6x the cost of B per image; the
 official repository publishes no H recipe or checkpoint, so the B recipe is used.

@@ -208,7 +208,9 @@ def _step_flops(config, mesh, state, batch, task) -> float:
     """FLOPs per device of the compiled step, from XLA's cost analysis.
 
     XLA counts a while loop's body once, so the blocks are unrolled for this count
-    (model.scan_blocks=False: same computation, the timed step keeps its scan).
+    (model.scan_blocks=False: same computation, the timed step keeps its scan). The count is the
+    model's: without the backward pass's recomputation (model.remat="none"), so MFU does not
+    rise by recomputing.
     """
     import copy
 
@@ -216,6 +218,7 @@ def _step_flops(config, mesh, state, batch, task) -> float:
 
     unrolled = copy.deepcopy(config)
     unrolled.model.scan_blocks = False
+    unrolled.model.remat = "none"
     task = task_for(unrolled)
     _, tx, lr, graphdef, _, _, state_sh = build_state_fns(unrolled, mesh, 1000, task)
     fn = jit_train_step(unrolled, mesh, task.objective, graphdef, tx, lr, state_sh, donate=False,

@@ -222,7 +222,7 @@ def test_config_snapshot_refuses_incompatible_changes(tmp_path):
     ok = _config()
     ok.total_steps, ok.epochs, ok.log_every, ok.checkpoint_every = 500, 800, 7, 100
     ok.mesh.fsdp, ok.sharding_rules = 4, (("FSDP_DEFAULT", "fsdp"),)
-    ok.data.prefetch, ok.data.skip_corrupt, ok.model.remat = 4, True, True
+    ok.data.prefetch, ok.data.skip_corrupt, ok.model.remat = 4, True, "full"
     checkpoint.Checkpointer(tmp_path, save_every=1, keep=1, config=ok).close()
     assert json.loads((tmp_path / "config.json").read_text())["epochs"] == 800
 

@@ -323,7 +323,8 @@ def test_encoder_is_the_same_module_in_both_models():
 
 
 def test_remat_changes_memory_not_numbers(tiny):
-    """config.model.remat recomputes encoder blocks in the backward pass: same loss and grads."""
+    """config.model.remat recomputes parts ("dots": all but the weight matmuls) or all ("full")
+    of each encoder block in the backward pass: the same loss and gradients as "none"."""
     from mixmae_jax.methods.mixmim import dual_reconstruction_loss
 
     def loss_and_grad(remat):
@@ -339,9 +340,21 @@ def test_remat_changes_memory_not_numbers(tiny):
 
         return jax.jit(jax.value_and_grad(loss), compiler_options=FAST_COMPILE)(tiny["params"])
 
-    (l0, g0), (l1, g1) = loss_and_grad(False), loss_and_grad(True)
-    assert float(l0) == pytest.approx(float(l1), rel=SAME_MATH_RTOL)
-    assert_tensors_close(K.flatten(g1), K.flatten(g0), SAME_MATH_RTOL, "remat gradients")
+    l0, g0 = loss_and_grad("none")
+    for mode in ("dots", "full"):
+        l1, g1 = loss_and_grad(mode)
+        assert float(l0) == pytest.approx(float(l1), rel=SAME_MATH_RTOL)
+        assert_tensors_close(K.flatten(g1), K.flatten(g0), SAME_MATH_RTOL, f"{mode} gradients")
+
+
+def test_remat_modes_and_the_bools_of_older_configs():
+    from mixmae_jax.models import layers as L
+
+    assert [L.remat_mode({"remat": v}) for v in (False, True, "none", "dots", "full")] == [
+        "none", "full", "none", "dots", "full"]
+    assert L.remat_mode({}) == "none"
+    with pytest.raises(ValueError, match="model.remat: 'some'"):
+        L.remat_mode({"remat": "some"})
 
 
 def test_drop_path_is_per_sample_and_off_without_an_rng(tiny):

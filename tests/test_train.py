@@ -201,6 +201,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, image_folder):
     ({"optim.grad_accum_steps": 3}, 1, "optim.grad_accum_steps"),
     ({"compute_dtype": "float16"}, 1, "compute_dtype"),
     ({"data.source": "folder"}, 1, "data.folder"),
+    ({"model.remat": "sometimes"}, 1, "model.remat"),
 ])
 def test_validation_names_the_key(overrides, devices, key):
     with pytest.raises(ConfigError, match=f"^{key}:"):

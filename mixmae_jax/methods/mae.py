@@ -48,7 +48,7 @@ class MAEDecoder(nnx.Module):
         shuffled = jnp.concatenate([x[:, 1:], fill], axis=1)  # kept tokens, then mask tokens
         restored = jnp.take_along_axis(shuffled, ids_restore[..., None], axis=1)
         x = jnp.concatenate([x[:, :1], restored], axis=1) + pos_embed_with_cls(self.dim, self.grid)
-        x = run_blocks(self.blocks, x, (0.0,) * len(self.blocks), None, remat=False,
+        x = run_blocks(self.blocks, x, (0.0,) * len(self.blocks), None, remat="none",
                        scan=self.scan)
         return self.pred(self.norm(x)).astype(jnp.float32)[:, 1:]
 

@@ -71,7 +71,7 @@ def model_config(variant: str = "S", img_size: int = 256, *, sr_ratios=SR_COMPAC
         decoder_depth=decoder[1],
         decoder_num_heads=decoder[2],
         decoder_mlp_ratio=4.0,
-        remat=False,
+        remat="none",
         scan_blocks=True,
     ))
 
@@ -180,7 +180,7 @@ class PVTEncoder(nnx.Module):
         self.patch_size, self.embed_dim = cfg.patch_size, dims[0]
         self.grid = cfg.img_size // cfg.patch_size
         self.num_stages = len(depths)
-        self.remat = bool(cfg.get("remat", False))
+        self.remat = L.remat_mode(cfg)
         self.scan = bool(cfg.get("scan_blocks", True))
         self.patch_embed = PatchEmbed(cfg, dtype=dtype, rngs=rngs)
         if vis_mask_token:

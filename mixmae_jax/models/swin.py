@@ -68,7 +68,7 @@ def model_config(variant: str = "B", img_size: int = 224, *, window_sizes=(14, 1
         decoder_dim=decoder[0],
         decoder_depth=decoder[1],
         decoder_num_heads=decoder[2],
-        remat=False,  # jax.checkpoint each encoder block (memory for compute)
+        remat="none",  # what the backward recomputes: "none", "dots", "full" (layers.py)
         scan_blocks=True,  # run each stage's identical blocks as a lax.scan (see layers.py)
     ))
 
@@ -227,7 +227,7 @@ class SwinEncoder(nnx.Module):
             self.mask_token = nnx.Param(L.table_init(rngs.params(), (1, 1, cfg.embed_dim),
                                                      jnp.float32))
         self.num_stages = len(depths)
-        self.remat = bool(cfg.get("remat", False))
+        self.remat = L.remat_mode(cfg)
         self.scan = bool(cfg.get("scan_blocks", True))
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim, dtype=dtype,
                                       rngs=rngs)

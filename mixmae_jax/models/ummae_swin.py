@@ -78,7 +78,7 @@ def model_config(variant: str = "T", img_size: int = 256, *, window_size: int = 
         decoder_dim=decoder[0],
         decoder_depth=decoder[1],
         decoder_num_heads=decoder[2],
-        remat=False,
+        remat="none",
         scan_blocks=True,
     ))
 
@@ -229,7 +229,7 @@ class UMSwinEncoder(nnx.Module):
         # the compact grid of uniform sampling is half the token grid.
         self.run_grid = self.grid // 2 if compact else self.grid
         self.num_stages = len(depths)
-        self.remat = bool(cfg.get("remat", False))
+        self.remat = L.remat_mode(cfg)
         self.scan = bool(cfg.get("scan_blocks", True))
         self.patch_embed = PatchEmbed(cfg, dtype=dtype, rngs=rngs)
         if vis_mask_token:  # UM-MAE secondary masking (official N(0, .02))

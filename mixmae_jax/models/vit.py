@@ -48,7 +48,7 @@ def model_config(variant: str = "B", img_size: int = 224, *,
         decoder_dim=decoder[0],
         decoder_depth=decoder[1],
         decoder_num_heads=decoder[2],
-        remat=False,
+        remat="none",
         scan_blocks=True,
     ))
 
@@ -103,7 +103,7 @@ class Block(nnx.Module):
         return x + L.drop_path(self.mlp(self.norm2(x)).astype(jnp.float32), drop_rate, rngs[1])
 
 
-def run_blocks(blocks, x, drop_rates, rng, *, remat: bool, scan: bool):
+def run_blocks(blocks, x, drop_rates, rng, *, remat: str, scan: bool):
     """The blocks in turn, each with its stochastic-depth rate and key (None: no drop path)."""
     keys = None
     if rng is not None and any(drop_rates):
@@ -143,7 +143,7 @@ class ViTEncoder(nnx.Module):
         self.num_patches = self.grid * self.grid
         self.patch_size = cfg.patch_size
         self.embed_dim = cfg.embed_dim
-        self.remat = bool(cfg.get("remat", False))
+        self.remat = L.remat_mode(cfg)
         self.scan = bool(cfg.get("scan_blocks", True))
         eps = cfg.get("ln_eps", 1e-6)
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim, dtype=dtype,
