@@ -177,8 +177,6 @@ def _train_step(config, args) -> dict:
         "peak_memory_bytes": None,
         "compiled_temp_bytes": int(getattr(mem, "temp_size_in_bytes", 0)) if mem else None,
     }
-    if on_cpu:
-        result["mfu_vs_theoretical_294gflops"] = flops_per_device / step_time / 294e9
     stats = getattr(device, "memory_stats", lambda: None)()
     if stats:
         result["peak_memory_bytes"] = stats.get("peak_bytes_in_use")
