@@ -3,7 +3,7 @@ here made? scikit-learn's handwritten digits (1,200 train / 597 test scans, upsc
 `data/digits.py`), small models, all on a 2-core CPU.
 
   make experiment                    # MixMIM: everything below, 3 seeds, the README table
-  make experiment METHOD=mae         # or ummae, mixedae, simmim (each under 30 minutes)
+  make experiment METHOD=mae         # or ummae, mixedae, simmim (20-45 minutes, see README)
   mixmae-pretrain --config configs/digits.py --workdir workdirs/digits
   mixmae-finetune --config configs/digits.py:finetune --workdir workdirs/digits_ft \
       --init workdirs/digits
