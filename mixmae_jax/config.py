@@ -97,7 +97,7 @@ def validate(config, *, num_devices: int = 1, process_count: int = 1,
     Raises ConfigError naming the key; runs before anything compiles."""
     from mixmae_jax.methods import get_method
     from mixmae_jax.models import get_model_module
-    from mixmae_jax.models.layers import REMAT_MODES
+    from mixmae_jax.models.layers import remat_mode
 
     missing = [k for k in REQUIRED if _get(config, k) is None]
     _check(not missing, missing[0] if missing else "", "a config file must set it (the recipe "
@@ -108,9 +108,10 @@ def validate(config, *, num_devices: int = 1, process_count: int = 1,
            f"method {method.name!r} cannot run model.name={config.model.name!r} (it runs "
            f"{', '.join(repr(m) for m in method.models)})")
     module.check_config(config.model, _check)
-    remat = config.model.get("remat", "none")
-    _check(isinstance(remat, bool) or remat in REMAT_MODES, "model.remat",
-           f"{remat!r}: what the backward recomputes, one of {', '.join(REMAT_MODES)}")
+    try:
+        remat_mode(config.model)  # the models' own reading of model.remat
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if method_checks:
         method.check_config(config, num_devices, _check)
 

@@ -86,7 +86,8 @@ def remat_mode(cfg) -> str:
     if isinstance(value, bool):
         return "full" if value else "none"
     if value not in REMAT_MODES:
-        raise ValueError(f"model.remat: {value!r} is not one of {', '.join(REMAT_MODES)}")
+        raise ValueError(f"model.remat: {value!r}: what the backward recomputes, one of "
+                         f"{', '.join(REMAT_MODES)}")
     return value
 
 
