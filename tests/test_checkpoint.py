@@ -227,6 +227,31 @@ def test_config_snapshot_refuses_incompatible_changes(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["epochs"] == 800
 
 
+def test_resume_accepts_a_model_key_newer_than_the_snapshot_at_its_default(tmp_path):
+    ckpt = checkpoint.Checkpointer(tmp_path, save_every=1, keep=1, config=_config())
+    ckpt.save(1, _state())
+    ckpt.close()
+    # A snapshot written before model.ape_grid existed: the run used what absence means (0).
+    path = tmp_path / "config.json"
+    stored = json.loads(path.read_text())
+    assert stored["model"].pop("ape_grid") == 0
+    path.write_text(json.dumps(stored))
+
+    changed = _config()
+    changed.model.ape_grid = 56  # a different table: refused, and the snapshot is kept
+    with pytest.raises(checkpoint.ConfigMismatchError, match=r"model.ape_grid: '<absent>' -> 56"):
+        checkpoint.Checkpointer(tmp_path, save_every=1, keep=1, config=changed)
+    assert json.loads(path.read_text()) == stored
+    # A protected key the model does not define stays refused when it appears.
+    extra = _config()
+    extra.model.unknown_key = 0
+    with pytest.raises(checkpoint.ConfigMismatchError, match="model.unknown_key"):
+        checkpoint.Checkpointer(tmp_path, save_every=1, keep=1, config=extra)
+
+    checkpoint.Checkpointer(tmp_path, save_every=1, keep=1, config=_config()).close()
+    assert json.loads(path.read_text())["model"]["ape_grid"] == 0  # the snapshot catches up
+
+
 def test_config_without_checkpoint_may_change(tmp_path):
     checkpoint.Checkpointer(tmp_path, save_every=1, keep=1, config=_config()).close()
     other = _config()

@@ -48,6 +48,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from mixmae_jax import models
+
 CONFIG_NAME = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 
@@ -86,14 +88,16 @@ def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+ABSENT = "<absent>"  # the value config_changes reports for a key one side lacks
+
+
 def config_changes(old: Mapping, new: Mapping) -> dict[str, tuple[Any, Any]]:
     """{dotted key: (old, new)} for every leaf that differs, was added or was removed."""
-    missing = "<absent>"
     a, b = _flatten(old), _flatten(new)
     return {
-        k: (a.get(k, missing), b.get(k, missing))
+        k: (a.get(k, ABSENT), b.get(k, ABSENT))
         for k in sorted(a.keys() | b.keys())
-        if a.get(k, missing) != b.get(k, missing)
+        if a.get(k, ABSENT) != b.get(k, ABSENT)
     }
 
 
@@ -104,10 +108,36 @@ def _is_protected(key: str) -> bool:
     return any(map(under, PROTECTED_CONFIG_KEYS)) and not any(map(under, SAFE_PROTECTED_KEYS))
 
 
-def check_config_compatible(old: Mapping, new: Mapping, where: str = CONFIG_NAME) -> dict:
-    """Raise ConfigMismatchError naming each unsafe change; return all changes otherwise."""
+def absent_key_defaults(config: Any) -> dict[str, Any]:
+    """{dotted key: value} the code uses for a `model.*` key that a config lacks.
+
+    The models read keys added after a run started with `cfg.get(key, default)`, the default
+    being the old behaviour, which is also the key's value in the model's `model_config()`. A
+    snapshot written before a key existed therefore ran with that value.
+    """
+    name = _flatten(config).get("model.name")
+    if name not in models.NAMES:
+        return {}
+    defaults = config_to_dict(models.get_model_module(name).model_config())
+    return {f"model.{k}": v for k, v in _flatten(defaults).items()}
+
+
+def check_config_compatible(old: Mapping, new: Mapping, where: str = CONFIG_NAME,
+                            absent_defaults: Mapping[str, Any] | None = None) -> dict:
+    """Raise ConfigMismatchError naming each unsafe change; return all changes otherwise.
+
+    absent_defaults: {key: value} that the code used for a key missing from `old` (a snapshot
+    older than the key); adding such a key with that value changes nothing, so it is allowed.
+    """
+    absent_defaults = absent_defaults or {}
     changes = config_changes(old, new)
-    bad = {k: v for k, v in changes.items() if _is_protected(k)}
+
+    def unsafe(key, old_value, new_value):
+        if key in absent_defaults and old_value == ABSENT:
+            return new_value != absent_defaults[key]
+        return _is_protected(key)
+
+    bad = {k: v for k, v in changes.items() if unsafe(k, *v)}
     if bad:
         lines = "\n".join(f"  {k}: {o!r} -> {n!r}" for k, (o, n) in bad.items())
         raise ConfigMismatchError(
@@ -176,7 +206,8 @@ class Checkpointer:
         path = self.workdir / CONFIG_NAME
         new = config_to_dict(config)
         if self.latest_step() is not None and path.exists():
-            changes = check_config_compatible(json.loads(path.read_text()), new, os.fspath(path))
+            changes = check_config_compatible(json.loads(path.read_text()), new, os.fspath(path),
+                                              absent_key_defaults(new))
             for k, (old_value, new_value) in changes.items():
                 logging.warning("Resuming with config change %s: %r -> %r", k, old_value, new_value)
         if jax.process_index() == 0:
