@@ -108,32 +108,31 @@ def _is_protected(key: str) -> bool:
     return any(map(under, PROTECTED_CONFIG_KEYS)) and not any(map(under, SAFE_PROTECTED_KEYS))
 
 
-def absent_key_defaults(config: Any) -> dict[str, Any]:
+def absent_key_defaults(config: Mapping) -> dict[str, Any]:
     """{dotted key: value} the code uses for a `model.*` key that a config lacks.
 
     The models read keys added after a run started with `cfg.get(key, default)`, the default
     being the old behaviour, which is also the key's value in the model's `model_config()`. A
     snapshot written before a key existed therefore ran with that value.
     """
-    name = _flatten(config).get("model.name")
+    name = config.get("model", {}).get("name")
     if name not in models.NAMES:
         return {}
     defaults = config_to_dict(models.get_model_module(name).model_config())
     return {f"model.{k}": v for k, v in _flatten(defaults).items()}
 
 
-def check_config_compatible(old: Mapping, new: Mapping, where: str = CONFIG_NAME,
-                            absent_defaults: Mapping[str, Any] | None = None) -> dict:
+def check_config_compatible(old: Mapping, new: Mapping, where: str = CONFIG_NAME) -> dict:
     """Raise ConfigMismatchError naming each unsafe change; return all changes otherwise.
 
-    absent_defaults: {key: value} that the code used for a key missing from `old` (a snapshot
-    older than the key); adding such a key with that value changes nothing, so it is allowed.
+    A key missing from `old` (a snapshot older than the key) that `new` sets to the value the
+    code used for its absence (`absent_key_defaults`) changes nothing, so it is allowed.
     """
-    absent_defaults = absent_defaults or {}
+    absent_defaults = absent_key_defaults(new)
     changes = config_changes(old, new)
 
     def unsafe(key, old_value, new_value):
-        if key in absent_defaults and old_value == ABSENT:
+        if old_value == ABSENT and key in absent_defaults:
             return new_value != absent_defaults[key]
         return _is_protected(key)
 
@@ -206,8 +205,7 @@ class Checkpointer:
         path = self.workdir / CONFIG_NAME
         new = config_to_dict(config)
         if self.latest_step() is not None and path.exists():
-            changes = check_config_compatible(json.loads(path.read_text()), new, os.fspath(path),
-                                              absent_key_defaults(new))
+            changes = check_config_compatible(json.loads(path.read_text()), new, os.fspath(path))
             for k, (old_value, new_value) in changes.items():
                 logging.warning("Resuming with config change %s: %r -> %r", k, old_value, new_value)
         if jax.process_index() == 0:
