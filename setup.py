@@ -8,6 +8,7 @@ setup(
     description="Masked image modelling (MixMIM/MixMAE) for Swin-style models in JAX/Flax, "
     "with exact conversion to the official PyTorch checkpoints.",
     packages=find_packages(include=["mixmae_jax", "mixmae_jax.*"]),
+    package_data={"mixmae_jax.train": ["gpu_specs/*.txtpb"]},  # GPU targets of --topology
     python_requires=">=3.11",
     # Versions are pinned in requirements.txt (the tested set); these are the direct needs.
     install_requires=[
@@ -22,7 +23,11 @@ setup(
         "pillow",
         "scikit-image",
     ],
-    extras_require={"torch": ["torch==2.13.0"]},
+    extras_require={
+        "torch": ["torch==2.13.0"],
+        # mixmae-bench --topology on a machine without the accelerator (requirements-accelerators)
+        "aot": ["libtpu==0.0.42.1", "jax-cuda12-plugin==0.10.2", "jax-cuda12-pjrt==0.10.2"],
+    },
     entry_points={
         "console_scripts": [
             "mixmae-pretrain=mixmae_jax.cli:pretrain_main",

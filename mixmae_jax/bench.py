@@ -60,8 +60,9 @@ def matmul_flops_per_sec(n: int = 2048, reps: int = 3) -> float:
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="mixmae-bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="config file[:arg]")
+    p = argparse.ArgumentParser(prog="mixmae-bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="config file[:arg]")
     p.add_argument("--batch", type=int, default=None, help="global batch (default: config's)")
     p.add_argument("--steps", type=int, default=5, help="timed steps after 2 warm-up steps")
     p.add_argument("--input-only", action="store_true", help="time the input pipeline alone")
@@ -70,14 +71,33 @@ def _parse(argv):
                    help="also time the forward loss and forward+backward alone")
     p.add_argument("--profile", default=None, help="write a jax.profiler trace of the timed "
                    "steps to this directory (open with TensorBoard/XProf or Perfetto)")
+    t = p.add_argument_group("ahead-of-time compilation for an accelerator that is not attached")
+    t.add_argument("--topology", default=None, help="compile the step for this target instead "
+                   "of timing it here, e.g. v5e:16x16, v4:4x4x4, h100:1x2x8 (--list-topologies)")
+    t.add_argument("--list-topologies", action="store_true", help="list the known targets")
+    t.add_argument("--fit", action="store_true", help="also find the largest per-device batch "
+                   "that fits the target's memory")
+    t.add_argument("--no-estimate", action="store_true", help="TPU: skip the second, unrolled "
+                   "compile that gives XLA's step-time estimate")
     p.epilog = ("Config overrides as for mixmae-pretrain: --config.KEY=VALUE, e.g. "
-                "--config.compute_dtype=bfloat16 (repeatable).")
+                "--config.compute_dtype=bfloat16 (repeatable).\n\n" + AOT_HELP)
     args, rest = p.parse_known_args(argv)
     args.overrides = [a for a in rest if a.startswith("--config.")]
     unknown = [a for a in rest if not a.startswith("--config.")]
     if unknown:
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if not args.config and not args.list_topologies:
+        p.error("--config is required")
+    if (args.fit or args.no_estimate) and not args.topology:
+        p.error("--fit and --no-estimate go with --topology")
     return args
+
+
+AOT_HELP = """\
+With --topology the step is compiled, not run: per device it reports the argument, output, temp
+and code bytes and whether they fit the chip, the model FLOPs, every collective by kind (count
+and bytes per step), the compile time and, on TPU, XLA's estimated step time (the compiler's
+cost model, not a measurement) with the MFU it would imply."""
 
 
 def _input_only(config, args) -> dict:
@@ -89,43 +109,46 @@ def _input_only(config, args) -> dict:
             "host_cpus": os.cpu_count()}
 
 
+def _experiment(config, devices=None):
+    """The trainer's experiment of `config` on `devices` (default: this host's), its config
+    checked as the trainer checks it (the dataset aside: the bench feeds synthetic data)."""
+    from mixmae_jax.train import experiment, sharding
+    from mixmae_jax.train.trainer import task_for
+
+    mesh = sharding.make_mesh(config.mesh, devices)
+    task = task_for(config)
+    processes = len({d.process_index for d in mesh.devices.flat})
+    task.check_config(mesh.devices.size, processes)
+    return experiment.build(config, mesh, task=task, steps_per_epoch=1000)
+
+
 def _train_step(config, args) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from mixmae_jax import config as config_lib
     from mixmae_jax import imaging
-    from mixmae_jax.train import sharding
     from mixmae_jax.train import step as step_lib
-    from mixmae_jax.train.trainer import build_state_fns, jit_train_step, task_for
 
     step_lib.enable_compilation_cache(config.get("compilation_cache_dir", ""))
-    mesh = sharding.make_mesh(config.mesh)
-    n_dev = mesh.devices.size
-    task = task_for(config)
-    if task.batch_keys == ("image",):
-        config_lib.validate(config, num_devices=n_dev, process_count=jax.process_count())
-    else:  # fine-tuning: the config's checks, no dataset needed (synthetic labels)
-        from mixmae_jax.eval import finetune
-
-        finetune.validate(config, num_devices=n_dev, process_count=jax.process_count())
-    _, tx, lr_schedule, graphdef, init_fn, _, state_sh = build_state_fns(
-        config, mesh, 1000, task)
-    state = jax.jit(init_fn, out_shardings=state_sh)()
-    batch_sh = sharding.batch_sharding(mesh)
+    exp = _experiment(config)
+    n_dev = exp.num_devices
+    state = exp.init_state()
     b, s = config.batch_size, config.model.img_size
-    images = jax.jit(lambda k: jax.random.randint(k, (b, s, s, 3), 0, 256, jnp.int32)
-                     .astype(jnp.uint8), out_shardings=batch_sh)(jax.random.PRNGKey(0))
-    batch = {"image": images}
-    if "label" in task.batch_keys:
-        batch["label"] = jax.jit(lambda k: jax.random.randint(k, (b,), 0, config.num_classes),
-                                 out_shardings=batch_sh)(jax.random.PRNGKey(1))
-    step_fn = jit_train_step(config, mesh, task.objective, graphdef, tx, lr_schedule, state_sh,
-                             batch_keys=task.batch_keys)
+
+    def synthetic(key, like):
+        if like.dtype == jnp.uint8:
+            return jax.random.randint(key, like.shape, 0, 256, jnp.int32).astype(jnp.uint8)
+        return jax.random.randint(key, like.shape, 0, config.num_classes)
+
+    batch = {k: jax.jit(synthetic, static_argnums=1, out_shardings=exp.batch_sharding)(
+        jax.random.PRNGKey(i), jax.ShapeDtypeStruct(v.shape, v.dtype))
+        for i, (k, v) in enumerate(exp.abstract_batch().items())}
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state, batch).compile()
+    compiled = exp.train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    flops_per_device = _step_flops(config, mesh, state, batch, task)
+    from mixmae_jax.train import aot
+
+    flops_per_device = aot.model_flops(config, _task_for(), b) / n_dev
     mem = compiled.memory_analysis()
 
     for _ in range(2):  # warm-up (first runs allocate)
@@ -157,7 +180,7 @@ def _train_step(config, args) -> dict:
         "mode": "train_step",
         "config": args.config,
         "method": config.method.name,
-        "task": task.kind,
+        "task": exp.task.kind,
         "model": config.model.name,
         "batch": b,
         "image_size": s,
@@ -183,12 +206,12 @@ def _train_step(config, args) -> dict:
 
     if args.breakdown:  # forward alone and forward+backward alone, same batch and mask
         params = state["params"]
-        batch_f = dict(batch, image=jax.jit(imaging.normalize)(images))
-        objective = task.objective
+        batch_f = dict(batch, image=jax.jit(imaging.normalize)(batch["image"]))
+        objective = exp.task.objective
         plan = objective.make_plan(jax.random.PRNGKey(1), b, n_dev)
 
         def loss_fn(p):
-            return objective.loss(step_lib.bind(graphdef, p), batch_f, plan, n_dev)[0]
+            return objective.loss(step_lib.bind(exp.graphdef, p), batch_f, plan, n_dev)[0]
 
         for name, fn in (("forward_s", jax.jit(loss_fn)), ("forward_backward_s",
                                                            jax.jit(jax.grad(loss_fn)))):
@@ -202,29 +225,125 @@ def _train_step(config, args) -> dict:
     return result
 
 
-def _step_flops(config, mesh, state, batch, task) -> float:
-    """FLOPs per device of the compiled step, from XLA's cost analysis.
+def _task_for():
+    from mixmae_jax.train.trainer import task_for
 
-    XLA counts a while loop's body once, so the blocks are unrolled for this count
-    (model.scan_blocks=False: same computation, the timed step keeps its scan). The count is the
-    model's: without the backward pass's recomputation (model.remat="none"), so MFU does not
-    rise by recomputing.
-    """
-    import copy
+    return task_for
 
-    from mixmae_jax.train.trainer import build_state_fns, jit_train_step, task_for
 
-    unrolled = copy.deepcopy(config)
-    unrolled.model.scan_blocks = False
-    unrolled.model.remat = "none"
-    task = task_for(unrolled)
-    _, tx, lr, graphdef, _, _, state_sh = build_state_fns(unrolled, mesh, 1000, task)
-    fn = jit_train_step(unrolled, mesh, task.objective, graphdef, tx, lr, state_sh, donate=False,
-                        batch_keys=task.batch_keys)
-    compiled = fn.lower(state, batch).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
-    return float(cost.get("flops", 0.0))
+# ---------------------------------------------------------------------------------------------
+# Ahead of time, for a target that is not attached (train/aot.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def _compile_for_target(config, args) -> dict:
+    from mixmae_jax.train import aot
+
+    target, dims = aot.parse_topology(args.topology)
+    devices = aot.devices(target, dims)
+    exp = _experiment(config, devices)
+    n = exp.num_devices
+    b = config.batch_size
+    usable = target.usable_bytes
+    result = {
+        "mode": "ahead_of_time",
+        "config": args.config,
+        "method": config.method.name,
+        "task": exp.task.kind,
+        "model": config.model.name,
+        "topology": args.topology,
+        "target": target.product,
+        "devices": n,
+        "hosts": len({d.process_index for d in devices}),
+        "mesh": dict(exp.mesh.shape),
+        "batch": b,
+        "per_device_batch": b / n,
+        "compute_dtype": config.compute_dtype,
+        "remat": config.model.get("remat", "none"),
+        "scan_blocks": bool(config.model.get("scan_blocks", True)),
+        "params": exp.num_params,
+        "param_bytes": 4 * exp.num_params,
+        "device_memory_bytes": target.memory_bytes,
+        "usable_memory_bytes": usable,
+    }
+    step = aot.compile_step(exp, b)
+    compiled = step.pop("_compiled", None)
+    result.update(step)
+    theory = aot.communication_theory(exp)
+    result["collectives_theory"] = theory
+    if "collectives" in step:
+        result["collective_bytes"] = aot.total_bytes(step["collectives"])
+        result["collective_bytes_over_theory"] = result["collective_bytes"] / theory["total"]
+    if "total_bytes" in step:
+        result["fits"] = step["total_bytes"] <= usable
+        result["headroom_bytes"] = usable - step["total_bytes"]
+    flops = aot.model_flops(config, _task_for(), b)
+    result["flops_per_step"] = flops
+    result["flops_per_device"] = flops / n
+    result["peak_flops_per_device"] = target.peak_bf16_flops
+    result["estimated_step_s"] = None
+    if target.platform == "tpu" and not args.no_estimate and compiled is not None:
+        unrolled = _experiment(aot.unrolled(config), devices)
+        est = aot.compile_step(unrolled, b)
+        seconds = aot._tpu_estimate_seconds(est.pop("_compiled")) if "_compiled" in est else None
+        result["estimated_step_s"] = seconds
+        result["estimate_compile_s"] = est["compile_s"]
+    if result["estimated_step_s"]:
+        result["estimated_mfu"] = (flops / n / result["estimated_step_s"]
+                                   / target.peak_bf16_flops)
+        result["estimate_note"] = ("XLA's TPU cost model of the unrolled step (a roofline that "
+                                   "ignores communication), not a measurement")
+    if args.fit:
+        result.update(_fit(exp, usable))
+    return result
+
+
+def _fit(exp, usable: int, max_compiles: int = 8) -> dict:
+    """The largest per-device batch whose step fits `usable` bytes, in steps of what each device
+    needs (MixMIM's pairs, the gradient-accumulation micro-batches). Each probe is a compile:
+    the first at the config's batch, then doubling until one does not fit (or, once two sizes
+    give the bytes per image, the linear prediction), then bisection of the bracket."""
+    from mixmae_jax.train import aot
+
+    n, config = exp.num_devices, exp.config
+    grain = max(exp.method.min_images_per_group if exp.task.kind == "pretraining" else 1, 1)
+    grain *= int(config.optim.grad_accum_steps)
+    total = {}  # per-device batch -> total bytes, None where the compiler ran out of memory
+
+    def fits(per: int) -> bool:
+        if per not in total:
+            total[per] = aot.compile_step(exp, per * n).get("total_bytes")
+        return total[per] is not None and total[per] <= usable
+
+    def predicted(lo: int) -> int:
+        sized = sorted(p for p, b in total.items() if b is not None)
+        if len(sized) < 2:
+            return 2 * lo
+        a, b = sized[-2], sized[-1]
+        per_image = (total[b] - total[a]) / (b - a)
+        return int(lo + (usable - total[lo]) / per_image) if per_image > 0 else 2 * lo
+
+    lo, hi = 0, None  # the largest size known to fit, the smallest known not to
+    probe = max(config.batch_size // n // grain * grain, grain)
+    while len(total) < max_compiles:
+        if fits(probe):
+            lo = probe
+        else:
+            hi = probe
+        if hi is not None and hi - lo <= grain:
+            break
+        guess = predicted(lo) if lo else hi // 2
+        if hi is not None and not lo < guess < hi:
+            guess = (lo + hi) // 2
+        probe = guess // grain * grain
+        if probe <= lo or probe in total:
+            probe = lo + grain
+        if probe < grain or (hi is not None and probe >= hi):
+            break
+    return {"fit_per_device_batch": lo or None, "fit_global_batch": lo * n or None,
+            "fit_first_failing_per_device_batch": hi, "fit_grain": grain,
+            "fit_compiles": len(total),
+            "fit_total_bytes": {str(p): b for p, b in sorted(total.items())}}
 
 
 def _table(result: dict) -> str:
@@ -237,19 +356,81 @@ def _table(result: dict) -> str:
     return "\n".join(rows)
 
 
+def _gib(n) -> str:
+    return f"{n / (1 << 30):.2f} GiB"
+
+
+def _aot_report(r: dict) -> str:
+    """The ahead-of-time figures as a person reads them (the JSON line follows)."""
+    mesh = " x ".join(f"{k} {v}" for k, v in r["mesh"].items())
+    lines = [
+        f"{r['method']} {r['task']} ({r['model']}, {r['params'] / 1e6:.1f}M params) compiled "
+        f"for {r['topology']}: {r['devices']} x {r['target']}, {r['hosts']} host(s), mesh "
+        f"{mesh}",
+        f"global batch {r['batch']} ({r['per_device_batch']:g} per device), "
+        f"{r['compute_dtype']}, model.remat={r['remat']}, scan_blocks={r['scan_blocks']}",
+    ]
+    if not r.get("fits") and "out_of_memory" in r:
+        lines.append(f"does not fit: the compiler ran out of memory: {r['out_of_memory']}")
+    else:
+        lines += [
+            f"per device: arguments {_gib(r['argument_bytes'])}, outputs "
+            f"{_gib(r['output_bytes'])}, donated {_gib(r['alias_bytes'])}, temporaries "
+            f"{_gib(r['temp_bytes'])}, code {_gib(r['code_bytes'])}",
+            f"  total {_gib(r['total_bytes'])} of {_gib(r['usable_memory_bytes'])} usable: "
+            + ("fits" if r["fits"] else "DOES NOT FIT") + f", headroom "
+            f"{_gib(r['headroom_bytes'])}",
+            "collectives per step and device (count, bytes; theory from the sharding):"]
+        theory = r["collectives_theory"]
+        for kind, v in r["collectives"].items():
+            if isinstance(v, dict) and (v["count"] or theory.get(kind)):
+                lines.append(f"  {kind:<20} {v['count']:>6} {v['bytes'] / 1e6:>12.1f} MB "
+                             f"{theory.get(kind, 0) / 1e6:>12.1f} MB")
+        lines.append(f"  {'total':<20} {'':>6} {r['collective_bytes'] / 1e6:>12.1f} MB "
+                     f"{theory['total'] / 1e6:>12.1f} MB  "
+                     f"({r['collective_bytes_over_theory']:.2f}x theory)")
+    lines.append(f"model FLOPs: {r['flops_per_step'] / 1e12:.2f} TFLOP per step, "
+                 f"{r['flops_per_device'] / 1e12:.3f} per device")
+    if r.get("estimated_step_s"):
+        lines.append(f"XLA's estimated step time (the compiler's cost model, not a measurement):"
+                     f" {r['estimated_step_s']:.4f} s, i.e. {100 * r['estimated_mfu']:.1f}% MFU")
+    lines.append(f"compile {r['compile_s']:.0f} s" + (
+        f" (+ {r['estimate_compile_s']:.0f} s unrolled, for the estimate)"
+        if r.get("estimate_compile_s") else ""))
+    if "fit_compiles" in r:
+        fit = r["fit_per_device_batch"]
+        lines.append(
+            f"largest per-device batch that fits: {fit} (global {r['fit_global_batch']}); "
+            f"{r['fit_first_failing_per_device_batch']} does not ({r['fit_compiles']} compiles)"
+            if fit else "no per-device batch fits")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = _parse(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.list_topologies or args.topology:
+        from mixmae_jax.train import aot
+
+        if args.list_topologies:
+            print(aot.list_topologies())
+            return 0
+        aot.activate()  # before JAX starts: the CUDA plugin registers itself then
     from mixmae_jax import config as config_lib
 
     try:
         config = config_lib.load_config(args.config, args.overrides)
         if args.batch:
             config.batch_size = args.batch
-        result = _input_only(config, args) if args.input_only else _train_step(config, args)
+        if args.topology:
+            result = _compile_for_target(config, args)
+        elif args.input_only:
+            result = _input_only(config, args)
+        else:
+            result = _train_step(config, args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}")
         return 2
-    print(_table(result))
+    print(_aot_report(result) if args.topology else _table(result))
     print(json.dumps(result))
     return 0

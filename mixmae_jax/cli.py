@@ -162,7 +162,7 @@ def _from_torch(args, overrides) -> None:
     from mixmae_jax import config as config_lib
     from mixmae_jax.convert import from_torch
     from mixmae_jax.train import checkpoint as ckpt_lib
-    from mixmae_jax.train import sharding, trainer
+    from mixmae_jax.train import experiment, sharding, trainer
 
     config = config_lib.load_config(args.config, overrides)
     config_lib.validate(config)
@@ -171,16 +171,14 @@ def _from_torch(args, overrides) -> None:
         raise FileExistsError(f"--workdir {args.workdir} already holds checkpoints; "
                               "choose an empty workdir")
     state_dict = from_torch.load_torch_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle)
-    mesh = sharding.single_device_mesh()
-    method, tx, _, _, init_fn, _, _ = trainer.build_state_fns(config, mesh, steps_per_epoch=1)
+    exp = experiment.build(config, sharding.single_device_mesh(),
+                           task=trainer.task_for(config), steps_per_epoch=1)
     # A concrete fresh state: parts the file lacks (e.g. the decoder, when importing a finetune
     # checkpoint into a pretraining config) keep their fresh initialisation.
-    state = init_fn()
+    fresh = jax.device_get(exp.init_state()["params"])
     params, report = from_torch.state_dict_to_params(
-        state_dict, method.torch_layout(), jax.device_get(state["params"]),
-        allow_ape_mismatch=args.allow_ape_mismatch)
-    params = jax.tree.map(jax.numpy.asarray, params)
-    state = dict(state, params=params, opt_state=tx.init(params))
+        state_dict, exp.method.torch_layout(), fresh, allow_ape_mismatch=args.allow_ape_mismatch)
+    state = exp.init_state(params)  # the optimizer's moments start at zero, as a fresh run's
     ckpt = ckpt_lib.Checkpointer(args.workdir, save_every=0, keep=0, config=config)
     try:
         ckpt.save(0, state, force=True)

@@ -132,34 +132,28 @@ def smoke(workdir: str, spec: str = "mixmim_b.py:tiny") -> dict:
     restored state equal to the saved one."""
     import jax
 
+    from mixmae_jax import bench
     from mixmae_jax.train import checkpoint as ckpt_lib
-    from mixmae_jax.train import sharding
     from mixmae_jax.train import step as step_lib
-    from mixmae_jax.train.trainer import build_state_fns, jit_train_step, task_for
 
     config = _config(spec)
-    mesh = sharding.make_mesh(config.mesh)
-    task = task_for(config)
-    _, tx, schedule, graphdef, init_fn, abstract, state_sh = build_state_fns(
-        config, mesh, 100, task)
-    state = jax.jit(init_fn, out_shardings=state_sh)()
+    exp = bench._experiment(config)
+    state = exp.init_state()
     start = step_lib.flat_arrays(state["params"])
-    step_fn = jit_train_step(config, mesh, task.objective, graphdef, tx, schedule, state_sh,
-                             batch_keys=task.batch_keys)
     s, b = config.model.img_size, config.batch_size
     rng = np.random.default_rng(0)
     losses = []
     for _ in range(2):
         batch = {"image": jax.device_put(rng.integers(0, 256, (b, s, s, 3), np.uint8),
-                                         sharding.batch_sharding(mesh))}
-        state, metrics = step_fn(state, batch)
+                                         exp.batch_sharding)}
+        state, metrics = exp.train_step(state, batch)
         losses.append(float(metrics["loss"]))
     end = step_lib.flat_arrays(state["params"])
     moved = max(float(np.max(np.abs(v - start[k]))) for k, v in end.items())
     ckpt = ckpt_lib.Checkpointer(workdir, save_every=1, keep=1, config=config)
     ckpt.save(2, state, force=True)
     ckpt.wait()
-    restored = ckpt.restore(2, sharding.abstract_with_shardings(abstract, state_sh))
+    restored = ckpt.restore(2, exp.abstract_state)
     ckpt.close()
     back = step_lib.flat_arrays(restored["params"])
     same = all(np.array_equal(v, back[k]) for k, v in end.items())

@@ -49,7 +49,8 @@ def keep_gradient():
 
 
 def build(config, mesh, method=None, *, num_groups=None):
-    """Sharded state, jitted step and shardings, with the gradient kept in opt_state[0].
+    """The trainer's experiment with the gradient kept in opt_state[0] (and `method`'s plan, if
+    given): its sharded state, jitted step, batch sharding, and the experiment.
 
     num_groups: the device groups the step mixes within (default: the mesh's device count, as
     the trainer does); a one-device mesh with num_groups=8 computes what 8 devices compute.
@@ -57,27 +58,27 @@ def build(config, mesh, method=None, *, num_groups=None):
     import jax
     import optax
 
-    from mixmae_jax.methods import get_method
-    from mixmae_jax.train import optim, sharding
+    from mixmae_jax.train import experiment, optim, sharding
     from mixmae_jax.train import step as step_lib
-    from mixmae_jax.train.trainer import jit_train_step
+    from mixmae_jax.train.trainer import Task
 
-    method = method or get_method(config)
-    base_tx, lr = optim.make_optimizer(config, 10)
-    tx = optax.chain(keep_gradient(), base_tx)
-    graphdef, _ = step_lib.graphdef_and_abstract_params(method)
-    init_fn = step_lib.make_init_fn(method, tx, config.seed)
-    abstract = jax.eval_shape(init_fn)
-    state_sh = sharding.state_shardings(abstract, mesh, tuple(config.sharding_rules))
-    if num_groups is None:
-        step = jit_train_step(config, mesh, method, graphdef, tx, lr, state_sh)
-    else:
-        batch_sh = sharding.batch_sharding(mesh)
-        step = jax.jit(step_lib.make_train_step(config, method, graphdef, tx, lr, num_groups),
-                       in_shardings=(state_sh, {"image": batch_sh}),
-                       out_shardings=(state_sh, sharding.replicated(mesh)))
-    state = jax.jit(init_fn, out_shardings=state_sh)()
-    return state, step, sharding.batch_sharding(mesh), abstract, state_sh
+    class KeepGradient(Task):
+        def __init__(self, config):
+            super().__init__(config)
+            self.method = method or self.method
+
+        def make_optimizer(self, abstract_params, steps_per_epoch):
+            base_tx, lr = optim.make_optimizer(self.config, steps_per_epoch)
+            return optax.chain(keep_gradient(), base_tx), lr
+
+    exp = experiment.build(config, mesh, task=KeepGradient(config), steps_per_epoch=10)
+    step = exp.train_step
+    if num_groups is not None:
+        step = jax.jit(step_lib.make_train_step(config, exp.method, exp.graphdef, exp.tx,
+                                                exp.lr_schedule, num_groups),
+                       in_shardings=(exp.state_shardings, {"image": exp.batch_sharding}),
+                       out_shardings=(exp.state_shardings, sharding.replicated(mesh)))
+    return exp.init_state(), step, exp.batch_sharding, exp
 
 
 def flat_tree(tree):
@@ -151,9 +152,9 @@ def equivalence(out):
         config.sharding_rules = rules
         mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": data, "fsdp": fsdp}),
                                   devices)
-        state, step, batch_sh, _, state_sh = build(config, mesh, FixedPlan(config, table),
-                                                   num_groups=num_groups)
-        sharded = [s.spec for s in jax.tree.leaves(state_sh["params"]) if any(s.spec)]
+        state, step, batch_sh, exp = build(config, mesh, FixedPlan(config, table),
+                                           num_groups=num_groups)
+        sharded = [s.spec for s in jax.tree.leaves(exp.state_shardings["params"]) if any(s.spec)]
         return state, step, batch_sh, len(sharded)
 
     def record(name, state, step, batch_sh, num_sharded, images):
@@ -189,7 +190,7 @@ def train(out):
     config.batch_size = 16
     config.sharding_rules = ((".*", "fsdp", 64),)
     mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 4, "fsdp": 2}))
-    state, step, batch_sh, abstract, state_sh = build(config, mesh)
+    state, step, batch_sh, exp = build(config, mesh)
     params0 = flat_tree(state["params"])
     # A fixed global stream; each process feeds only its own rows (as the input pipeline does).
     rng = np.random.default_rng(1)
@@ -205,7 +206,7 @@ def train(out):
     ckpt = ckpt_lib.Checkpointer(workdir, save_every=0, keep=2, config=config)
     ckpt.save(3, state, force=True)
     ckpt.wait()
-    restored = ckpt.restore(3, sharding.abstract_with_shardings(abstract, state_sh))
+    restored = ckpt.restore(3, exp.abstract_state)
     ckpt.close()
     same = all(np.array_equal(np.asarray(jax.device_get(a)), np.asarray(jax.device_get(b)))
                for a, b in zip(jax.tree.leaves(restored["params"]),

@@ -16,7 +16,7 @@ from recipes import load, override
 from mixmae_jax.config import ConfigError, validate
 from mixmae_jax.eval import layer_decay, mixup
 from mixmae_jax.methods import get_method
-from mixmae_jax.train import optim, trainer
+from mixmae_jax.train import experiment, optim, trainer
 from mixmae_jax.train import step as step_lib
 
 QUIET = dict(print_fn=lambda s: None)
@@ -360,7 +360,7 @@ def _refuse(*a, **k):
 @pytest.fixture
 def no_compiling(monkeypatch):
     """Fail if the run gets as far as building the train step."""
-    monkeypatch.setattr(trainer, "jit_train_step", _refuse)
+    monkeypatch.setattr(experiment.Experiment, "_jit_step", _refuse)
 
 
 @pytest.mark.parametrize("overrides, match", [
@@ -414,7 +414,7 @@ def test_init_from_another_model_family_is_refused(tmp_path, monkeypatch):
     mae.total_steps = 1
     mae_dir = str(tmp_path / "mae")
     trainer.train(mae, mae_dir, **QUIET)
-    monkeypatch.setattr(trainer, "jit_train_step", _refuse)
+    monkeypatch.setattr(experiment.Experiment, "_jit_step", _refuse)
     with pytest.raises(ValueError, match=r"--init .*mae run of model.name='vit'.*'swin'"):
         trainer.train(finetune_config(init=mae_dir), str(tmp_path / "ft"), **QUIET)
     text = tmp_path / "notes.pth"

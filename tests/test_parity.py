@@ -140,7 +140,9 @@ def tiny_run(request):
     (loss, (aux, z, stages, rec)), grads = loss_and_grads(graphdef)(params, images, mask)
     values = {("patch embed + mix + APE" if s == 0 else f"stage {s - 1} output"):
               np.reshape(a, (batch, -1, a.shape[-1])) for s, a in enumerate(stages)}
-    values.update({"encoder output (final norm)": z, "decoder output x_rec": rec, "loss": loss,
+    # The official decoder output stacks branch 1's rows over branch 2's ([z; z]).
+    values.update({"encoder output (final norm)": z,
+                   "decoder output x_rec": np.concatenate(rec, axis=0), "loss": loss,
                    "loss_branch1": aux["loss_branch1"], "loss_branch2": aux["loss_branch2"]})
     grad_sd = to_torch.params_to_state_dict(grads, MixMIMLayout(cfg))
 

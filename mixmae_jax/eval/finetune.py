@@ -238,8 +238,10 @@ class FinetuneTask(Task):
         self._best = None  # checkpointer of the best params
         self.last_eval = None  # the latest evaluation's results
 
-    def validate(self, num_devices: int, process_count: int) -> None:
+    def check_config(self, num_devices: int, process_count: int) -> None:
         validate(self.config, num_devices=num_devices, process_count=process_count)
+
+    def check_data(self) -> None:
         from mixmae_jax.data import eval_pipeline
 
         data = eval_pipeline.labelled_data(self.config.data)  # before compiling
@@ -287,18 +289,16 @@ class FinetuneTask(Task):
 
     # -- evaluation -------------------------------------------------------------------------
 
-    def _eval_parts(self, state):
+    def _eval_parts(self, exp):
         if self._eval is None:
             from mixmae_jax.data import eval_pipeline
 
             c = self.config
-            mesh = jax.tree.leaves(state["params"])[0].sharding.mesh
-            batch_sh = sharding.batch_sharding(mesh)
-            params_sh = jax.tree.map(lambda x: x.sharding, state["params"])
-            step = jax.jit(make_eval_step(self.graphdef, c.num_classes),
-                           in_shardings=(params_sh, {k: batch_sh for k in
-                                                     ("image", "label", "valid")}),
-                           out_shardings=sharding.replicated(mesh))
+            batch_sh = exp.batch_sharding
+            step = jax.jit(make_eval_step(exp.graphdef, c.num_classes),
+                           in_shardings=(exp.state_shardings["params"],
+                                         {k: batch_sh for k in ("image", "label", "valid")}),
+                           out_shardings=sharding.replicated(exp.mesh))
             iterator = eval_pipeline.EvalIterator(
                 eval_pipeline.labelled_data(c.data), c.data.eval_split,
                 global_batch_size=c.eval_batch_size, image_size=c.data.image_size,
@@ -307,15 +307,15 @@ class FinetuneTask(Task):
             self._eval = (step, iterator, batch_sh)
         return self._eval
 
-    def evaluate(self, state) -> dict[str, float]:
-        step, iterator, batch_sh = self._eval_parts(state)
+    def evaluate(self, exp, state) -> dict[str, float]:
+        step, iterator, batch_sh = self._eval_parts(exp)
         return evaluate(step, state["params"], iterator, batch_sh)
 
-    def after_step(self, step: int, state, *, total_steps: int, steps_per_epoch: int, writer):
-        every = round(self.config.eval_every_epochs * steps_per_epoch)
+    def after_step(self, exp, step: int, state, *, total_steps: int, writer):
+        every = round(self.config.eval_every_epochs * exp.steps_per_epoch)
         if step != total_steps and (every <= 0 or step % every):
             return state
-        result = self.last_eval = self.evaluate(state)
+        result = self.last_eval = self.evaluate(exp, state)
         best = float(jax.device_get(state["best_top1"]))
         writer.write_scalars(step, {f"eval_{k}": v for k, v in result.items() if k != "count"})
         line = (f"eval step {step}: top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  "
@@ -340,10 +340,10 @@ class FinetuneTask(Task):
             ckpt_lib.write_atomic(epath.Path(self.workdir) / BEST_DIR / "best.json",
                                   json.dumps({"step": step, **result}, indent=2) + "\n")
 
-    def finish(self, state) -> dict:
+    def finish(self, exp, state) -> dict:
         """Best and final top-1 (a run resumed after its end evaluates its final state)."""
         if self.last_eval is None:
-            self.last_eval = self.evaluate(state)
+            self.last_eval = self.evaluate(exp, state)
         if self._best is not None:
             self._best.close()
         best = float(jax.device_get(state["best_top1"]))

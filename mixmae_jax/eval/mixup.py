@@ -31,6 +31,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from mixmae_jax import parallel
+
 ERASE_AREA = (0.02, 1.0 / 3.0)
 ERASE_LOG_ASPECT = (math.log(0.3), math.log(1.0 / 0.3))
 ERASE_ATTEMPTS = 10
@@ -113,10 +115,11 @@ def mix_params(key, height: int, width: int, *, mixup_alpha: float, cutmix_alpha
     return jnp.where(use_cutmix, box_lam, lam), box, use_cutmix
 
 
-def mix_group(key, images, targets, **params):
-    """Mixup/CutMix of one device's batch: image i with image n-1-i, one lam for all."""
+def mix_group(params, images, targets):
+    """Mixup/CutMix of one device's batch with its draw (`mix_params`): image i with image
+    n-1-i, one lam for all."""
+    lam, box, use_cutmix = params
     _, h, w, _ = images.shape
-    lam, box, use_cutmix = mix_params(key, h, w, **params)
     partner = images[::-1]
     pasted = jnp.where(box_mask(box[None], h, w)[0][None, ..., None], partner, images)
     blended = lam * images + (1.0 - lam) * partner
@@ -130,13 +133,15 @@ def augment_batch(key, images, labels, *, num_classes: int, num_groups: int, aug
     k_erase, k_mix = jax.random.split(key)
     images = random_erasing(k_erase, images, aug_cfg.reprob)
     targets = smooth_one_hot(labels, num_classes, aug_cfg.smoothing)
-    b = images.shape[0]
+    b, h, w, _ = images.shape
     if aug_cfg.mixup <= 0 and aug_cfg.cutmix <= 0:
         return images, targets, jnp.ones((num_groups,))
+    draw = jax.vmap(lambda k: mix_params(
+        k, h, w, mixup_alpha=aug_cfg.mixup, cutmix_alpha=aug_cfg.cutmix, prob=aug_cfg.mix_prob,
+        switch_prob=aug_cfg.switch_prob))
+    # Every device draws every group's few scalars: drawn where the groups are (sharded like the
+    # batch), Beta's rejection loop would all-reduce its condition across devices each round.
+    params = parallel.replicated(draw(jax.random.split(k_mix, num_groups)))
     grouped = lambda x: x.reshape(num_groups, b // num_groups, *x.shape[1:])  # noqa: E731
-    mix = jax.vmap(lambda k, x, t: mix_group(
-        k, x, t, mixup_alpha=aug_cfg.mixup, cutmix_alpha=aug_cfg.cutmix,
-        prob=aug_cfg.mix_prob, switch_prob=aug_cfg.switch_prob))
-    images, targets, lam = mix(jax.random.split(k_mix, num_groups), grouped(images),
-                               grouped(targets))
+    images, targets, lam = jax.vmap(mix_group)(params, grouped(images), grouped(targets))
     return images.reshape(b, *images.shape[2:]), targets.reshape(b, -1), lam

@@ -42,13 +42,18 @@ class MixMIMModel(nnx.Module):
                           return_stages=return_stages)
 
     def reconstruct(self, z, mask):
-        """Both branches in one decoder pass: (2B, L, stride*stride*3).
+        """Both branches in one decoder pass: (rec1, rec2), each (B, L, stride*stride*3).
 
-        Branch 1 (rows :B) hides the partner's tokens (m = 1) and predicts image i there;
-        branch 2 (rows B:) hides the own tokens (m = 0) and predicts the partner there.
+        Branch 1 hides the partner's tokens (m = 1) and predicts image i there; branch 2 hides
+        the own tokens (m = 0) and predicts the partner there. The two branches of a sample sit
+        side by side (rows 2i, 2i+1), so the doubled batch splits over the devices as the batch
+        does and nothing crosses between them (stacking them as [z; z] would move half of every
+        device's rows to another device, and back in the backward pass).
         """
-        hidden = jnp.concatenate([mask, 1.0 - mask], axis=0)
-        return self.decoder(jnp.concatenate([z, z], axis=0), hidden)
+        both = lambda a, b: jnp.stack([a, b], axis=1).reshape(-1, *a.shape[1:])  # noqa: E731
+        rec = self.decoder(both(z, z), both(mask, 1.0 - mask))
+        rec = rec.reshape(z.shape[0], 2, *rec.shape[1:])
+        return rec[:, 0], rec[:, 1]
 
     def __call__(self, images, mask, num_groups: int, rng=None):
         return self.reconstruct(self.encode_mixed(images, mask, num_groups, rng), mask)
@@ -57,14 +62,13 @@ class MixMIMModel(nnx.Module):
 def dual_reconstruction_loss(images, rec, mask, num_groups: int, patch: int, norm_pix: bool):
     """Loss and the per-branch losses for logging.
 
-    rec: (2B, L, P) from `MixMIMModel.reconstruct`. The official loss stitches
+    rec: (rec1, rec2), each (B, L, P), from `MixMIMModel.reconstruct`. The official loss stitches
     pred[i] = rec1[i] * m + rec2[partner(i)] * (1 - m) and takes the plain mean over every
     element (each patch counted once). Branch losses average the squared error over the patches
     that branch predicts (m = 1 for branch 1, m = 0 for branch 2).
     """
-    b = images.shape[0]
     target = patch_targets(images, patch, norm_pix)
-    rec1, rec2 = rec[:b], rec[b:]
+    rec1, rec2 = rec
     m = mask[..., None]
     pred = rec1 * m + mixing.partner(rec2, num_groups) * (1.0 - m)
     loss = jnp.mean((pred - target) ** 2)
@@ -141,13 +145,13 @@ class Method(base.Method):
         stride = model.encoder.stride
         rec = model(images, mask, 1)
         loss, aux = dual_reconstruction_loss(images, rec, mask, 1, stride, self.cfg.norm_pix_loss)
-        b, size = images.shape[0], images.shape[1]
+        size = images.shape[1]
         target = L.patchify(images, stride)
         partner_target = mixing.partner(target, 1)
         unnorm = self.cfg.norm_pix_loss
         m = mask[..., None]
-        rec1 = target * (1 - m) + pixels_of(rec[:b], target, unnorm) * m
-        rec2 = partner_target * m + pixels_of(rec[b:], partner_target, unnorm) * (1 - m)
+        rec1 = target * (1 - m) + pixels_of(rec[0], target, unnorm) * m
+        rec2 = partner_target * m + pixels_of(rec[1], partner_target, unnorm) * (1 - m)
         mixed = target * (1 - m) + partner_target * m
         columns = {"original": images,
                    "mixed": L.unpatchify(mixed, stride, size, size),

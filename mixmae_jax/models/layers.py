@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mixmae_jax import parallel
+
 LN_EPS = 1e-5  # PyTorch nn.LayerNorm default; Flax's default (1e-6) would break parity.
 
 # ---------------------------------------------------------------------------------------------
@@ -44,11 +46,20 @@ def conv_bias_init(fan_in: int):
     return init
 
 
+class Linear(nnx.Linear):
+    """nnx.Linear whose output keeps the batch split over every device (`parallel`): with its
+    kernel sharded over "fsdp", the kernel is then gathered where it is used (FSDP), rather than
+    the activations moved to where the kernel's shards are."""
+
+    def __call__(self, x):
+        return parallel.batch_sharded(super().__call__(x))
+
+
 def dense(in_dim: int, out_dim: int, *, rngs: nnx.Rngs, use_bias: bool = True, dtype=None,
           kernel_init=linear_kernel_init) -> nnx.Linear:
     """nn.Linear with the official init; `dtype` is the compute dtype, params stay float32."""
-    return nnx.Linear(in_dim, out_dim, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                      kernel_init=kernel_init, bias_init=nnx.initializers.zeros, rngs=rngs)
+    return Linear(in_dim, out_dim, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                  kernel_init=kernel_init, bias_init=nnx.initializers.zeros, rngs=rngs)
 
 
 def layer_norm(dim: int, *, eps: float = LN_EPS, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -113,8 +124,10 @@ def apply_blocks(blocks, x, call, per_block=(), *, remat: str = "none", scan: bo
     graphdef = splits[0][0]
 
     def run(g, state, x, *args):
-        out = call(nnx.merge(g, state), x, *args)
-        return out if with_aux else (out, jnp.zeros((), jnp.float32))
+        # Blocks take and give the batch split over every device (see `Linear`).
+        out = call(nnx.merge(g, state), parallel.batch_sharded(x), *args)
+        out, aux = out if with_aux else (out, jnp.zeros((), jnp.float32))
+        return parallel.batch_sharded(out), aux
 
     if remat == "full":
         run = jax.checkpoint(run, static_argnums=(0,))

@@ -28,8 +28,7 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp")
-BATCH_AXES = ("data", "fsdp")
+from mixmae_jax.parallel import BATCH_AXES, MESH_AXES
 
 # FSDP for the L/H configs: every tensor of at least 64 Ki elements (all the big Linear kernels) is
 # split over "fsdp"; biases, LayerNorms, mask_token, small relative-position tables and the

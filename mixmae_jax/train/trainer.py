@@ -16,14 +16,13 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from etils import epath
 
 from mixmae_jax import config as config_lib
 from mixmae_jax.methods import get_method
 from mixmae_jax.train import checkpoint as ckpt_lib
+from mixmae_jax.train import experiment, optim, sharding
 from mixmae_jax.train import metrics as metrics_lib
-from mixmae_jax.train import optim, sharding
 from mixmae_jax.train import step as step_lib
 
 
@@ -45,11 +44,15 @@ class Task:
         self.method = get_method(config)
         self.workdir = None  # set by `train`, with the primary process's print function
         self.print_fn = print
-        self.graphdef = None  # the model's graphdef, set by `build_state_fns`
         self._knn = None  # the k-NN monitor, built on first use
 
-    def validate(self, num_devices: int, process_count: int) -> None:
+    def check_config(self, num_devices: int, process_count: int) -> None:
+        """The config's checks for this many devices and processes (ConfigError naming a key);
+        nothing is read or compiled."""
         config_lib.validate(self.config, num_devices=num_devices, process_count=process_count)
+
+    def check_data(self) -> None:
+        """Checks of the data set the config names, before anything compiles."""
 
     def input_options(self) -> dict:
         """Extra `create_train_iterator` arguments (fine-tuning: labels, RandAugment)."""
@@ -74,7 +77,7 @@ class Task:
         """Params a fresh run starts from (host arrays), or None for a random init."""
         return None
 
-    def after_step(self, step: int, state, *, total_steps: int, steps_per_epoch: int, writer):
+    def after_step(self, exp, step: int, state, *, total_steps: int, writer):
         """Runs after every step (before a checkpoint at that step); returns the state.
         Pretraining: the k-NN monitor every `eval.knn_every` steps and at the end."""
         e = self.config.get("eval")
@@ -83,10 +86,8 @@ class Task:
         if self._knn is None:
             from mixmae_jax.eval.knn import FrozenFeatures, KnnMonitor
 
-            features = FrozenFeatures(
-                self.method, self.graphdef,
-                mesh=jax.tree.leaves(state["params"])[0].sharding.mesh,
-                params_sharding=jax.tree.map(lambda x: x.sharding, state["params"]))
+            features = FrozenFeatures(self.method, exp.graphdef, mesh=exp.mesh,
+                                      params_sharding=exp.state_shardings["params"])
             self._knn = KnnMonitor(e, features, self.config.data.image_size)
         acc = self._knn(state["params"])
         writer.write_scalars(step, {f"knn_{k}": v for k, v in acc.items()})
@@ -95,7 +96,7 @@ class Task:
                       f"{e.test_split})")
         return state
 
-    def finish(self, state) -> dict:
+    def finish(self, exp, state) -> dict:
         """Summary metrics at the end of a run."""
         return {}
 
@@ -107,32 +108,6 @@ def task_for(config) -> Task:
 
         return FinetuneTask(config)
     return Task(config)
-
-
-def build_state_fns(config, mesh, steps_per_epoch: int, task: Task | None = None):
-    """Method, optimizer, graphdef, init function and the state's abstract tree and shardings."""
-    task = task or task_for(config)
-    method = task.method
-    graphdef, abstract_params = step_lib.graphdef_and_abstract_params(method, task.build_model)
-    task.graphdef = graphdef
-    tx, lr_schedule = task.make_optimizer(abstract_params, steps_per_epoch)
-    init_fn = step_lib.make_init_fn(method, tx, config.seed, build=task.build_model,
-                                    extra=task.extra_state())
-    abstract = jax.eval_shape(init_fn)
-    shardings = sharding.state_shardings(abstract, mesh, tuple(config.sharding_rules))
-    return method, tx, lr_schedule, graphdef, init_fn, abstract, shardings
-
-
-def jit_train_step(config, mesh, method, graphdef, tx, lr_schedule, state_sh, *,
-                   donate: bool = True, batch_keys=("image",)):
-    """The train step jitted with the run's shardings: batch over all mesh axes, state donated.
-    method: anything with `make_plan` and `loss` (a `Task.objective`)."""
-    batch_sh = sharding.batch_sharding(mesh)
-    step = step_lib.make_train_step(config, method, graphdef, tx, lr_schedule,
-                                    mesh.devices.size)
-    return jax.jit(step, in_shardings=(state_sh, {k: batch_sh for k in batch_keys}),
-                   out_shardings=(state_sh, sharding.replicated(mesh)),
-                   donate_argnums=(0,) if donate else ())
 
 
 def load_config_snapshot(workdir: str) -> ml_collections.ConfigDict:
@@ -155,9 +130,9 @@ def restore_params(workdir: str, step: int | None = None, *, best: bool = False,
     if best and config.get("task", "pretrain") != "finetune":
         raise ValueError(f"--best: {workdir} is a pretraining run; only fine-tuning keeps a "
                          "best checkpoint")
-    mesh = sharding.single_device_mesh()
-    *_, abstract, shardings = build_state_fns(config, mesh, steps_per_epoch=1)
-    target = sharding.abstract_with_shardings(abstract["params"], shardings["params"])
+    exp = experiment.build(config, sharding.single_device_mesh(), task=task_for(config),
+                           steps_per_epoch=1)
+    target = exp.abstract_params
     ckpt = ckpt_lib.Checkpointer(workdir, save_every=0, keep=0,
                                  subdir="best" if best else ckpt_lib.CHECKPOINT_DIR)
     try:
@@ -215,7 +190,8 @@ def train(config, workdir: str, *, print_fn=print, stop_at: int | None = None,
     task = task or task_for(config)
     is_primary = jax.process_index() == 0
     task.workdir, task.print_fn = workdir, print_fn if is_primary else (lambda s: None)
-    task.validate(num_devices, jax.process_count())
+    task.check_config(num_devices, jax.process_count())
+    task.check_data()
 
     # ----- Checkpoints: config snapshot and resume step --------------------------------------
     ckpt = ckpt_lib.Checkpointer(workdir, save_every=config.checkpoint_every,
@@ -232,12 +208,10 @@ def train(config, workdir: str, *, print_fn=print, stop_at: int | None = None,
     total_steps = optim.total_steps(config, steps_per_epoch)
 
     # ----- Model, optimizer and state --------------------------------------------------------
-    method, tx, lr_schedule, graphdef, init_fn, abstract, state_sh = build_state_fns(
-        config, mesh, steps_per_epoch, task)
+    exp = experiment.build(config, mesh, task=task, steps_per_epoch=steps_per_epoch)
     state = None
     if latest is not None:  # the newest step that can be read; unreadable ones moved aside
-        start_step, state = ckpt.restore_newest_intact(
-            sharding.abstract_with_shardings(abstract, state_sh), warn=print_fn)
+        start_step, state = ckpt.restore_newest_intact(exp.abstract_state, warn=print_fn)
         redo = f" ({latest - start_step} steps will be redone)" if start_step < latest else ""
         print_fn(f"Resumed from step {start_step} in {workdir}{redo}")
         if start_step != latest:  # an older step than the data stream was opened at
@@ -246,15 +220,9 @@ def train(config, workdir: str, *, print_fn=print, stop_at: int | None = None,
                 process_index=jax.process_index(), process_count=jax.process_count(),
                 start_step=start_step, **task.input_options())
     if state is None:
-        start_params = task.initial_params(abstract["params"])
-        state = jax.jit(init_fn, out_shardings=state_sh)(start_params)
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract["params"]))
-
-    # ----- The jitted step -------------------------------------------------------------------
-    batch_sh = sharding.batch_sharding(mesh)
-    train_step = jit_train_step(config, mesh, task.objective, graphdef, tx, lr_schedule, state_sh,
-                                batch_keys=task.batch_keys)
-    print_fn(f"{method.name} {task.kind} ({config.model.name}): {num_params / 1e6:.2f}M params, "
+        state = exp.init_state(task.initial_params(exp.abstract_params))
+    print_fn(f"{exp.method.name} {task.kind} ({config.model.name}): "
+             f"{exp.num_params / 1e6:.2f}M params, "
              f"{num_devices} devices, "
              f"global batch {config.batch_size}, {steps_per_epoch} steps/epoch, "
              f"steps {start_step} -> {total_steps}")
@@ -270,13 +238,13 @@ def train(config, workdir: str, *, print_fn=print, stop_at: int | None = None,
                                         print_fn=print_fn if is_primary else lambda s: None)
     averager = metrics_lib.MetricAverager()
     preempt = ckpt_lib.install_preemption_handler()
-    batches = _device_prefetch(data, max(int(config.data.prefetch), 1), batch_sh)
+    batches = _device_prefetch(data, max(int(config.data.prefetch), 1), exp.batch_sharding)
     last = {}
     step = start_step
     t_log, n_log = time.perf_counter(), 0
     try:
         while step < total_steps:
-            state, metrics = train_step(state, next(batches))
+            state, metrics = exp.train_step(state, next(batches))
             step += 1
             averager.add(metrics)
             n_log += 1
@@ -299,8 +267,7 @@ def train(config, workdir: str, *, print_fn=print, stop_at: int | None = None,
                 progress.update(step, {k: last[k] for k in ("loss", "lr") if k in last})
                 t_log, n_log = time.perf_counter(), 0
             before = time.perf_counter()
-            state = task.after_step(step, state, total_steps=total_steps,
-                                    steps_per_epoch=steps_per_epoch, writer=writer)
+            state = task.after_step(exp, step, state, total_steps=total_steps, writer=writer)
             t_log += time.perf_counter() - before  # evaluation is not training time
             if at_save or stop:
                 ckpt.save(step, state, force=stop or step == total_steps)
@@ -308,7 +275,7 @@ def train(config, workdir: str, *, print_fn=print, stop_at: int | None = None,
                 why = "Stopped as asked" if step == stop_at else "Preempted (SIGTERM)"
                 print_fn(f"{why}: saved step {step}, exiting cleanly")
                 break
-        summary = task.finish(state)
+        summary = task.finish(exp, state)
     finally:
         preempt.uninstall()
         writer.close()

@@ -1,0 +1,293 @@
+"""Ahead-of-time compilation for TPU slices and GPUs (train/aot.py, `mixmae-bench --topology`):
+the parsing of the optimized program, the batch search, and the communication every method's
+step must have: a data-parallel step holds only its gradient all-reduce; an FSDP step gathers
+each weight where it is used and reduce-scatters its gradient, within a stated factor of the
+bytes its sharding implies (README, "Where each recipe runs").
+
+TPU steps compile in this process (libtpu loads on demand); a GPU step needs the CUDA plugin
+registered before JAX starts, so it compiles in a fresh process.
+"""
+
+import json
+import os
+
+import pytest
+
+from mixmae_jax import bench
+from mixmae_jax import config as config_lib
+from mixmae_jax.train import aot
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "configs")
+# One tiny pretraining config per method.
+METHOD_CONFIGS = {"mixmim": "mixmim_b.py:tiny", "mae": "mae_vit_b.py:tiny",
+                  "simmim": "simmim_swin_b.py:tiny", "ummae": "ummae_swin_t.py:tiny",
+                  "mixedae": "mixedae_vit_b.py:tiny"}
+# What an FSDP step may move beyond what its sharding implies (aot.communication_theory):
+# README, "Where each recipe runs", derives it.
+FSDP_FACTOR = 1.3
+# A data-parallel step also all-reduces its few scalar metrics, and XLA may reduce a gradient
+# in a larger form than the parameter's: the gradient of a relative-position bias table as the
+# (heads, T, T) bias it indexes, of UM-MAE's position MLP as the bias it outputs (+0.8% of the
+# bytes for MixMIM's tiny model, +7.5% for UM-MAE's).
+METRIC_BYTES = 4096
+GRADIENT_FORM = 1.1
+
+needs_libtpu = pytest.mark.skipif(
+    not (aot.ACCELERATOR_DIR / "libtpu").is_dir() and not aot.importlib.util.find_spec("libtpu"),
+    reason="libtpu not installed (make setup installs it)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Names
+# ---------------------------------------------------------------------------------------------
+
+
+def test_topology_names():
+    target, dims = aot.parse_topology("v5e:16x16")
+    assert (target.platform, target.memory_bytes, dims) == ("tpu", 16 << 30, (16, 16))
+    assert aot.parse_topology("v4:4x4x4")[1] == (4, 4, 4)
+    assert aot.parse_topology("h100:8")[1] == (1, 1, 8)  # one host of 8
+    assert aot.parse_topology("h200:2x8")[1] == (1, 2, 8)
+    assert aot.parse_topology("H100:1x2x8")[0].name == "h100"
+    for bad, words in (("v5e", "KIND:SHAPE"), ("tpu9:2x2", "v5e"), ("v5e:2x2x2x2", "2-D"),
+                       ("h100:1x1x2x8", "SLICES"), ("v5e:0x2", "KIND:SHAPE")):
+        with pytest.raises(aot.TopologyError, match=words):
+            aot.parse_topology(bad)
+
+
+def test_gpu_targets_read_their_memory_from_the_shipped_descriptions():
+    assert aot.TARGETS["h100"].memory_bytes == 84942979072  # 79.1 GiB: H100 SXM "80 GB"
+    assert aot.TARGETS["h200"].memory_bytes == 151397597184
+    # JAX preallocates 75% of a GPU unless told otherwise.
+    assert aot.TARGETS["h100"].usable_bytes == int(0.75 * 84942979072)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading an optimized program
+# ---------------------------------------------------------------------------------------------
+
+# A hand-written module: a scan of 18 rounds with one all-reduce of 8 floats in its body, an
+# async all-gather (4x4 -> 16x4 floats), TPU's reduce-scatter (an all-reduce of 16x4 floats
+# fused with its slice), a combined all-reduce of two arrays (8 + 4 bf16) and a loop whose trip
+# count depends on data, with a 2-element all-reduce in it.
+HLO = """HloModule m, entry_computation_layout={()->()}
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%cond (p: (s32[], f32[8])) -> pred[] {
+  %p = (s32[]{:T(128)}, f32[8]{0}) parameter(0)
+  %i = s32[]{:T(128)} get-tuple-element(%p), index=0
+  %n = s32[]{:T(128)} constant(18)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p = (s32[]{:T(128)}, f32[8]{0}) parameter(0)
+  %x = f32[8]{0:T(256)} get-tuple-element(%p), index=1
+  %ar = f32[8]{0:T(256)} all-reduce(%x), replica_groups={{0,1}}, to_apply=%add
+  ROOT %t = (s32[]{:T(128)}, f32[8]{0}) tuple(%i, %ar)
+}
+
+%dcond (p: (f32[2])) -> pred[] {
+  %p = (f32[2]{0}) parameter(0)
+  %v = f32[2]{0} get-tuple-element(%p), index=0
+  %z = f32[2]{0} constant({0, 0})
+  %le = pred[2]{0} compare(%v, %z), direction=LE
+  ROOT %any = pred[] reduce(%le), to_apply=%add
+}
+
+%dbody (p: (f32[2])) -> (f32[2]) {
+  %p = (f32[2]{0}) parameter(0)
+  %v = f32[2]{0} get-tuple-element(%p), index=0
+  %r = f32[2]{0} all-reduce(%v), replica_groups={{0,1}}, to_apply=%add
+  ROOT %t = (f32[2]{0}) tuple(%r)
+}
+
+%all-reduce-scatter.3 (input: f32[16,4]) -> f32[8,4] {
+  %input = f32[16,4]{1,0:T(8,128)} parameter(0)
+  %ar2 = f32[16,4]{1,0:T(8,128)} all-reduce(%input), replica_groups={{0,1}}, to_apply=%add
+  %zero = u32[] constant(0)
+  ROOT %ds = f32[8,4]{1,0} dynamic-slice(%ar2, %zero, %zero), dynamic_slice_sizes={8,4}
+}
+
+ENTRY %main (a: f32[8], w: f32[4,4], h: bf16[4]) -> f32[8] {
+  %a = f32[8]{0} parameter(0)
+  %w = f32[4,4]{1,0} parameter(1)
+  %h = bf16[4]{0} parameter(2)
+  %ags = (f32[4,4]{1,0}, f32[16,4]{1,0}) all-gather-start(%w), dimensions={0}
+  %agd = f32[16,4]{1,0} all-gather-done(%ags)
+  %rs = f32[8,4]{1,0} fusion(%agd), kind=kCustom, calls=%all-reduce-scatter.3
+  %both = (f32[8]{0}, bf16[4]{0}) all-reduce(%a, %h), replica_groups={{0,1}}, to_apply=%add
+  %i0 = s32[] constant(0)
+  %t0 = (s32[], f32[8]{0}) tuple(%i0, %a)
+  %loop = (s32[], f32[8]{0}) while(%t0), condition=%cond, body=%body
+  %v0 = f32[2]{0} constant({1, 2})
+  %d0 = (f32[2]{0}) tuple(%v0)
+  %dloop = (f32[2]{0}) while(%d0), condition=%dcond, body=%dbody
+  ROOT %out = f32[8]{0} get-tuple-element(%loop), index=1
+}
+"""
+
+
+def test_collectives_count_loop_bodies_async_pairs_and_tpu_reduce_scatter():
+    c = aot.collectives(HLO)
+    # 18 rounds x 8 floats, the combined pair (32 + 8 bytes), the data-dependent loop once.
+    assert c["all-reduce"] == {"count": 18 + 1 + 1, "bytes": 18 * 32 + 40 + 8}
+    assert c["all-gather"] == {"count": 1, "bytes": 16 * 4 * 4}  # the gathered array
+    assert c["reduce-scatter"] == {"count": 1, "bytes": 16 * 4 * 4}  # the reduced input
+    assert c["all-to-all"]["count"] == c["collective-permute"]["count"] == 0
+    assert c["in_data_dependent_loops"] == 1
+    assert aot.total_bytes(c) == 18 * 32 + 48 + 2 * 256
+
+
+def test_known_trip_count_wins_over_the_condition():
+    hlo = HLO.replace("condition=%cond, body=%body",
+                      'condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}')
+    assert aot.collectives(hlo)["all-reduce"]["count"] == 5 + 1 + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# --fit: the batch search
+# ---------------------------------------------------------------------------------------------
+
+
+class _FakeExperiment:
+    """What `bench._fit` asks of an experiment, with a compile that costs nothing."""
+
+    num_devices = 4
+
+    def __init__(self, grain=2):
+        self.config = config_lib.load_config(os.path.join(CONFIGS, "mixmim_b.py:tiny"))
+        self.config.batch_size = 4 * 8
+        self.method = type("M", (), {"min_images_per_group": grain})()
+        self.task = type("T", (), {"kind": "pretraining"})()
+
+
+@pytest.mark.parametrize("fixed, per_image, usable, compiler_refuses_above, want", [
+    (1000, 100, 3050, None, 20),  # (3050 - 1000) / 100 = 20.5 -> 20, found by prediction
+    (1000, 100, 1150, None, 0),  # not even 2 per device fit
+    (1000, 100, 100_000, None, 990),  # far above the start
+    (1000, 100, 3050, 14, 14),  # a TPU compiler refuses above 14 (bytes unknown there)
+    (1000, 90, 5000, None, 44),  # a non-integer number of images
+])
+def test_fit_finds_the_largest_batch_that_fits(monkeypatch, fixed, per_image, usable,
+                                               compiler_refuses_above, want):
+    compiles = []
+
+    def compile_step(exp, batch_size):
+        per = batch_size // exp.num_devices
+        compiles.append(per)
+        if compiler_refuses_above is not None and per > compiler_refuses_above:
+            return {"fits": False, "out_of_memory": "Ran out of memory in memory space hbm"}
+        return {"total_bytes": fixed + per_image * per}
+
+    monkeypatch.setattr(aot, "compile_step", compile_step)
+    result = bench._fit(_FakeExperiment(), usable, max_compiles=12)
+    assert (result["fit_per_device_batch"] or 0) == want
+    assert result["fit_compiles"] == len(set(compiles)) <= 12
+    if want:
+        assert want % 2 == 0  # MixMIM pairs images on each device
+        assert result["fit_first_failing_per_device_batch"] == want + 2
+
+
+@needs_libtpu
+def test_a_config_that_cannot_run_on_the_target_is_one_error_line(capsys):
+    tiny = os.path.join(CONFIGS, "mixmim_b.py:tiny")
+    assert bench.main(["--config", tiny, "--topology", "v5e:2x2", "--batch", "6"]) == 2
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == ["error: batch_size: global batch 6 is not divisible by the 4 devices"]
+    assert bench.main(["--config", tiny, "--topology", "v5e:2x2",
+                       "--config.mesh.fsdp=3"]) == 2
+    assert capsys.readouterr().out.startswith("error: mesh.fsdp=3 does not divide the 4 devices")
+    assert bench.main(["--config", tiny, "--topology", "tpu9:2x2"]) == 2
+    assert "v5e:16x16" in capsys.readouterr().out  # the known targets, by example
+    assert bench.main(["--list-topologies"]) == 0
+    assert "h200:1x1x8" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled steps: what the sharding implies
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def v5e_2x2():
+    return aot.devices(*aot.parse_topology("v5e:2x2"))
+
+
+def _compile(devices, spec, *overrides, rules=None):
+    config = config_lib.load_config(os.path.join(CONFIGS, spec), overrides)
+    if rules is not None:
+        config.sharding_rules = rules
+    exp = bench._experiment(config, devices)
+    step = aot.compile_step(exp, config.batch_size)
+    step.pop("_compiled")
+    return exp, step
+
+
+def _moved(step):
+    return {k for k, v in step["collectives"].items() if isinstance(v, dict) and v["count"]}
+
+
+@needs_libtpu
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(METHOD_CONFIGS) + ["finetune"])
+def test_a_data_parallel_step_only_all_reduces_its_gradient(v5e_2x2, method):
+    """4 devices, 2 images each: the only collective is the gradient's all-reduce, of about the
+    parameters' bytes. (MixMIM's decoder once took both branches as [z; z] along the sharded
+    batch: all-to-all and collective-permute moved half of every device's rows and back.)"""
+    spec = "finetune_mae_vit_b.py:tiny" if method == "finetune" else METHOD_CONFIGS[method]
+    exp, step = _compile(v5e_2x2, spec)
+    param_bytes = 4 * exp.num_params
+    assert _moved(step) == {"all-reduce"}, step["collectives"]
+    assert param_bytes <= step["collectives"]["all-reduce"]["bytes"] <= (
+        GRADIENT_FORM * param_bytes + METRIC_BYTES), (step["collectives"], param_bytes)
+    assert step["collectives"]["in_data_dependent_loops"] == 0  # e.g. Mixup's Beta sampling
+    assert 0 < step["total_bytes"] < aot.TARGETS["v5e"].memory_bytes
+
+
+@needs_libtpu
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(METHOD_CONFIGS))
+def test_an_fsdp_step_gathers_weights_and_reduce_scatters_gradients(v5e_2x2, method):
+    """Every kernel of at least 1 Ki elements sharded over 4 devices (fsdp=4), 4 images each:
+    weights gathered where they are used, gradients reduce-scattered, activations kept where
+    they are; the total within FSDP_FACTOR of the theory."""
+    exp, step = _compile(v5e_2x2, METHOD_CONFIGS[method], "--config.mesh.fsdp=4",
+                         "--config.batch_size=16", rules=((".*", "fsdp", 1024),))
+    theory = aot.communication_theory(exp)
+    c = step["collectives"]
+    assert theory["sharded_param_bytes"] > 0.9 * 4 * exp.num_params  # the rule shards most
+    assert _moved(step) <= {"all-gather", "reduce-scatter", "all-reduce", "all-to-all",
+                            "collective-permute"}
+    # Every sharded gradient is reduce-scattered (a few small ones may be all-reduced).
+    assert c["reduce-scatter"]["bytes"] >= 0.75 * theory["reduce-scatter"], c
+    assert c["all-gather"]["bytes"] >= theory["sharded_param_bytes"], c
+    assert aot.total_bytes(c) <= FSDP_FACTOR * theory["total"], (c, theory)
+
+
+@pytest.mark.slow
+def test_gpu_target_compiles_in_a_fresh_process():
+    """h100:1x1x4 through the console tool: the CUDA plugin registers itself at JAX's start, so
+    `mixmae-bench --topology` activates it first. Its data-parallel MixMIM step all-reduces its
+    gradient only, and the report says where the memory goes."""
+    from jax_subprocess import run_python
+
+    if not (aot.ACCELERATOR_DIR / "jax_plugins").is_dir():
+        pytest.skip("the jax CUDA plugin is not installed (make setup installs it)")
+    out = run_python("""
+        import sys
+        from mixmae_jax import bench
+        sys.exit(bench.main(sys.argv[1:]))
+    """, "--config", os.path.join(CONFIGS, "mixmim_b.py:tiny"), "--topology", "h100:1x1x4")
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["target"] == "NVIDIA H100 SXM 80GB" and result["devices"] == 4
+    assert {k for k, v in result["collectives"].items()
+            if isinstance(v, dict) and v["count"]} == {"all-reduce"}
+    assert result["fits"] and result["estimated_step_s"] is None  # no cost model on GPU
+    assert "collectives per step and device" in out and "fits" in out
