@@ -9,10 +9,31 @@
   mask squares) is derived here. `tiny(c)` is the `:tiny` variant of any recipe: shrink(c,
   "tiny") and a 4-step smoke run.
 * `sharding_rules(variant)`: FSDP for the L and H models.
+* `schedule(c, epochs= | steps=, warmup=)`: a run's length and warmup, in epochs or in steps.
 """
 
 from mixmae_jax import config as config_lib
 from mixmae_jax.config import ConfigError
+
+# ---------------------------------------------------------------------------------------------
+# Schedule
+# ---------------------------------------------------------------------------------------------
+
+
+def schedule(c, *, epochs: float | None = None, steps: int | None = None, warmup: float = 0):
+    """The run's length and its warmup, both in epochs (the recipes: the official scripts count
+    epochs) or both in steps (the CPU runs); the other unit's keys are set to off, so the config
+    says one thing. `--config.total_steps=N` still shortens an epoch recipe (train/optim.py)."""
+    if (epochs is None) == (steps is None):
+        raise ConfigError("schedule: the run's length in epochs or in steps (one of them)")
+    if epochs is not None:
+        c.epochs, c.total_steps = epochs, -1
+        c.optim.update(warmup_epochs=warmup, warmup_steps=-1)
+    else:
+        c.epochs, c.total_steps = 0, steps
+        c.optim.update(warmup_epochs=0, warmup_steps=warmup)
+    return c
+
 
 # ---------------------------------------------------------------------------------------------
 # Fine-tuning
@@ -36,13 +57,12 @@ def finetune(c, *, layer_decay: float, no_decay=(), crop_pct: float = 0.875):
     c.augment.update(randaug="rand-m9-mstd0.5-inc1",  # timm: 2 ops, m ~ N(9, 0.5), increasing
                      reprob=0.25, mixup=0.8, cutmix=1.0, mix_prob=1.0, switch_prob=0.5,
                      smoothing=0.1)
-    c.batch_size = 1024  # MixMIM: 8 GPUs x 128
+    c.batch_size = 1024  # MixMIM: 8 GPUs x 128; UM-MAE: 8 x 64 x 2 accumulation steps
     c.eval_batch_size = 1024
-    c.epochs = 100
+    schedule(c, epochs=100, warmup=5)
     c.optim.update(dict(
         base_lr=5e-4,  # blr; peak lr = 5e-4 * 1024 / 256 = 2e-3
         lr_batch_divisor=256,
-        warmup_epochs=5,
         warmup_lr=0.0,
         min_lr=1e-6,
         schedule="cosine",
@@ -167,8 +187,7 @@ def tiny(c):
     batch 8 on the embedded photo crops (fine-tuning: on the labelled digits)."""
     shrink(c, "tiny")
     c.batch_size = 8
-    c.total_steps = 4
-    c.optim.warmup_epochs = 0
+    schedule(c, steps=4, warmup=0)
     c.log_every = 1
     c.checkpoint_every = 2
     if c.get("task") == "finetune":

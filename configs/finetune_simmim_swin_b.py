@@ -31,12 +31,12 @@ def get_config(arg=None):
     c.data.image_size = 224
     c.batch_size = 2048  # README: 16 GPUs x --batch-size 128
     c.eval_batch_size = 1024
+    common.schedule(c, epochs=100, warmup=20)  # yaml TRAIN.EPOCHS, WARMUP_EPOCHS
     # main_finetune.py scales BASE_LR, WARMUP_LR and MIN_LR by batch / 512; optim scales base_lr
     # only, so warmup_lr and min_lr are already scaled for batch 2048 (x4).
     c.optim.update(dict(
         base_lr=1.25e-3,  # yaml; peak lr = 1.25e-3 * 2048 / 512 = 5e-3
         lr_batch_divisor=512,
-        warmup_epochs=20,  # yaml WARMUP_EPOCHS
         warmup_lr=2.5e-7 * 2048 / 512,  # yaml WARMUP_LR
         min_lr=2.5e-7 * 2048 / 512,  # yaml MIN_LR
         schedule="timm_cosine",  # lr_scheduler.py CosineLRScheduler(t_initial=all steps)

@@ -29,11 +29,10 @@ def get_config(arg=None, variant="B"):
     c.data.update(image_size=224,
                   crop_scale=(0.2, 1.0))  # RandomResizedCrop(224, (0.2, 1)), bicubic, + hflip
     c.batch_size = 4096  # 64 per GPU x 64 GPUs
-    c.epochs = 800
+    common.schedule(c, epochs=800, warmup=40)
     c.optim.update(dict(
         base_lr=1.5e-4,  # blr; peak lr = 1.5e-4 * 4096 / 256 = 2.4e-3
         lr_batch_divisor=256,
-        warmup_epochs=40,
         min_lr=0.0,
         schedule="cosine",  # per-iteration half-cosine after a linear warmup (lr_sched.py)
         weight_decay=0.05,  # timm add_weight_decay: not on 1-D tensors (biases, LayerNorm)

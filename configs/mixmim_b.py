@@ -39,11 +39,10 @@ def get_config(arg=None, variant="B"):
     c.data.update(image_size=opts["res"],
                   crop_scale=(0.2, 1.0))  # RandomResizedCrop(224, (0.2, 1)), bicubic, + hflip
     c.batch_size = 2048  # 16 GPUs x 128
-    c.epochs = 600
+    common.schedule(c, epochs=600, warmup=40)
     c.optim.update(dict(
         base_lr=1.5e-4,  # blr; peak lr = 1.5e-4 * 2048 / 256 = 1.2e-3
         lr_batch_divisor=256,
-        warmup_epochs=40,
         min_lr=0.0,
         schedule="cosine",  # per-iteration half-cosine after a linear warmup (lr_sched.py)
         weight_decay=0.05,  # on every >= 2-D tensor, mask_token and bias tables included

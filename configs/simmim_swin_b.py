@@ -41,11 +41,10 @@ def get_config(arg=None, variant="B"):
     # default; config.py DATA.INTERPOLATION is not used there); this pipeline resizes bicubic.
     c.data.update(image_size=192, crop_scale=(0.67, 1.0))
     c.batch_size = 2048  # README: 16 GPUs x --batch-size 128
-    c.epochs = 800  # yaml TRAIN.EPOCHS
+    common.schedule(c, epochs=800, warmup=10)  # yaml TRAIN.EPOCHS, WARMUP_EPOCHS
     c.optim.update(dict(
         base_lr=1e-4,  # yaml BASE_LR; peak lr = 1e-4 * 2048 / 512 = 4e-4 (main_simmim.py)
         lr_batch_divisor=512,  # main_simmim.py: lr * DATA.BATCH_SIZE * world_size / 512
-        warmup_epochs=10,  # yaml WARMUP_EPOCHS
         # main_simmim.py scales WARMUP_LR and MIN_LR by batch / 512 too; optim scales base_lr
         # only, so these are already scaled for batch 2048 (x4): change them with the batch.
         warmup_lr=5e-7 * 2048 / 512,  # yaml WARMUP_LR 5e-7 -> 2e-6

@@ -63,11 +63,10 @@ def get_config(arg=None, backbone="swin_t", method="ummae"):
                   crop_scale=(0.2, 1.0))  # RandomResizedCrop(size, (0.2, 1)), bicubic, + hflip
     c.batch_size = 4096  # 8 GPUs x 128 (SimMIM Swin-T: 64) x 4 (8) accumulation steps
     long = backbone == "swin_l"
-    c.epochs = 800 if long else 200
+    common.schedule(c, epochs=800 if long else 200, warmup=40 if long else 10)
     c.optim.update(dict(
         base_lr=1.5e-4,  # blr; peak lr = 1.5e-4 * 4096 / 256 = 2.4e-3
         lr_batch_divisor=256,
-        warmup_epochs=40 if long else 10,
         min_lr=0.0,
         schedule="cosine",  # per-iteration half-cosine after a linear warmup (lr_sched.py)
         weight_decay=0.05,  # timm add_weight_decay: not on 1-D tensors (biases, LayerNorm)

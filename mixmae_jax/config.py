@@ -214,6 +214,8 @@ def validate(config, *, num_devices: int = 1, process_count: int = 1,
            f"{config.compute_dtype!r} (float32 or bfloat16)")
     _check(config.epochs > 0 or config.total_steps > 0, "epochs",
            "set epochs > 0 or total_steps > 0")
+    _check(config.optim.warmup_steps >= -1, "optim.warmup_steps",
+           f"{config.optim.warmup_steps}: -1 (the warmup is optim.warmup_epochs) or >= 0")
     _check(config.log_every > 0 and config.checkpoint_every > 0, "log_every",
            "log_every and checkpoint_every must be positive")
     e = config.get("eval")
@@ -272,13 +274,17 @@ def defaults() -> ml_collections.ConfigDict:
         )
     )
     c.batch_size = placeholder(int)  # global batch over all devices and hosts
+    # The run's length and warmup, in epochs or in steps (configs/common.py `schedule` sets one
+    # of each). A step count wins over epochs, so `--config.total_steps=N` shortens any recipe
+    # (an epoch warmup then keeps its fraction of the run, train/optim.py).
     c.epochs = 0.0
-    c.total_steps = -1  # > 0 overrides epochs (smoke runs)
+    c.total_steps = -1  # > 0: the run's length in steps
     c.optim = ml_collections.ConfigDict(
         dict(
             base_lr=placeholder(float),  # peak lr = base_lr * batch_size / lr_batch_divisor
             lr_batch_divisor=placeholder(int),
             warmup_epochs=placeholder(float),
+            warmup_steps=-1,  # >= 0: the warmup in steps
             warmup_lr=0.0,  # lr at step 0, rising linearly to the peak over the warmup
             min_lr=placeholder(float),
             schedule="cosine",  # after warmup: "cosine" (half-cosine to min_lr), "multistep" or

@@ -108,7 +108,7 @@ def test_tiny_variants_are_the_recipe_in_small(shipped):
         assert (c.model.name, c.model.variant, c.method.name, c.sharding_rules) == (
             full.model.name, full.model.variant, full.method.name, full.sharding_rules), name
         assert c.data.image_size == c.model.img_size <= 64, name
-        assert (c.batch_size, c.total_steps, c.optim.warmup_epochs) == (8, 4, 0), name
+        assert (c.batch_size, c.total_steps, c.optim.warmup_steps) == (8, 4, 0), name
         finetuning = c.get("task") == "finetune"
         assert c.data.source == ("digits" if finetuning else "embedded"), name
 
@@ -167,6 +167,25 @@ def test_fsdp_rules_for_the_l_and_h_models_only(shipped):
         large = c.model.variant in ("L", "H")
         assert tuple(map(tuple, c.sharding_rules)) == (common.FSDP_RULES if large else ()), key
     assert {c.model.variant for c in shipped.values() if c.sharding_rules} == {"L", "H"}
+
+
+def test_every_schedule_is_in_epochs_or_in_steps(shipped):
+    """The recipes count epochs, as their official scripts do; the CPU runs (tiny, demo, digits
+    pretraining) count steps. Either way the other unit is off: no recipe's 600 epochs linger in
+    a 600-step demo (where `--config.total_steps=0` would have run them)."""
+    units = {}
+    for (name, arg), c in shipped.items():
+        o = c.optim
+        if c.total_steps > 0:
+            assert c.epochs == 0 and o.warmup_epochs == 0 and o.warmup_steps >= 0, (name, arg)
+        else:
+            assert c.epochs > 0 and o.warmup_epochs >= 0 and o.warmup_steps == -1, (name, arg)
+        units[(name, arg)] = "steps" if c.total_steps > 0 else "epochs"
+    assert {k for k, unit in units.items() if unit == "steps"} == {
+        k for k in units if k[1] in ("tiny", "toy") or k[0] == "demo.py"
+        or (k[0] == "digits.py" and "finetune" not in k[1])}
+    with pytest.raises(ConfigError, match="in epochs or in steps"):
+        common.schedule(load("demo.py"), epochs=1, steps=1)
 
 
 def test_shrink_refuses_a_size_it_does_not_have():
