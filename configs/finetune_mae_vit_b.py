@@ -5,15 +5,18 @@ Also the fine-tuning of the MixedAE and UM-MAE ViT-B runs (`--init` any "vit" pr
   mixmae-finetune --config configs/finetune_mae_vit_b.py --workdir gs://BUCKET/mae_vit_b_ft \
       --init gs://BUCKET/mae_vit_b --config.data.manual_dir=/path/to/imagenet
 
-Official top-1 after 1600 pretraining epochs: 83.6. Variants: `:tiny`. The recipe is shared: see
-configs/finetune_mixmim_b.py.
+Official top-1 after 1600 pretraining epochs: 83.6. Variants: `:tiny`. The recipe is the one
+MixMIM, MAE and UM-MAE share: see configs/common.py `finetune`.
 """
 
-from mixmae_jax.config import sibling
+from configs import common, mae_vit_b
+from mixmae_jax.config import parse_arg
 
 
 def get_config(arg=None):
-    # MAE's no_weight_decay(): pos_embed, cls_token (besides every 1-D tensor).
-    return sibling(__file__, "finetune_mixmim_b.py").get_config(
-        arg, pretrain="mae_vit_b.py", layer_decay=0.65, drop_path=0.1,
-        no_decay=(r"pos_embed", r"cls_token"))
+    opts = parse_arg(arg, tiny=False)
+    # FINETUNE.md --layer_decay 0.65; MAE's no_weight_decay(): pos_embed, cls_token (besides
+    # every 1-D tensor).
+    c = common.finetune(mae_vit_b.get_config(), layer_decay=0.65,
+                        no_decay=(r"pos_embed", r"cls_token"))
+    return common.tiny(c) if opts["tiny"] else c

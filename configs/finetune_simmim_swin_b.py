@@ -13,32 +13,33 @@ the group's scaled peak and down to the same min_lr; here the layer scale multip
 schedule, so a group's start and end lr are scaled too (a difference of at most
 (1 - scale) * 1e-6, against a peak of 5e-3).
 
-Variants: `:tiny`. The recipe is shared: see configs/finetune_mixmim_b.py.
+Variants: `:tiny`. The recipe is the one MixMIM, MAE and UM-MAE share (configs/common.py
+`finetune`) with SimMIM's own values below.
 """
 
-from mixmae_jax.config import parse_arg, sibling
+from configs import common, simmim_swin_b
+from mixmae_jax.config import parse_arg
 
 
 def get_config(arg=None):
+    opts = parse_arg(arg, tiny=False)
     # optimizer.py: no decay on 1-D tensors and on the classifier's no_weight_decay():
     # absolute_pos_embed (absent: no APE) and the keyword relative_position_bias_table.
-    c = sibling(__file__, "finetune_mixmim_b.py").get_config(
-        arg, pretrain="simmim_swin_b.py", layer_decay=0.8, drop_path=0.1, crop_pct=0.875,
-        no_decay=(r"absolute_pos_embed", r"relative_position_bias_table"))
-    if not parse_arg(arg, tiny=False)["tiny"]:
-        c.model.update(img_size=224, window_sizes=(7,) * 4)  # yaml IMG_SIZE, WINDOW_SIZE
-        c.data.image_size = 224
-        c.batch_size = 2048  # README: 16 GPUs x --batch-size 128
-        c.eval_batch_size = 1024
+    c = common.finetune(simmim_swin_b.get_config(), layer_decay=0.8, crop_pct=0.875,
+                        no_decay=(r"absolute_pos_embed", r"relative_position_bias_table"))
+    c.model.update(img_size=224, window_sizes=(7,) * 4)  # yaml IMG_SIZE, WINDOW_SIZE
+    c.data.image_size = 224
+    c.batch_size = 2048  # README: 16 GPUs x --batch-size 128
+    c.eval_batch_size = 1024
+    common.schedule(c, epochs=100, warmup=20)  # yaml TRAIN.EPOCHS, WARMUP_EPOCHS
     # main_finetune.py scales BASE_LR, WARMUP_LR and MIN_LR by batch / 512; optim scales base_lr
     # only, so warmup_lr and min_lr are already scaled for batch 2048 (x4).
     c.optim.update(dict(
         base_lr=1.25e-3,  # yaml; peak lr = 1.25e-3 * 2048 / 512 = 5e-3
         lr_batch_divisor=512,
-        warmup_epochs=20,  # yaml WARMUP_EPOCHS
         warmup_lr=2.5e-7 * 2048 / 512,  # yaml WARMUP_LR
         min_lr=2.5e-7 * 2048 / 512,  # yaml MIN_LR
         schedule="timm_cosine",  # lr_scheduler.py CosineLRScheduler(t_initial=all steps)
         clip_grad_norm=5.0,  # config.py TRAIN.CLIP_GRAD
     ))
-    return c
+    return common.tiny(c) if opts["tiny"] else c

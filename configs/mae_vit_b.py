@@ -11,7 +11,8 @@ Variants: `:tiny` (a CPU smoke run of a few steps on the embedded data, same cod
 Values: main_pretrain.py defaults and PRETRAIN.md (800-epoch ViT-B run), models_mae.py.
 """
 
-from mixmae_jax.config import defaults, parse_arg, tiny_overrides
+from configs import common
+from mixmae_jax.config import defaults, parse_arg
 from mixmae_jax.models import vit
 
 
@@ -28,22 +29,15 @@ def get_config(arg=None, variant="B"):
     c.data.update(image_size=224,
                   crop_scale=(0.2, 1.0))  # RandomResizedCrop(224, (0.2, 1)), bicubic, + hflip
     c.batch_size = 4096  # 64 per GPU x 64 GPUs
-    c.epochs = 800
+    common.schedule(c, epochs=800, warmup=40)
     c.optim.update(dict(
         base_lr=1.5e-4,  # blr; peak lr = 1.5e-4 * 4096 / 256 = 2.4e-3
         lr_batch_divisor=256,
-        warmup_epochs=40,
         min_lr=0.0,
         schedule="cosine",  # per-iteration half-cosine after a linear warmup (lr_sched.py)
         weight_decay=0.05,  # timm add_weight_decay: not on 1-D tensors (biases, LayerNorm)
         b1=0.9, b2=0.95, eps=1e-8,
         clip_grad_norm=0.0,  # none
     ))
-    if variant in ("L", "H"):  # shard big kernels and their Adam moments over `fsdp`
-        c.sharding_rules = (("FSDP_DEFAULT", "fsdp"),)
-    if opts["tiny"]:
-        c.model.update(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
-                       decoder_dim=32, decoder_depth=1, decoder_num_heads=2)
-        c.data.image_size = 32
-        tiny_overrides(c)
-    return c
+    c.sharding_rules = common.sharding_rules(c.model.variant)
+    return common.tiny(c) if opts["tiny"] else c

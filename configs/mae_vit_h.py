@@ -10,9 +10,7 @@ epochs (official): 86.9 (87.8 at 448).
 Variants: `:tiny` (CPU smoke run).
 """
 
-from mixmae_jax.config import sibling
-
-mae_vit_b = sibling(__file__, "mae_vit_b.py")  # the recipe; this file changes the size
+from configs import mae_vit_b  # the recipe; this file changes the size
 
 
 def get_config(arg=None):

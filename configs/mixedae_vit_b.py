@@ -17,13 +17,15 @@ and no contrastive loss).
 
 import ml_collections
 
-from mixmae_jax.config import ConfigError, parse_arg, sibling
+from configs import common, mae_vit_b
+from mixmae_jax.config import ConfigError, parse_arg
 
 
 def get_config(arg=None, variant="B"):
     opts = parse_arg(arg, tiny=False, naive=False)
-    mae_arg = "tiny" if opts["tiny"] else None
-    c = sibling(__file__, "mae_vit_b.py").get_config(mae_arg, variant=variant)
+    if variant not in ("B", "L"):
+        raise ConfigError(f"MixedAE variant {variant!r} (B or L)")
+    c = mae_vit_b.get_config(variant=variant)
     c.method = ml_collections.ConfigDict(dict(
         name="mixedae",
         num_sources=4,  # images per mixed sample: 1/4 of the patches of each
@@ -38,8 +40,4 @@ def get_config(arg=None, variant="B"):
     ))
     if opts["naive"]:
         c.method.update(attention="full", contrast_weight=0.0)
-    if opts["tiny"]:
-        c.method.num_sources = 2  # the tiny ViT has 16 patches: 8 per source
-    if variant not in ("B", "L"):
-        raise ConfigError(f"MixedAE variant {variant!r} (B or L)")
-    return c
+    return common.tiny(c) if opts["tiny"] else c

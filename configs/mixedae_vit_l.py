@@ -7,8 +7,8 @@ for the `fsdp` mesh axis, as mae_vit_l.py).
 Variants: `:tiny`, `:naive` (as mixedae_vit_b.py).
 """
 
-from mixmae_jax.config import sibling
+from configs import mixedae_vit_b
 
 
 def get_config(arg=None):
-    return sibling(__file__, "mixedae_vit_b.py").get_config(arg, variant="L")
+    return mixedae_vit_b.get_config(arg, variant="L")

@@ -12,14 +12,17 @@ Variants: `:tiny` (a CPU smoke run of a few steps on the embedded data, same cod
 Values: shared/reference/mixmim.md §5.1 (main_pretrain.py defaults + pretrain.sh).
 """
 
-from mixmae_jax.config import defaults, parse_arg, tiny_overrides
+from configs import common
+from mixmae_jax.config import ConfigError, defaults, parse_arg
 from mixmae_jax.models import swin
 
 WINDOWS = {224: (14, 14, 14, 7), 384: (16, 16, 24, 12)}  # models_mixmim(_ft).py factories
 
 
 def get_config(arg=None, variant="B"):
-    opts = parse_arg(arg, tiny=False, res=224)
+    opts = parse_arg(arg, tiny=False, res=(224, 384))
+    if opts["tiny"] and opts["res"] != 224:
+        raise ConfigError("tiny is its own geometry: it takes no res")
     c = defaults()
     # Swin with 4x4 patches, windows 14/14/14/7, no shift, sin-cos APE; decoder 512 x 8, 16 heads.
     c.model = swin.model_config(variant, opts["res"], window_sizes=WINDOWS[opts["res"]])
@@ -36,23 +39,15 @@ def get_config(arg=None, variant="B"):
     c.data.update(image_size=opts["res"],
                   crop_scale=(0.2, 1.0))  # RandomResizedCrop(224, (0.2, 1)), bicubic, + hflip
     c.batch_size = 2048  # 16 GPUs x 128
-    c.epochs = 600
+    common.schedule(c, epochs=600, warmup=40)
     c.optim.update(dict(
         base_lr=1.5e-4,  # blr; peak lr = 1.5e-4 * 2048 / 256 = 1.2e-3
         lr_batch_divisor=256,
-        warmup_epochs=40,
         min_lr=0.0,
         schedule="cosine",  # per-iteration half-cosine after a linear warmup (lr_sched.py)
         weight_decay=0.05,  # on every >= 2-D tensor, mask_token and bias tables included
         b1=0.9, b2=0.95, eps=1e-8,
         clip_grad_norm=0.0,  # none
     ))
-    if variant in ("L", "H"):  # shard big kernels and their Adam moments over `fsdp`
-        c.sharding_rules = (("FSDP_DEFAULT", "fsdp"),)
-    if opts["tiny"]:
-        c.model.update(img_size=64, embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8),
-                       window_sizes=(8, 8, 4, 2), decoder_dim=64, decoder_depth=1,
-                       decoder_num_heads=2)
-        c.data.image_size = 64
-        tiny_overrides(c)
-    return c
+    c.sharding_rules = common.sharding_rules(c.model.variant)
+    return common.tiny(c) if opts["tiny"] else c

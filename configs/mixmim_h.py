@@ -9,9 +9,7 @@ official repository publishes no H recipe or checkpoint, so the B recipe is used
 Variants: `:tiny` (CPU smoke run).
 """
 
-from mixmae_jax.config import sibling
-
-mixmim_b = sibling(__file__, "mixmim_b.py")  # the recipe; this file changes the width
+from configs import mixmim_b  # the recipe; this file changes the width
 
 
 def get_config(arg=None):

@@ -10,9 +10,7 @@ About 2x the cost of B per image. Finetuned top-1 (official): 85.9 at 224.
 Variants: `:tiny` (CPU smoke run), `:res=384`.
 """
 
-from mixmae_jax.config import sibling
-
-mixmim_b = sibling(__file__, "mixmim_b.py")  # the recipe; this file changes the width
+from configs import mixmim_b  # the recipe; this file changes the width
 
 
 def get_config(arg=None):

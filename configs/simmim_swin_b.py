@@ -16,7 +16,8 @@ window6__800ep.yaml ("yaml") over the config.py defaults ("config.py"); main_sim
 optimizer.py, lr_scheduler.py, data/data_simmim.py, models/simmim.py.
 """
 
-from mixmae_jax.config import defaults, parse_arg, tiny_overrides
+from configs import common
+from mixmae_jax.config import defaults, parse_arg
 from mixmae_jax.models import swin
 
 WINDOW = {"B": 6, "L": 12}  # yaml MODEL.SWIN.WINDOW_SIZE (swin_base 6, swin_large 12)
@@ -40,11 +41,10 @@ def get_config(arg=None, variant="B"):
     # default; config.py DATA.INTERPOLATION is not used there); this pipeline resizes bicubic.
     c.data.update(image_size=192, crop_scale=(0.67, 1.0))
     c.batch_size = 2048  # README: 16 GPUs x --batch-size 128
-    c.epochs = 800  # yaml TRAIN.EPOCHS
+    common.schedule(c, epochs=800, warmup=10)  # yaml TRAIN.EPOCHS, WARMUP_EPOCHS
     c.optim.update(dict(
         base_lr=1e-4,  # yaml BASE_LR; peak lr = 1e-4 * 2048 / 512 = 4e-4 (main_simmim.py)
         lr_batch_divisor=512,  # main_simmim.py: lr * DATA.BATCH_SIZE * world_size / 512
-        warmup_epochs=10,  # yaml WARMUP_EPOCHS
         # main_simmim.py scales WARMUP_LR and MIN_LR by batch / 512 too; optim scales base_lr
         # only, so these are already scaled for batch 2048 (x4): change them with the batch.
         warmup_lr=5e-7 * 2048 / 512,  # yaml WARMUP_LR 5e-7 -> 2e-6
@@ -64,15 +64,5 @@ def get_config(arg=None, variant="B"):
         b1=0.9, b2=0.999, eps=1e-8,  # config.py OPTIMIZER.BETAS (0.9, 0.999), EPS 1e-8
         clip_grad_norm=5.0,  # config.py TRAIN.CLIP_GRAD
     ))
-    if variant == "L":  # shard big kernels and their Adam moments over `fsdp`
-        c.sharding_rules = (("FSDP_DEFAULT", "fsdp"),)
-    if opts["tiny"]:
-        # 64 px, 3 stages: 16x16 -> 8x8 -> 4x4 tokens, windows 4/4/2, every stage shifts; stride
-        # 16 = the 16-px squares (as 32 = 32 in the recipe): a 4x4 mask grid, ceil(16 * 0.6) = 10
-        # masked. (A 4th stage would double the compile time of this smoke run.)
-        c.model.update(img_size=64, embed_dim=32, depths=(2, 2, 2), num_heads=(1, 2, 4),
-                       window_sizes=(4, 4, 2))
-        c.method.mask_patch_size = 16
-        c.data.image_size = 64
-        tiny_overrides(c)
-    return c
+    c.sharding_rules = common.sharding_rules(c.model.variant)
+    return common.tiny(c) if opts["tiny"] else c

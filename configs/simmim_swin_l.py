@@ -17,9 +17,7 @@ window12__800ep.yaml: identical to the Swin-B yaml but EMBED_DIM 192, NUM_HEADS 
 WINDOW_SIZE 12.
 """
 
-from mixmae_jax.config import sibling
-
-simmim_swin_b = sibling(__file__, "simmim_swin_b.py")  # the recipe; this file changes the size
+from configs import simmim_swin_b  # the recipe; this file changes the size
 
 
 def get_config(arg=None):

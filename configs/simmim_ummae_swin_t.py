@@ -11,8 +11,8 @@ Official finetuned top-1: 82.20.
 Variants: `:tiny` (a CPU smoke run). The recipe is shared: see configs/ummae_swin_t.py.
 """
 
-from mixmae_jax.config import sibling
+from configs import ummae_swin_t
 
 
 def get_config(arg=None):
-    return sibling(__file__, "ummae_swin_t.py").get_config(arg, backbone="swin_t", method="simmim")
+    return ummae_swin_t.get_config(arg, backbone="swin_t", method="simmim")

@@ -16,7 +16,8 @@ Values: Makefile L1-L122, main_pretrain.py, engine_pretrain.py, mask_transform.p
 models_mae_swin.py / models_mae_pvt.py / models_mae.py / models_simmim_*.py factories.
 """
 
-from mixmae_jax.config import ConfigError, defaults, parse_arg, tiny_overrides
+from configs import common
+from mixmae_jax.config import ConfigError, defaults, parse_arg
 from mixmae_jax.models import pvt, ummae_swin, vit
 
 BACKBONES = ("swin_t", "swin_l", "pvt_s", "vit_b")
@@ -62,41 +63,15 @@ def get_config(arg=None, backbone="swin_t", method="ummae"):
                   crop_scale=(0.2, 1.0))  # RandomResizedCrop(size, (0.2, 1)), bicubic, + hflip
     c.batch_size = 4096  # 8 GPUs x 128 (SimMIM Swin-T: 64) x 4 (8) accumulation steps
     long = backbone == "swin_l"
-    c.epochs = 800 if long else 200
+    common.schedule(c, epochs=800 if long else 200, warmup=40 if long else 10)
     c.optim.update(dict(
         base_lr=1.5e-4,  # blr; peak lr = 1.5e-4 * 4096 / 256 = 2.4e-3
         lr_batch_divisor=256,
-        warmup_epochs=40 if long else 10,
         min_lr=0.0,
         schedule="cosine",  # per-iteration half-cosine after a linear warmup (lr_sched.py)
         weight_decay=0.05,  # timm add_weight_decay: not on 1-D tensors (biases, LayerNorm)
         b1=0.9, b2=0.95, eps=1e-8,
         clip_grad_norm=0.0,  # none
     ))
-    if long:
-        c.sharding_rules = (("FSDP_DEFAULT", "fsdp"),)
-    if opts["tiny"]:
-        shrink(c, backbone, method)
-        tiny_overrides(c)
-    return c
-
-
-def shrink(c, backbone: str, method: str) -> None:
-    """A narrow 3-stage model at 64 px (ViT: 32 px): same code path, seconds per step on CPU."""
-    full = method == "simmim"
-    if backbone == "vit_b":
-        c.model.update(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
-                       decoder_dim=32, decoder_depth=1, decoder_num_heads=2)
-    elif backbone == "pvt_s":
-        c.model.update(img_size=64, embed_dims=(32, 64, 128), depths=(2, 2, 2),
-                       num_heads=(1, 2, 4), mlp_ratios=(4.0, 4.0, 4.0),
-                       sr_ratios=(4, 2, 1) if full else (2, 1, 1), full_sr_ratios=(4, 2, 1),
-                       unit_size=8,
-                       decoder_dim=32, decoder_depth=1, decoder_num_heads=2)
-    else:
-        c.model.update(img_size=64, embed_dim=32, depths=(2, 2, 2), num_heads=(1, 2, 4),
-                       posmlp_dim=8, window_size=8 if full else 4, unit_size=8,
-                       decoder_dim=32, decoder_depth=1, decoder_num_heads=2)
-    if full:
-        c.method.mask_patch_size = 8
-    c.data.image_size = c.model.img_size
+    c.sharding_rules = common.sharding_rules(c.model.variant)
+    return common.tiny(c) if opts["tiny"] else c

@@ -2,14 +2,17 @@
 
 Config files (`configs/<name>.py`) define `get_config(arg)` on top of `defaults()` and spell out
 their whole recipe: the model (`models/<name>.py`'s `model_config`), the method's values, data
-augmentation, batch, schedule and optimizer. A config is validated before anything compiles;
-every error names the key at fault.
+augmentation, batch, schedule and optimizer; what recipes share (the fine-tuning recipe, the
+small sizes, the FSDP rules, the schedule) is `configs/common.py`. A config is validated before
+anything compiles; every error names the key at fault.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
+import sys
 
 import ml_collections
 from ml_collections.config_dict import placeholder
@@ -19,28 +22,85 @@ class ConfigError(ValueError):
     """A config value is invalid; the message starts with the key."""
 
 
-def parse_arg(arg: str | None, **options):
-    """'tiny,res=384' -> dict(tiny=True, res=384) over `options` (types follow the options)."""
-    out = dict(options)
+def parse_arg(arg: str | None, **options) -> dict:
+    """A config file's variant string -> its options: 'tiny,res=384' -> dict(tiny=True, res=384).
+
+    Each option's default gives its type (a bare name sets a bool option); a tuple default lists
+    the allowed values, the first being the default (`res=(224, 384)`). A variant the file does
+    not know is a ConfigError that lists the ones it does."""
+    allowed = {k: v for k, v in options.items() if isinstance(v, tuple)}
+    out = {k: v[0] if k in allowed else v for k, v in options.items()}
     for token in filter(None, (arg or "").split(",")):
-        key, _, value = token.partition("=")
+        key, eq, text = token.partition("=")
         if key not in out:
-            raise ConfigError(f"config arg: unknown option {key!r} (known: {sorted(out)})")
-        if not value:
-            out[key] = True
-        elif isinstance(options[key], bool):
-            out[key] = value.lower() in ("1", "true", "yes")
+            raise ConfigError(f"unknown variant {token!r} (known: {_known_variants(options)})")
+        kind = type(out[key])
+        if kind is bool:
+            value = not eq or text.lower() in ("1", "true", "yes")
+        elif not eq:
+            raise ConfigError(f"variant {key!r} takes a value: {key}={_value_hint(options[key])}")
         else:
-            out[key] = type(options[key])(value)
+            try:
+                value = kind(text)
+            except ValueError:
+                raise ConfigError(f"variant {token!r}: {key} is {_value_hint(out[key])}") from None
+        if key in allowed and value not in allowed[key]:
+            raise ConfigError(f"variant {token!r}: {key} is one of "
+                              f"{'|'.join(map(str, allowed[key]))}")
+        out[key] = value
     return out
 
 
-def sibling(config_file: str, name: str):
-    """The config module `name` beside `config_file` (a config that reuses another's recipe)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
-    spec = importlib.util.spec_from_file_location(f"_mixmae_config_{name[:-3]}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def _value_hint(default) -> str:
+    """'224|384' for a choice, '<int>' for an int."""
+    if isinstance(default, tuple):
+        return "|".join(map(str, default))
+    return f"<{type(default).__name__}>"
+
+
+def _known_variants(options) -> str:
+    return ", ".join(k if isinstance(v, bool) else f"{k}={_value_hint(v)}"
+                     for k, v in options.items())
+
+
+def _config_module(path: str):
+    """The module of the config file at `path`.
+
+    A file inside a package (a folder with `__init__.py`, as `configs/` is) is imported as that
+    package's module, with the folder above the package put first on sys.path: recipes import
+    each other (`from configs import mixmim_b`) from this copy of the package, whichever way the
+    path is written and from any working directory. Any other file is run on its own."""
+    if os.path.isdir(path):
+        raise ConfigError(f"--config: {path!r} is a directory; name a config file in it "
+                          f"(e.g. {os.path.join(path, 'demo.py')})")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config: no such file {path!r}")
+    if not path.endswith(".py"):
+        raise ConfigError(f"--config: {path!r} is not a config file (a Python file defining "
+                          "get_config, e.g. configs/demo.py)")
+    folder, name = os.path.split(os.path.realpath(path)[:-3])
+    parts = [name]
+    while os.path.isfile(os.path.join(folder, "__init__.py")):
+        folder, package = os.path.split(folder)
+        parts.insert(0, package)
+    try:
+        if len(parts) == 1 or not all(p.isidentifier() for p in parts):
+            spec = importlib.util.spec_from_file_location("_mixmae_config", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+        if parts[0] not in sys.modules and folder not in sys.path:
+            sys.path.insert(0, folder)
+        module = importlib.import_module(".".join(parts))
+    except SyntaxError as e:
+        raise ConfigError(f"--config: {e.filename}:{e.lineno}: {e.msg}") from e
+    except Exception as e:  # a broken config file: the user fixes it
+        raise ConfigError(f"--config: {path}: {type(e).__name__}: {e}") from e
+    if os.path.realpath(module.__file__) != os.path.realpath(path):
+        raise ConfigError(f"--config: {path}: `import {'.'.join(parts)}` finds "
+                          f"{module.__file__}: another {parts[0]!r} package is already imported "
+                          "or comes first on sys.path (load the configs of one checkout per "
+                          "process)")
     return module
 
 
@@ -50,14 +110,24 @@ def load_config(spec: str, overrides=()) -> ml_collections.ConfigDict:
     from absl import flags
     from ml_collections import config_flags
 
-    path = spec.partition(":")[0]
-    if not os.path.isfile(path):
-        raise ConfigError(f"--config: no such file {path!r}")
-    values = flags.FlagValues()
-    argv = ["mixmae", f"--config={spec}", *overrides]
-    config_flags.DEFINE_config_file("config", None, "config file", flag_values=values,
-                                    lock_config=True, sys_argv=argv)
+    path, colon, arg = spec.partition(":")
+    module = _config_module(path)
+    if not callable(getattr(module, "get_config", None)):
+        raise ConfigError(f"--config: {path} defines no get_config(arg)")
     try:
+        config = module.get_config(arg) if colon else module.get_config()
+    except ConfigError as e:  # a variant the file does not know, or a recipe it refuses
+        raise ConfigError(f"--config: {spec}: {e}") from e
+    except Exception as e:  # a broken config file: the user fixes it
+        raise ConfigError(f"--config: {spec}: get_config raised {type(e).__name__}: {e}") from e
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"--config: {path}: get_config returned {type(config).__name__}, "
+                          "not a ConfigDict")
+    values = flags.FlagValues()
+    argv = ["mixmae", *overrides]
+    try:
+        config_flags.DEFINE_config_dict("config", config, "config", flag_values=values,
+                                        lock_config=True, sys_argv=argv)
         values(argv)
         config = values.config
     except (flags.Error, KeyError, AttributeError) as e:
@@ -144,6 +214,8 @@ def validate(config, *, num_devices: int = 1, process_count: int = 1,
            f"{config.compute_dtype!r} (float32 or bfloat16)")
     _check(config.epochs > 0 or config.total_steps > 0, "epochs",
            "set epochs > 0 or total_steps > 0")
+    _check(config.optim.warmup_steps >= -1, "optim.warmup_steps",
+           f"{config.optim.warmup_steps}: -1 (the warmup is optim.warmup_epochs) or >= 0")
     _check(config.log_every > 0 and config.checkpoint_every > 0, "log_every",
            "log_every and checkpoint_every must be positive")
     e = config.get("eval")
@@ -202,13 +274,17 @@ def defaults() -> ml_collections.ConfigDict:
         )
     )
     c.batch_size = placeholder(int)  # global batch over all devices and hosts
+    # The run's length and warmup, in epochs or in steps (configs/common.py `schedule` sets one
+    # of each). A step count wins over epochs, so `--config.total_steps=N` shortens any recipe
+    # (an epoch warmup then keeps its fraction of the run, train/optim.py).
     c.epochs = 0.0
-    c.total_steps = -1  # > 0 overrides epochs (smoke runs)
+    c.total_steps = -1  # > 0: the run's length in steps
     c.optim = ml_collections.ConfigDict(
         dict(
             base_lr=placeholder(float),  # peak lr = base_lr * batch_size / lr_batch_divisor
             lr_batch_divisor=placeholder(int),
             warmup_epochs=placeholder(float),
+            warmup_steps=-1,  # >= 0: the warmup in steps
             warmup_lr=0.0,  # lr at step 0, rising linearly to the peak over the warmup
             min_lr=placeholder(float),
             schedule="cosine",  # after warmup: "cosine" (half-cosine to min_lr), "multistep" or
@@ -276,13 +352,3 @@ def finetune_defaults(c: ml_collections.ConfigDict) -> None:
     c.optim.layer_decay = 1.0  # layer-wise lr decay (1: none); the rule is the method's
     c.eval_every_epochs = 1.0  # evaluate on data.eval_split (0: only at the end)
     c.eval_batch_size = placeholder(int)
-
-
-def tiny_overrides(c: ml_collections.ConfigDict) -> None:
-    """A CPU smoke run of any recipe: a few steps on the embedded photo crops, small batch."""
-    c.data.update(source="embedded", shuffle_buffer=512)
-    c.batch_size = 8
-    c.total_steps = 4
-    c.optim.warmup_epochs = 0
-    c.log_every = 1
-    c.checkpoint_every = 2

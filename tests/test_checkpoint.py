@@ -252,6 +252,26 @@ def test_resume_accepts_a_model_key_newer_than_the_snapshot_at_its_default(tmp_p
     assert json.loads(path.read_text())["model"]["ape_grid"] == 0  # the snapshot catches up
 
 
+def test_resume_accepts_an_infrastructure_key_newer_than_the_snapshot_at_its_default(tmp_path):
+    """optim.warmup_steps came after runs had started: absent, they counted warmup in epochs,
+    which is the key's default (-1); any other value would change the schedule."""
+    ckpt = checkpoint.Checkpointer(tmp_path, save_every=1, keep=1, config=_config())
+    ckpt.save(1, _state())
+    ckpt.close()
+    path = tmp_path / "config.json"
+    stored = json.loads(path.read_text())
+    assert stored["optim"].pop("warmup_steps") == -1
+    path.write_text(json.dumps(stored))
+
+    changed = _config()
+    changed.optim.warmup_steps = 5
+    with pytest.raises(checkpoint.ConfigMismatchError,
+                       match=r"optim.warmup_steps: '<absent>' -> 5"):
+        checkpoint.Checkpointer(tmp_path, save_every=1, keep=1, config=changed)
+    checkpoint.Checkpointer(tmp_path, save_every=1, keep=1, config=_config()).close()
+    assert json.loads(path.read_text())["optim"]["warmup_steps"] == -1
+
+
 def test_config_without_checkpoint_may_change(tmp_path):
     checkpoint.Checkpointer(tmp_path, save_every=1, keep=1, config=_config()).close()
     other = _config()

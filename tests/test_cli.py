@@ -161,7 +161,8 @@ def test_from_torch_refuses_a_workdir_with_checkpoints(setup, imported, capsys):
 
 
 def test_pretrain_user_errors_are_one_line(tmp_path, capsys):
-    """A missing config file, a misspelt key and a bad value end in one `error:` line, exit 2."""
+    """A missing config file, a misspelt key, a bad value, an unknown variant and a directory
+    end in one `error:` line, exit 2."""
     from recipes import CONFIGS
 
     tiny = f"{CONFIGS}/mixmim_b.py:tiny"
@@ -170,6 +171,9 @@ def test_pretrain_user_errors_are_one_line(tmp_path, capsys):
         (["--config", tiny, "--config.batch_sise=8"],
          "error: --config.batch_sise: no such config key in .* did you mean batch_size"),
         (["--config", tiny, "--config.batch_size=-8"], "error: batch_size: -8: the global batch"),
+        (["--config", f"{CONFIGS}/mixmim_b.py:tyni"],
+         r"error: --config: .*mixmim_b.py:tyni: unknown variant 'tyni' \(known: tiny, res="),
+        (["--config", CONFIGS], "error: --config: .* is a directory"),
     ]:
         with pytest.raises(SystemExit) as e:
             cli.pretrain_main([*argv, "--workdir", str(tmp_path / "w")])

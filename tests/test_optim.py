@@ -164,6 +164,18 @@ def test_total_steps_override_keeps_warmup_fraction():
     assert optim.warmup_steps(c, 10) == 5
 
 
+def test_warmup_in_steps_wins_and_a_snapshot_without_it_counts_epochs():
+    c = _config()
+    c.total_steps, c.optim.warmup_steps = 600, 7  # the CPU runs: length and warmup in steps
+    assert optim.warmup_steps(c, 1000) == 7
+    c.total_steps = 5  # `--config.total_steps` below the warmup: capped
+    assert optim.warmup_steps(c, 1000) == 5
+    c.total_steps, c.optim.warmup_steps = -1, -1  # off: 2 epochs of 1000 steps
+    assert optim.warmup_steps(c, 1000) == 2000
+    del c.optim["warmup_steps"]  # a run's snapshot from before the key
+    assert optim.warmup_steps(c, 1000) == 2000
+
+
 def _toy():
     rng = np.random.default_rng(0)
     params = {

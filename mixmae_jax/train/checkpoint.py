@@ -48,6 +48,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from mixmae_jax import config as config_lib
 from mixmae_jax import models
 
 CONFIG_NAME = "config.json"
@@ -109,17 +110,19 @@ def _is_protected(key: str) -> bool:
 
 
 def absent_key_defaults(config: Mapping) -> dict[str, Any]:
-    """{dotted key: value} the code uses for a `model.*` key that a config lacks.
+    """{dotted key: value} the code uses for a key that a config lacks.
 
-    The models read keys added after a run started with `cfg.get(key, default)`, the default
-    being the old behaviour, which is also the key's value in the model's `model_config()`. A
-    snapshot written before a key existed therefore ran with that value.
+    The code reads keys added after a run started with `cfg.get(key, default)`, the default
+    being the old behaviour, which is also the key's value in the model's `model_config()` (a
+    `model.*` key) or in `config.defaults()` (the others). A snapshot written before a key
+    existed therefore ran with that value.
     """
+    out = _flatten(config_to_dict(config_lib.defaults()))
     name = config.get("model", {}).get("name")
-    if name not in models.NAMES:
-        return {}
-    defaults = config_to_dict(models.get_model_module(name).model_config())
-    return {f"model.{k}": v for k, v in _flatten(defaults).items()}
+    if name in models.NAMES:
+        defaults = config_to_dict(models.get_model_module(name).model_config())
+        out.update({f"model.{k}": v for k, v in _flatten(defaults).items()})
+    return out
 
 
 def check_config_compatible(old: Mapping, new: Mapping, where: str = CONFIG_NAME) -> dict:

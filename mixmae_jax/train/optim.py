@@ -39,12 +39,16 @@ def total_steps(config: Any, steps_per_epoch: int) -> int:
 
 
 def warmup_steps(config: Any, steps_per_epoch: int) -> int:
-    """Warmup updates: warmup_epochs * steps_per_epoch, shrunk for runs cut short by total_steps.
+    """Warmup updates: `optim.warmup_steps` if >= 0, else warmup_epochs * steps_per_epoch, shrunk
+    for runs cut short by total_steps.
 
     A run shortened with `total_steps` keeps the recipe's warmup fraction (warmup_epochs/epochs),
     so a 200-step smoke run does not spend all of it warming up; never longer than the run.
     """
     total = total_steps(config, steps_per_epoch)
+    steps = config.optim.get("warmup_steps", -1)  # a snapshot older than the key: in epochs
+    if steps >= 0:
+        return min(int(steps), total)
     warmup = config.optim.warmup_epochs * steps_per_epoch
     if config.epochs > 0:
         warmup = min(warmup, total * config.optim.warmup_epochs / config.epochs)
