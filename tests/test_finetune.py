@@ -54,7 +54,7 @@ def _scales_by_name(config_name, decay, rule):
         method, lambda rngs: method.build_classifier(1000, rngs))
     layout = method.torch_layout()
     scales = layer_decay.lr_scales(abstract, layout, rule, decay)
-    from mixmae_jax.convert import keymap as K
+    from mixmae_jax.interop import keymap as K
 
     flat = K.flatten(scales)
     return {layout.torch_name(p, "finetune"): s for p, s in flat.items()}
@@ -78,7 +78,7 @@ def test_mixmim_b_layer_decay_is_the_official_quirk():
             return first[int(parts[1]) + 1]
         return 24
 
-    from mixmae_jax.convert import torch_reference as R
+    from references import mixmim as R
 
     with torch.device("meta"):
         tmodel = R.MixMIMFinetuneTorch.from_model_config(load("finetune_mixmim_b.py").model)
@@ -133,7 +133,7 @@ def test_simmim_swin_b_layer_decay_is_the_official_rule():
             return sum(depths[:int(parts[1]) + 1])
         return 25
 
-    from mixmae_jax.convert import torch_reference_simmim as R
+    from references import simmim as R
 
     with torch.device("meta"):
         tmodel = R.SimMIMFinetuneTorch.from_model_config(load("finetune_simmim_swin_b.py").model)
@@ -281,8 +281,9 @@ def test_finetuned_export_loads_strictly_and_computes_the_same_logits(tmp_path,
                                                                       pretrain_workdir):
     """mixmae-convert to-torch of a fine-tuning workdir: the official models_mixmim_ft
     state_dict, strict load into the plain torch reference, the same logits."""
+    from references import mixmim as R
+
     from mixmae_jax.cli import convert_main
-    from mixmae_jax.convert import torch_reference as R
 
     c = finetune_config(init=pretrain_workdir, total_steps=2)
     workdir = str(tmp_path / "ft")
@@ -310,10 +311,10 @@ def test_384_style_finetuning_adds_the_official_loaders_resized_ape(pretrain_wor
     that table, exports it, imports an official file holding it without allow_ape_mismatch, and
     its logits equal the reference's with the exported state_dict loaded strictly."""
     import torch.nn.functional as F
+    from references import mixmim as R
 
-    from mixmae_jax.convert import from_torch, to_torch
-    from mixmae_jax.convert import torch_reference as R
     from mixmae_jax.eval import finetune
+    from mixmae_jax.interop import from_torch, to_torch
     from mixmae_jax.models import layers as L
 
     c = finetune_config(init=pretrain_workdir)
@@ -382,8 +383,8 @@ def test_init_from_a_workdir_with_fc_norm_loads_the_encoder(tmp_path):
     """MAE's classifier (UM-MAE's and MixedAE's too) adds an fc_norm the pretraining has not:
     --init of a pretraining workdir loads every encoder tensor and starts fc_norm at weight 1,
     bias 0."""
-    from mixmae_jax.convert import keymap as K
     from mixmae_jax.eval import finetune
+    from mixmae_jax.interop import keymap as K
 
     c = load("mae_vit_b.py", "tiny")
     c.total_steps = 1

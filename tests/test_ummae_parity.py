@@ -27,10 +27,10 @@ from parity import (
     random_torch_state_dict,
 )
 from recipes import load
+from references import ummae as R
 
-from mixmae_jax.convert import from_torch, to_torch
-from mixmae_jax.convert import keymap as K
-from mixmae_jax.convert import torch_reference_ummae as R
+from mixmae_jax.interop import from_torch, to_torch
+from mixmae_jax.interop import keymap as K
 from mixmae_jax.methods import get_method
 from mixmae_jax.models import layers as L
 from mixmae_jax.models.pvt import PVTClassifier

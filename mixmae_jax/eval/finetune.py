@@ -39,8 +39,8 @@ from etils import epath
 
 from mixmae_jax import config as config_lib
 from mixmae_jax import imaging
-from mixmae_jax.convert import keymap as K
 from mixmae_jax.eval import mixup
+from mixmae_jax.interop import keymap as K
 from mixmae_jax.train import checkpoint as ckpt_lib
 from mixmae_jax.train import optim, sharding
 from mixmae_jax.train import step as step_lib
@@ -113,7 +113,7 @@ def _summarise(error: Exception, init: str, config, limit: int = 4) -> ValueErro
 def pretrained_state_dict(init: str, config) -> tuple[dict, str]:
     """(official state_dict, description) of `--init`: a mixmae-jax workdir (its newest intact
     step, exported to the fine-tuning layout) or an official `.pth`."""
-    from mixmae_jax.convert import from_torch, to_torch
+    from mixmae_jax.interop import from_torch, to_torch
     from mixmae_jax.methods import get_method
     from mixmae_jax.train.trainer import load_config_snapshot, restore_params
 
@@ -148,7 +148,7 @@ def load_pretrained(init: str, config, layout: K.Layout, template: dict,
     tensor the pretrained checkpoint provides, by the official loading rules."""
     import torch
 
-    from mixmae_jax.convert import from_torch
+    from mixmae_jax.interop import from_torch
 
     sd, where = pretrained_state_dict(init, config)
     names = set()

@@ -155,8 +155,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixmae_jax.convert import torch_reference_mae as mae
-from mixmae_jax.convert.torch_reference import DropPath
+from . import mae
+from .mixmim import DropPath
 
 __all__ = [
     "DECODER_POS_ORDERS",

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from mixmae_jax.convert import keymap as K
+from mixmae_jax.interop import keymap as K
 
 # ---------------------------------------------------------------------------------------------
 # Reading files.
@@ -241,3 +241,4 @@ def state_dict_to_params(state_dict, layout: K.Layout, template_params, *,
             f"state_dict_to_params ({fmt} checkpoint -> {report.template_format} template): "
             f"{len(problems)} problem(s):\n  " + "\n  ".join(problems))
     return _rebuild(template_params, values), report
+

@@ -112,7 +112,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mixmae_jax.convert.torch_reference import (
+from .mixmim import (
     DropPath,
     relative_position_index,
     trunc_normal_,
