@@ -335,7 +335,7 @@ def test_384_style_finetuning_adds_the_official_loaders_resized_ape(pretrain_wor
     layout = method.torch_layout()
     template = jax.device_get(jax.jit(lambda: step_lib.init_params(
         method, jax.random.PRNGKey(0), lambda rngs: method.build_classifier(10, rngs)))())
-    params = finetune.load_pretrained(pretrain_workdir, c, layout, template, print_fn=print)
+    params = finetune.load_pretrained(pretrain_workdir, c, template, print_fn=print)
     sd = to_torch.params_to_state_dict(params, layout, format="finetune", num_classes=10)
     np.testing.assert_allclose(sd["absolute_pos_embed"].numpy(), official.numpy(), atol=4e-6)
     official_file = dict(sd, absolute_pos_embed=official)
@@ -397,9 +397,9 @@ def test_init_from_a_workdir_with_fc_norm_loads_the_encoder(tmp_path):
     template = jax.device_get(jax.jit(lambda: step_lib.init_params(
         method, jax.random.PRNGKey(0), lambda rngs: method.build_classifier(10, rngs)))())
     lines = []
-    params = finetune.load_pretrained(workdir, ft, method.torch_layout(), template,
-                                      print_fn=lines.append)
-    assert "fresh: head.bias, head.kernel" in lines[0], lines
+    params = finetune.load_pretrained(workdir, ft, template, print_fn=lines.append)
+    assert "fresh: fc_norm.bias, fc_norm.scale, head.bias, head.kernel" in lines[0], lines
+    assert "dropped: decoder (" in lines[0] and "encoder.norm (2 tensors)" in lines[0], lines
     flat, flat_pre = K.flatten(params), K.flatten(pre)
     fc_norm = {p: v for p, v in flat.items() if p.startswith("fc_norm")}
     assert sorted(np.unique(np.concatenate([np.ravel(v) for v in fc_norm.values()]))) == [0, 1]
