@@ -424,6 +424,18 @@ def test_init_from_another_model_family_is_refused(tmp_path, monkeypatch):
         trainer.train(finetune_config(init=str(text)), str(tmp_path / "ft2"), **QUIET)
 
 
+def test_init_of_another_depth_is_refused_naming_the_tensors(tmp_path, pretrain_workdir,
+                                                           no_compiling):
+    """A workdir of the same family but another depth: the native load names the tensors that do
+    not fit and --init, before the train step compiles."""
+    c = finetune_config(init=pretrain_workdir)
+    c.model.depths = (1, 2)
+    with pytest.raises(ValueError, match=r"^--init .*: 13 tensor\(s\) do not fit this config's "
+                       r"mixmim swin classifier: encoder.layers.1.blocks.1.attn.proj.bias: "
+                       r"missing from the source; .* \(and 9 more\)$"):  # the 13 of one block
+        trainer.train(c, str(tmp_path), **QUIET)
+
+
 def test_evaluation_counts_every_example_once_on_8_devices():
     """`finetune.evaluate` over an 8-device mesh: 597 test digits in padded batches of 200;
     the padding is masked out, and the figures equal those of one device."""

@@ -1,5 +1,5 @@
 """UM-MAE and the UM-MAE paper's SimMIM baselines: parity with the plain torch references of the
-official models (torch_reference_ummae.py), conversion both ways, and the loss printed by
+official models (tests/references/ummae.py), conversion both ways, and the loss printed by
 mixmae-convert + mixmae-visualize.
 
 Parity as for the other methods (parity.py): random JAX params -> export -> strict load into the

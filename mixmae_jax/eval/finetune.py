@@ -115,7 +115,7 @@ def load_pretrained(init: str, config, template: dict, print_fn=print) -> dict:
     A mixmae-jax pretraining workdir (its newest intact step) loads natively, through the model's
     `load` (`models/loading.py`). An official `.pth` goes through the PyTorch interop, the only
     path that imports torch."""
-    from mixmae_jax.models import get_model_module
+    from mixmae_jax.models import get_model_module, loading
     from mixmae_jax.train.trainer import load_config_snapshot, restore_params
 
     if os.path.isdir(init):
@@ -134,7 +134,7 @@ def load_pretrained(init: str, config, template: dict, print_fn=print) -> dict:
         load = get_model_module(config.model.name).load
         try:
             params, report = load(source, src_config.model, template, config.model)
-        except ValueError as e:
+        except loading.LoadError as e:
             raise _summarise(e, init, config) from e
         lines = list(report)
     elif os.path.isfile(init):

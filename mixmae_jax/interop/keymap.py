@@ -23,9 +23,9 @@ import numpy as np
 from flax import nnx
 
 from mixmae_jax.models import layers as L
-from mixmae_jax.models.loading import flatten, unflatten  # noqa: F401 - the interop's too
+from mixmae_jax.models.layers import square_side
+from mixmae_jax.models.loading import flatten, unflatten  # noqa: F401 - K.unflatten for callers
 
-square_side = L.square_side
 FORMATS = ("pretrain", "finetune")
 # MAE-style decoders (MAE's and MixMIM's) are flat official names: decoder_embed, decoder_blocks,
 # decoder_norm, decoder_pred and a top-level mask_token; ours sit under `decoder`.
