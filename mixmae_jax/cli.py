@@ -137,7 +137,7 @@ def finetune_main(argv=None):
 
 
 def _to_torch(args) -> None:
-    from mixmae_jax.convert import to_torch
+    from mixmae_jax.interop import to_torch
     from mixmae_jax.methods import get_method
     from mixmae_jax.train.trainer import restore_params
 
@@ -160,7 +160,7 @@ def _from_torch(args, overrides) -> None:
     import jax
 
     from mixmae_jax import config as config_lib
-    from mixmae_jax.convert import from_torch
+    from mixmae_jax.interop import from_torch
     from mixmae_jax.train import checkpoint as ckpt_lib
     from mixmae_jax.train import experiment, sharding, trainer
 

@@ -15,7 +15,7 @@ import torch
 from flax import nnx
 from numerics import U32, rel_err
 
-from mixmae_jax.convert import keymap as K
+from mixmae_jax.interop import keymap as K
 
 # JAX fp32 vs exact <= RATIO * max(torch fp32 vs exact, FLOOR). RATIO allows another summation
 # order (XLA fuses and tiles differently from ATen); FLOOR is 16 roundings, below which the
@@ -105,7 +105,7 @@ def random_torch_state_dict(model, seed):
 def assert_exports_back_exactly(params, state_dict, layout, fmt, num_classes):
     """Exporting imported params gives back the file: the same keys in the same order, dtypes
     and values bit for bit; returns the export."""
-    from mixmae_jax.convert import to_torch
+    from mixmae_jax.interop import to_torch
 
     back = to_torch.params_to_state_dict(params, layout, format=fmt, num_classes=num_classes)
     assert list(back) == list(state_dict)

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from references.mixmim import MixMIMFinetuneTorch, MixMIMPretrainTorch
 
 from mixmae_jax import cli
 from mixmae_jax import config as config_lib
-from mixmae_jax.convert.torch_reference import MixMIMFinetuneTorch, MixMIMPretrainTorch
 from mixmae_jax.train import trainer
 from mixmae_jax.visualize import load_images
 

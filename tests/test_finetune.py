@@ -54,7 +54,7 @@ def _scales_by_name(config_name, decay, rule):
         method, lambda rngs: method.build_classifier(1000, rngs))
     layout = method.torch_layout()
     scales = layer_decay.lr_scales(abstract, layout, rule, decay)
-    from mixmae_jax.convert import keymap as K
+    from mixmae_jax.interop import keymap as K
 
     flat = K.flatten(scales)
     return {layout.torch_name(p, "finetune"): s for p, s in flat.items()}
@@ -78,7 +78,7 @@ def test_mixmim_b_layer_decay_is_the_official_quirk():
             return first[int(parts[1]) + 1]
         return 24
 
-    from mixmae_jax.convert import torch_reference as R
+    from references import mixmim as R
 
     with torch.device("meta"):
         tmodel = R.MixMIMFinetuneTorch.from_model_config(load("finetune_mixmim_b.py").model)
@@ -133,7 +133,7 @@ def test_simmim_swin_b_layer_decay_is_the_official_rule():
             return sum(depths[:int(parts[1]) + 1])
         return 25
 
-    from mixmae_jax.convert import torch_reference_simmim as R
+    from references import simmim as R
 
     with torch.device("meta"):
         tmodel = R.SimMIMFinetuneTorch.from_model_config(load("finetune_simmim_swin_b.py").model)
@@ -281,8 +281,9 @@ def test_finetuned_export_loads_strictly_and_computes_the_same_logits(tmp_path,
                                                                       pretrain_workdir):
     """mixmae-convert to-torch of a fine-tuning workdir: the official models_mixmim_ft
     state_dict, strict load into the plain torch reference, the same logits."""
+    from references import mixmim as R
+
     from mixmae_jax.cli import convert_main
-    from mixmae_jax.convert import torch_reference as R
 
     c = finetune_config(init=pretrain_workdir, total_steps=2)
     workdir = str(tmp_path / "ft")
@@ -310,10 +311,10 @@ def test_384_style_finetuning_adds_the_official_loaders_resized_ape(pretrain_wor
     that table, exports it, imports an official file holding it without allow_ape_mismatch, and
     its logits equal the reference's with the exported state_dict loaded strictly."""
     import torch.nn.functional as F
+    from references import mixmim as R
 
-    from mixmae_jax.convert import from_torch, to_torch
-    from mixmae_jax.convert import torch_reference as R
     from mixmae_jax.eval import finetune
+    from mixmae_jax.interop import from_torch, to_torch
     from mixmae_jax.models import layers as L
 
     c = finetune_config(init=pretrain_workdir)
@@ -334,7 +335,7 @@ def test_384_style_finetuning_adds_the_official_loaders_resized_ape(pretrain_wor
     layout = method.torch_layout()
     template = jax.device_get(jax.jit(lambda: step_lib.init_params(
         method, jax.random.PRNGKey(0), lambda rngs: method.build_classifier(10, rngs)))())
-    params = finetune.load_pretrained(pretrain_workdir, c, layout, template, print_fn=print)
+    params = finetune.load_pretrained(pretrain_workdir, c, template, print_fn=print)
     sd = to_torch.params_to_state_dict(params, layout, format="finetune", num_classes=10)
     np.testing.assert_allclose(sd["absolute_pos_embed"].numpy(), official.numpy(), atol=4e-6)
     official_file = dict(sd, absolute_pos_embed=official)
@@ -382,8 +383,8 @@ def test_init_from_a_workdir_with_fc_norm_loads_the_encoder(tmp_path):
     """MAE's classifier (UM-MAE's and MixedAE's too) adds an fc_norm the pretraining has not:
     --init of a pretraining workdir loads every encoder tensor and starts fc_norm at weight 1,
     bias 0."""
-    from mixmae_jax.convert import keymap as K
     from mixmae_jax.eval import finetune
+    from mixmae_jax.interop import keymap as K
 
     c = load("mae_vit_b.py", "tiny")
     c.total_steps = 1
@@ -396,9 +397,9 @@ def test_init_from_a_workdir_with_fc_norm_loads_the_encoder(tmp_path):
     template = jax.device_get(jax.jit(lambda: step_lib.init_params(
         method, jax.random.PRNGKey(0), lambda rngs: method.build_classifier(10, rngs)))())
     lines = []
-    params = finetune.load_pretrained(workdir, ft, method.torch_layout(), template,
-                                      print_fn=lines.append)
-    assert "fresh: head.bias, head.kernel" in lines[0], lines
+    params = finetune.load_pretrained(workdir, ft, template, print_fn=lines.append)
+    assert "fresh: fc_norm.bias, fc_norm.scale, head.bias, head.kernel" in lines[0], lines
+    assert "dropped: decoder (" in lines[0] and "encoder.norm (2 tensors)" in lines[0], lines
     flat, flat_pre = K.flatten(params), K.flatten(pre)
     fc_norm = {p: v for p, v in flat.items() if p.startswith("fc_norm")}
     assert sorted(np.unique(np.concatenate([np.ravel(v) for v in fc_norm.values()]))) == [0, 1]
@@ -421,6 +422,18 @@ def test_init_from_another_model_family_is_refused(tmp_path, monkeypatch):
     text.write_text("not a checkpoint")
     with pytest.raises(ValueError, match="notes.pth"):
         trainer.train(finetune_config(init=str(text)), str(tmp_path / "ft2"), **QUIET)
+
+
+def test_init_of_another_depth_is_refused_naming_the_tensors(tmp_path, pretrain_workdir,
+                                                           no_compiling):
+    """A workdir of the same family but another depth: the native load names the tensors that do
+    not fit and --init, before the train step compiles."""
+    c = finetune_config(init=pretrain_workdir)
+    c.model.depths = (1, 2)
+    with pytest.raises(ValueError, match=r"^--init .*: 13 tensor\(s\) do not fit this config's "
+                       r"mixmim swin classifier: encoder.layers.1.blocks.1.attn.proj.bias: "
+                       r"missing from the source; .* \(and 9 more\)$"):  # the 13 of one block
+        trainer.train(c, str(tmp_path), **QUIET)
 
 
 def test_evaluation_counts_every_example_once_on_8_devices():

@@ -14,11 +14,11 @@ import pytest
 from flax import nnx
 from parity import FAST_COMPILE, abstract_model, assert_exports_back_exactly, random_params
 from recipes import load
+from references import mae as R
 
 from mixmae_jax import config as config_lib
-from mixmae_jax.convert import from_torch, to_torch
-from mixmae_jax.convert import keymap as K
-from mixmae_jax.convert import torch_reference_mae as R
+from mixmae_jax.interop import from_torch, to_torch
+from mixmae_jax.interop import keymap as K
 from mixmae_jax.methods import get_method
 from mixmae_jax.methods import mixedae as M
 from mixmae_jax.models.vit import ViTClassifier

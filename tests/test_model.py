@@ -14,8 +14,8 @@ from flax import nnx
 from numerics import assert_tensors_close, rel_err
 from recipes import mixmim_config, mixmim_model
 
-from mixmae_jax.convert import keymap as K
-from mixmae_jax.convert.mixmim_layout import MixMIMLayout
+from mixmae_jax.interop import keymap as K
+from mixmae_jax.interop.mixmim_layout import MixMIMLayout
 from mixmae_jax.methods import mixing
 from mixmae_jax.methods.mixmim import MixMIMModel
 from mixmae_jax.models import layers as L

@@ -38,11 +38,11 @@ from parity import (
     random_torch_state_dict,
 )
 from recipes import mixmim_model
+from references import mixmim as R
 
-from mixmae_jax.convert import from_torch, to_torch
-from mixmae_jax.convert import keymap as K
-from mixmae_jax.convert import torch_reference as R
-from mixmae_jax.convert.mixmim_layout import MixMIMLayout
+from mixmae_jax.interop import from_torch, to_torch
+from mixmae_jax.interop import keymap as K
+from mixmae_jax.interop.mixmim_layout import MixMIMLayout
 from mixmae_jax.methods.mixmim import MixMIMModel, dual_reconstruction_loss
 from mixmae_jax.models.classifier import SwinClassifier
 from mixmae_jax.train.step import bind

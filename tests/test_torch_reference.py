@@ -1,4 +1,4 @@
-"""Tests of the plain torch.nn MixMIM reference (mixmae_jax/convert/torch_reference.py).
+"""Tests of the plain torch.nn MixMIM reference (tests/references/mixmim.py).
 
 Full-size models (B/L/H) are only built on the ``meta`` device; behaviour is checked on tiny
 2- and 3-stage configs.
@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from references import mixmim as R
 from torch import nn
-
-from mixmae_jax.convert import torch_reference as R
 
 KEYS_FILE = (
     Path(__file__).resolve().parents[1].parent / "shared/reference/mixmim_state_dict_keys.txt"

@@ -1,4 +1,4 @@
-"""Tests of the plain torch.nn MAE reference (mixmae_jax/convert/torch_reference_mae.py).
+"""Tests of the plain torch.nn MAE reference (tests/references/mae.py).
 
 Full-size models (B/L/H) are only built on the ``meta`` device; behaviour is checked on a tiny
 config (32 px, patch 8: a 4x4 grid of 16 patches). Expected layouts, counts and numerics are
@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from references import mae as M
 from torch import nn
-
-from mixmae_jax.convert import torch_reference_mae as M
 
 TINY = dict(img_size=32, patch_size=8, in_chans=3, embed_dim=32, depth=2, num_heads=2,
             mlp_ratio=4.0)

@@ -1,4 +1,4 @@
-"""Tests of the plain torch.nn SimMIM reference (mixmae_jax/convert/torch_reference_simmim.py).
+"""Tests of the plain torch.nn SimMIM reference (tests/references/simmim.py).
 
 Full-size Swin-B / Swin-L models are only built on the ``meta`` device (layout and parameter
 counts); behaviour is checked on a tiny 2-stage config whose stage 0 (8x8 map, window 4) has
@@ -11,9 +11,8 @@ import ml_collections
 import numpy as np
 import pytest
 import torch
+from references import simmim as S
 from torch import nn
-
-from mixmae_jax.convert import torch_reference_simmim as S
 
 TINY = {
     "img_size": 32,

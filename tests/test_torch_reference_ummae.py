@@ -1,4 +1,4 @@
-"""Tests of the plain torch.nn UM-MAE reference (mixmae_jax/convert/torch_reference_ummae.py).
+"""Tests of the plain torch.nn UM-MAE reference (tests/references/ummae.py).
 
 Full-size models (Swin-T/L, PVT-S, ViT-B) are only built on the ``meta`` device; behaviour is
 checked on tiny configs. Expected layouts, counts, geometry and numerics are written out here
@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from references import mae as MAE
+from references import ummae as U
 from torch import nn
-
-from mixmae_jax.convert import torch_reference_mae as MAE
-from mixmae_jax.convert import torch_reference_ummae as U
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

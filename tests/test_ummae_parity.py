@@ -1,5 +1,5 @@
 """UM-MAE and the UM-MAE paper's SimMIM baselines: parity with the plain torch references of the
-official models (torch_reference_ummae.py), conversion both ways, and the loss printed by
+official models (tests/references/ummae.py), conversion both ways, and the loss printed by
 mixmae-convert + mixmae-visualize.
 
 Parity as for the other methods (parity.py): random JAX params -> export -> strict load into the
@@ -27,10 +27,10 @@ from parity import (
     random_torch_state_dict,
 )
 from recipes import load
+from references import ummae as R
 
-from mixmae_jax.convert import from_torch, to_torch
-from mixmae_jax.convert import keymap as K
-from mixmae_jax.convert import torch_reference_ummae as R
+from mixmae_jax.interop import from_torch, to_torch
+from mixmae_jax.interop import keymap as K
 from mixmae_jax.methods import get_method
 from mixmae_jax.models import layers as L
 from mixmae_jax.models.pvt import PVTClassifier

@@ -17,13 +17,13 @@ kept, SIGTERM), metrics and exact resume are pretraining's. What differs:
   training metrics; the best top-1's params are kept in `DIR/best/` (the last state in
   `DIR/checkpoints/`, as in pretraining).
 
-Loading the pretrained encoder (`main_finetune.py` of each official repository): the run's
-params are exported to the method's official fine-tuning state_dict (`to_torch`, which drops the
-decoder and mask tokens) and imported into the classifier (`from_torch`), so the official loading
-rules hold by construction: relative-position tables bicubically resized to a new window, index
-buffers recomputed, a frozen position table becoming the learned start where the fine-tuning
-model learns it, head and fc_norm fresh. An official `.pth` (pretraining or fine-tuning layout)
-goes through the same import; its head is dropped when its class count differs.
+Loading the pretrained encoder (`main_finetune.py` of each official repository): a mixmae-jax
+pretraining workdir loads natively through the model's `load` (`models/loading.py`, no torch):
+the decoder and mask tokens dropped, relative-position tables bicubically resized to a new window,
+a learned position table starting from the pretraining's fixed one (resized to a new grid), index
+buffers and fixed tables computed by the classifier itself, head and fc_norm fresh. An official
+`.pth` (pretraining or fine-tuning layout) goes through the PyTorch interop (`interop/`), which
+drops its head when its class count differs.
 """
 
 from __future__ import annotations
@@ -33,13 +33,11 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from etils import epath
 
 from mixmae_jax import config as config_lib
 from mixmae_jax import imaging
-from mixmae_jax.convert import keymap as K
 from mixmae_jax.eval import mixup
 from mixmae_jax.train import checkpoint as ckpt_lib
 from mixmae_jax.train import optim, sharding
@@ -102,7 +100,7 @@ def evaluate(eval_step, params, iterator, batch_sharding) -> dict[str, float]:
 
 
 def _summarise(error: Exception, init: str, config, limit: int = 4) -> ValueError:
-    """A conversion error's first few problems, naming --init and the config's model."""
+    """A load error's first few problems, naming --init and the config's model."""
     lines = [ln.strip() for ln in str(error).splitlines()[1:] if ln.strip()] or [str(error)]
     more = f" (and {len(lines) - limit} more)" if len(lines) > limit else ""
     return ValueError(f"--init {init}: {len(lines)} tensor(s) do not fit this config's "
@@ -110,11 +108,14 @@ def _summarise(error: Exception, init: str, config, limit: int = 4) -> ValueErro
                       f"{'; '.join(lines[:limit])}{more}")
 
 
-def pretrained_state_dict(init: str, config) -> tuple[dict, str]:
-    """(official state_dict, description) of `--init`: a mixmae-jax workdir (its newest intact
-    step, exported to the fine-tuning layout) or an official `.pth`."""
-    from mixmae_jax.convert import from_torch, to_torch
-    from mixmae_jax.methods import get_method
+def load_pretrained(init: str, config, template: dict, print_fn=print) -> dict:
+    """The classifier's starting params: `template` (freshly initialised, host arrays) with every
+    tensor the pretrained checkpoint provides, by the official loading rules.
+
+    A mixmae-jax pretraining workdir (its newest intact step) loads natively, through the model's
+    `load` (`models/loading.py`). An official `.pth` goes through the PyTorch interop, the only
+    path that imports torch."""
+    from mixmae_jax.models import get_model_module, loading
     from mixmae_jax.train.trainer import load_config_snapshot, restore_params
 
     if os.path.isdir(init):
@@ -128,57 +129,31 @@ def pretrained_state_dict(init: str, config) -> tuple[dict, str]:
                 f"--init {init}: a {src.method.name} run of model.name={src.model.name!r}, but "
                 f"this config fine-tunes model.name={config.model.name!r} ({config.method.name}"
                 "); use a matching fine-tuning config")
-        src_config, params, step = restore_params(init)
-        layout = get_method(src_config).torch_layout()
-        sd = to_torch.params_to_state_dict(params, layout, format="finetune",
-                                           num_classes=config.num_classes)
-        # The export adds a fresh head, which the classifier has too (of its own init). Its
-        # fresh fc_norm (weight 1, bias 0) stays: the finetune layout requires one.
-        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
-        return sd, f"{src.method.name} pretraining step {step} of {init}"
-    if not os.path.isfile(init):
-        raise FileNotFoundError(f"--init {init}: no such workdir or file")
-    return (from_torch.load_torch_checkpoint(init, trust_pickle=config.init_trust_pickle),
-            f"{init}")
-
-
-def load_pretrained(init: str, config, layout: K.Layout, template: dict,
-                    print_fn=print) -> dict:
-    """The classifier's starting params: `template` (freshly initialised, host arrays) with every
-    tensor the pretrained checkpoint provides, by the official loading rules."""
-    import torch
-
-    from mixmae_jax.convert import from_torch
-
-    sd, where = pretrained_state_dict(init, config)
-    names = set()
-    for path in K.flatten(template):
+        src_config, source, step = restore_params(init)
+        where = f"{src.method.name} pretraining step {step} of {init}"
+        load = get_model_module(config.model.name).load
         try:
-            names.add(layout.torch_name(path, "finetune"))
-        except K.ConversionError:
-            pass
-    kept = {}
-    for name, value in sd.items():
-        # A head for another number of classes is replaced by the fresh one. The file's computed
-        # buffers (index tables, masks) stay: each is checked against the file's own geometry
-        # (its bias tables' window), and the model computes this config's.
-        if name.startswith("head.") and tuple(value.shape)[0] != config.num_classes:
-            continue
-        kept[name] = value
-    if any(k.startswith("head.") for k in kept) and not all(
-            k in kept for k in ("head.weight", "head.bias")):
-        kept = {k: v for k, v in kept.items() if not k.startswith("head.")}
-    fmt = layout.detect_format(kept)
-    kept.update({k: torch.as_tensor(np.array(v))  # buffers the file lacks
-                 for k, v in layout.constant_entries(fmt).items()
-                 if k not in names and k not in kept})
-    try:
-        params, report = from_torch.state_dict_to_params(kept, layout, template,
-                                                         allow_ape_mismatch=True)
-    except K.ConversionError as e:
-        raise _summarise(e, init, config) from e
-    print_fn(f"Initialised from {where}: {report.loaded} tensors loaded, fresh: "
-             f"{', '.join(report.kept_fresh) or 'none'}")
+            params, report = load(source, src_config.model, template, config.model)
+        except loading.LoadError as e:
+            raise _summarise(e, init, config) from e
+        lines = list(report)
+    elif os.path.isfile(init):
+        from mixmae_jax.interop import from_torch
+        from mixmae_jax.methods import get_method
+
+        where = init
+        state_dict = from_torch.load_torch_checkpoint(init, trust_pickle=config.init_trust_pickle)
+        try:
+            params, report = from_torch.classifier_params(
+                state_dict, get_method(config).torch_layout(), template, config.num_classes)
+        except from_torch.ConversionError as e:
+            raise _summarise(e, init, config) from e
+        lines = [f"{report.loaded} tensors loaded, fresh: {', '.join(report.kept_fresh) or 'none'}"]
+    else:
+        raise FileNotFoundError(f"--init {init}: no such workdir or file")
+    print_fn(f"Initialised from {where}: {lines[0]}")
+    for line in lines[1:]:
+        print_fn(f"  {line}")
     return params
 
 
@@ -284,8 +259,7 @@ class FinetuneTask(Task):
             return None
         template = jax.device_get(jax.jit(lambda: step_lib.init_params(
             self.method, jax.random.PRNGKey(self.config.seed), self.build_model))())
-        return load_pretrained(init, self.config, self.method.torch_layout(), template,
-                               print_fn=self.print_fn)
+        return load_pretrained(init, self.config, template, print_fn=self.print_fn)
 
     # -- evaluation -------------------------------------------------------------------------
 

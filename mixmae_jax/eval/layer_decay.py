@@ -26,7 +26,7 @@ import re
 
 import jax
 
-from mixmae_jax.convert import keymap as K
+from mixmae_jax.interop import keymap as K
 
 RULES = ("blocks", "mixmim", "simmim")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")

@@ -1,4 +1,4 @@
-"""The method contract: everything the trainer, bench, visualize and convert ask of a method.
+"""The method contract: everything the trainer, bench, visualize and the interop ask of a method.
 
 A method is a module `methods/<name>.py` defining `Method(config)`, a subclass of `Method` below;
 `config.method.name` finds it. It owns what differs between methods and nothing else:
@@ -96,4 +96,4 @@ class Method(abc.ABC):
 
     @abc.abstractmethod
     def torch_layout(self):
-        """The `convert.layout.Layout` of this method's official PyTorch models."""
+        """The `interop.keymap.Layout` of this method's official PyTorch models."""

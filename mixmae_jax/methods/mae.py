@@ -156,6 +156,6 @@ class Method(base.Method):
         return loss, {}, columns
 
     def torch_layout(self):
-        from mixmae_jax.convert.mae_layout import MAELayout
+        from mixmae_jax.interop.mae_layout import MAELayout
 
         return MAELayout(self.model_cfg)

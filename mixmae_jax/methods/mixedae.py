@@ -327,6 +327,6 @@ class Method(base.Method):
         return rec + self.cfg.contrast_weight * contrast, metrics, columns
 
     def torch_layout(self):
-        from mixmae_jax.convert.mae_layout import MixedAELayout
+        from mixmae_jax.interop.mae_layout import MixedAELayout
 
         return MixedAELayout(self.model_cfg)

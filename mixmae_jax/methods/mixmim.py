@@ -160,7 +160,7 @@ class Method(base.Method):
         return loss, aux, columns
 
     def torch_layout(self):
-        from mixmae_jax.convert.mixmim_layout import MixMIMLayout
+        from mixmae_jax.interop.mixmim_layout import MixMIMLayout
 
         return MixMIMLayout(self.model_cfg)
 

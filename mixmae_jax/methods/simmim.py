@@ -229,9 +229,9 @@ class Method(base.Method):
 
     def torch_layout(self):
         if self.model_cfg.name != "swin":
-            from mixmae_jax.convert.ummae_layout import layout_for
+            from mixmae_jax.interop.ummae_layout import layout_for
 
             return layout_for(self.model_cfg, self.cfg)
-        from mixmae_jax.convert.simmim_layout import SimMIMLayout
+        from mixmae_jax.interop.simmim_layout import SimMIMLayout
 
         return SimMIMLayout(self.model_cfg)

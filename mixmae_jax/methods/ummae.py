@@ -310,6 +310,6 @@ class Method(base.Method):
         return nnx.split(nnx.eval_shape(build))[0]
 
     def torch_layout(self):
-        from mixmae_jax.convert.ummae_layout import layout_for
+        from mixmae_jax.interop.ummae_layout import layout_for
 
         return layout_for(self.model_cfg, self.cfg)

@@ -1,5 +1,7 @@
 """Backbones, found by `config.model.name`: `models/<name>.py` defines the modules, its variants
-(`model_config(variant, ...)`) and `check_config(model_cfg, check)`; adding one is adding a file."""
+(`model_config(variant, ...)`), `check_config(model_cfg, check)` and `load(source, source_cfg,
+target, target_cfg)` (a trained encoder into another model of the family, `loading.py`); adding
+one is adding a file."""
 
 import importlib
 

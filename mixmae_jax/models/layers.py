@@ -8,6 +8,7 @@ because the official PyTorch layout stores them.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -210,6 +211,12 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
     return table
 
 
+def square_side(n: int) -> int | None:
+    """The side of an n-token square grid (None: n is not a square)."""
+    s = math.isqrt(n)
+    return s if s * s == n else None
+
+
 def _bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
     """(n_out, n_in) weights of torch's 1-D bicubic resize (`F.interpolate(mode="bicubic",
     align_corners=False)`): source x = (i + 0.5) * n_in / n_out - 0.5, Keys' cubic with
@@ -236,12 +243,21 @@ def ape_table(dim: int, grid: int, source_grid: int = 0) -> np.ndarray:
     from a 224 checkpoint (`util/pos_embed.py`: resized, not recomputed)."""
     if not source_grid or source_grid == grid:
         return sincos_pos_embed_2d(dim, grid, grid)
-    src = sincos_pos_embed_2d(dim, source_grid, source_grid).astype(np.float64)
-    m = _bicubic_matrix(source_grid, grid)
-    table = np.einsum("ir,js,rsd->ijd", m, m, src.reshape(source_grid, source_grid, dim))
-    table = table.reshape(grid * grid, dim).astype(np.float32)
+    src = sincos_pos_embed_2d(dim, source_grid, source_grid)
+    table = resize_bicubic(src.reshape(source_grid, source_grid, dim), grid)
+    table = table.reshape(grid * grid, dim)
     table.setflags(write=False)
     return table
+
+
+def resize_bicubic(values: np.ndarray, size: int) -> np.ndarray:
+    """A (side, side, C) map resized to (size, size, C) float32 as torch's 2-D bicubic
+    `F.interpolate(align_corners=False)` does, in float64 (torch computes in the input's float32,
+    so results agree to float32 rounding): the resize of every official loader (position tables,
+    relative-position bias tables)."""
+    side = values.shape[0]
+    m = _bicubic_matrix(side, size)
+    return np.einsum("ir,js,rsd->ijd", m, m, values.astype(np.float64)).astype(np.float32)
 
 
 @functools.cache

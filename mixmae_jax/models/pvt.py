@@ -21,6 +21,8 @@ decoder_mlp_ratio, remat, scan_blocks.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -28,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from mixmae_jax.models import layers as L
+from mixmae_jax.models import loading
 from mixmae_jax.models.pyramid import (
     PooledClassifier,
     conv,
@@ -35,6 +38,7 @@ from mixmae_jax.models.pyramid import (
     stage_blocks,
     stem_kernel_init,
 )
+from mixmae_jax.models.vit import resize_pos_embed
 
 VARIANTS = {
     "S": dict(embed_dims=(64, 128, 320, 512), depths=(3, 4, 6, 3), num_heads=(1, 2, 5, 8),
@@ -253,3 +257,16 @@ class PVTClassifier(PooledClassifier):
     def __init__(self, cfg, num_classes: int = 1000, *, dtype=None, rngs: nnx.Rngs):
         super().__init__(PVTEncoder(cfg, learned_pos=True, final_norm=False, dtype=dtype,
                                     rngs=rngs), cfg.ln_eps, num_classes, dtype=dtype, rngs=rngs)
+
+
+def load(source, source_cfg, target, target_cfg):
+    """(target params with the source's PVT encoder, `loading.LoadReport`): UM-MAE's official
+    finetuning: `vis_mask_token`, the SimMIM baseline's `mask_token` and the final `norm` dropped;
+    the learned `pos_embed` starts from the pretraining's fixed sin-cos table (resized to another
+    grid as `interpolate_pos_embed` does, no extra tokens). The average-pool reduction has no
+    ratio-sized weight, so sr ratios 4, 2, 1, 1 load into 8, 4, 2, 1."""
+    grid = source_cfg.img_size // source_cfg.patch_size
+    fixed = {"encoder.pos_embed": L.sincos_pos_embed_2d(source_cfg.embed_dims[0], grid, grid)[None]}
+    return loading.load_encoder(
+        source, target, pretraining_only=("vis_mask_token", "mask_token", "norm"),
+        resize=functools.partial(resize_pos_embed, extra_tokens=0), fixed_tables=fixed)

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from mixmae_jax.models import layers as L
+from mixmae_jax.models import loading
 
 # ---------------------------------------------------------------------------------------------
 # Variants.
@@ -305,3 +306,32 @@ class SwinEncoder(nnx.Module):
     def features(self, images):
         """(B, C_last): the mean of the final normalised tokens of the whole image."""
         return jnp.mean(self(images), axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a trained encoder (`models/loading.py`).
+# ---------------------------------------------------------------------------------------------
+
+
+def resize_bias_table(path: str, value: np.ndarray, shape: tuple):
+    """A [(2w-1)^2, heads] relative-position bias table resized to another window as the official
+    MixMIM loader does (`util/pos_embed.py`: bicubic over the (2w-1) x (2w-1) offsets); None for
+    anything else."""
+    if not (path.endswith(".relative_position_bias_table") and value.ndim == 2
+            and len(shape) == 2 and value.shape[1] == shape[1]):
+        return None
+    old, new = L.square_side(value.shape[0]), L.square_side(shape[0])
+    if not (old and new and old % 2 and new % 2):
+        return None
+    table = L.resize_bicubic(value.reshape(old, old, -1), new).reshape(shape)
+    return table, f"bicubic, window {(old + 1) // 2} -> {(new + 1) // 2}"
+
+
+def load(source, source_cfg, target, target_cfg):
+    """(target params with the source's Swin encoder, `loading.LoadReport`): bias tables of
+    another window resized bicubically (MixMIM's official loader; SimMIM's own interpolates on a
+    geometric grid with scipy instead, which the old torch path did not follow either), SimMIM's
+    `mask_token` dropped. The position table and the index buffers are constants of the target's
+    config, so another resolution needs nothing else."""
+    return loading.load_encoder(source, target, pretraining_only=("mask_token",),
+                                resize=resize_bias_table)

@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from mixmae_jax.models import layers as L
+from mixmae_jax.models import loading
 from mixmae_jax.models.pyramid import (
     PooledClassifier,
     conv,
@@ -299,3 +300,12 @@ class UMSwinClassifier(PooledClassifier):
     def __init__(self, cfg, num_classes: int = 1000, *, dtype=None, rngs: nnx.Rngs):
         super().__init__(UMSwinEncoder(cfg, final_norm=False, dtype=dtype, rngs=rngs),
                          cfg.ln_eps, num_classes, dtype=dtype, rngs=rngs)
+
+
+def load(source, source_cfg, target, target_cfg):
+    """(target params with the source's UM-MAE Swin encoder, `loading.LoadReport`): UM-MAE's
+    official finetuning: `vis_mask_token`, the SimMIM baseline's `mask_token` and the final `norm`
+    dropped. The continuous position bias has no window-sized weight, so window 8 on the compact
+    grid loads into window 16 on the full grid with nothing to resize."""
+    return loading.load_encoder(source, target,
+                                pretraining_only=("vis_mask_token", "mask_token", "norm"))

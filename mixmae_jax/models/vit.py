@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from mixmae_jax.models import layers as L
+from mixmae_jax.models import loading
 
 # ViT-B/16, L/16, H/14 (MAE's mae_vit_*_patch*_dec512d8b factories).
 VARIANTS = {
@@ -203,3 +204,35 @@ class ViTClassifier(nnx.Module):
 
     def __call__(self, images, rng=None):
         return self.head(self.forward_features(images, rng)).astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a trained encoder (`models/loading.py`).
+# ---------------------------------------------------------------------------------------------
+
+
+def resize_pos_embed(path: str, value: np.ndarray, shape: tuple, extra_tokens: int = 1):
+    """A (1, extra + G*G, C) position table resized to another grid as MAE's
+    `interpolate_pos_embed` does (UM-MAE's finetuning uses it too): the extra (cls) rows kept, the
+    grid part bicubic; None for anything else."""
+    if not (path.endswith("pos_embed") and value.ndim == 3 and len(shape) == 3
+            and value.shape[::2] == shape[::2]):
+        return None
+    old = L.square_side(value.shape[1] - extra_tokens)
+    new = L.square_side(shape[1] - extra_tokens)
+    if not (old and new):
+        return None
+    grid = L.resize_bicubic(value[0, extra_tokens:].reshape(old, old, -1), new)
+    table = np.concatenate([value[0, :extra_tokens], grid.reshape(new * new, -1)])[None]
+    return table, f"bicubic, grid {old}x{old} -> {new}x{new}"
+
+
+def load(source, source_cfg, target, target_cfg):
+    """(target params with the source's ViT encoder, `loading.LoadReport`): the final `norm` of
+    MAE's pretraining dropped (the classifier pools into `fc_norm`); a learned `pos_embed` starts
+    from the source's, or from its fixed sin-cos table (zero cls row), resized to another grid by
+    `resize_pos_embed`."""
+    grid = source_cfg.img_size // source_cfg.patch_size
+    fixed = {"encoder.pos_embed": pos_embed_with_cls(source_cfg.embed_dim, grid)[None]}
+    return loading.load_encoder(source, target, pretraining_only=("norm",),
+                                resize=resize_pos_embed, fixed_tables=fixed)

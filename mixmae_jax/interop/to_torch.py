@@ -1,10 +1,10 @@
 """mixmae-jax params -> an official PyTorch state_dict, and an atomic checkpoint writer.
 
 The official layout is the contract: `params_to_state_dict` emits exactly the keys, order, shapes
-and dtypes of the method's reference model's `state_dict()` (its `keymap.Layout`, built on the
-`meta` device so even MixMIM-H costs nothing), including the entries mixmae-jax computes instead of
-storing: frozen sin-cos tables (float32), int64 `relative_position_index` buffers, Swin's
-shifted-window `attn_mask` buffers.
+and dtypes of the method's official `state_dict()` (its `keymap.Layout.reference_layout`, derived
+from the JAX model's parameter paths and proven equal to the plain torch references' by the
+tests), including the entries mixmae-jax computes instead of storing: frozen sin-cos tables
+(float32), int64 `relative_position_index` buffers, Swin's shifted-window `attn_mask` buffers.
 
     layout = get_method(config).torch_layout()
     sd = params_to_state_dict(params, layout)                      # e.g. models_mixmim
@@ -22,7 +22,7 @@ import tempfile
 import numpy as np
 import torch
 
-from mixmae_jax.convert import keymap as K
+from mixmae_jax.interop import keymap as K
 
 
 def _to_numpy(value) -> np.ndarray:
@@ -94,6 +94,7 @@ def params_to_state_dict(params, layout: K.Layout, *, format: str = "pretrain",
             if not value.flags.writeable:  # constant tables are cached read-only arrays
                 value = np.array(value)
         tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(value)
+        dtype = torch.from_numpy(np.empty(0, dtype)).dtype
         if tuple(tensor.shape) != shape:
             hint = ""
             if name.startswith("head."):

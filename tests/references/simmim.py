@@ -3,7 +3,7 @@
 Written for the parity tests of the JAX port, from a reading of the official repository at commit
 ``d3e29bcac950b83edc34ca33fe4404f38309052c`` (2022-09-29); nothing is copied from it. Uses no timm
 or torchvision: the timm helpers the official code imports (``DropPath``, ``to_2tuple``,
-``trunc_normal_``) are replaced by the project's own equivalents in :mod:`torch_reference`.
+``trunc_normal_``) are replaced by the project's own equivalents in :mod:`references.mixmim`.
 
 Models (exact official ``state_dict`` layout: names, order, shapes, dtypes):
 
@@ -112,7 +112,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mixmae_jax.convert.torch_reference import (
+from .mixmim import (
     DropPath,
     relative_position_index,
     trunc_normal_,

@@ -4,8 +4,10 @@ A `Layout` describes one method's official PyTorch models (its pretraining and f
 state_dicts): a rename table of module prefixes per format, per-leaf layout rules (Linear kernels
 transpose, conv HWIO <-> OIHW, LayerNorm scale <-> weight), the constants the official layout
 stores and mixmae-jax computes (sin-cos tables, relative-position indices, attention masks), and
-the plain torch reference model that fixes the exact keys, order, shapes and dtypes. Each method
-defines its layout (`convert/<method>_layout.py`); `to_torch` and `from_torch` work on any.
+the official modules' definition order. The official state_dict -- keys, order, shapes, dtypes --
+follows from these and the JAX model's parameter paths (`reference_layout`); no torch model is
+built. Each method defines its layout (`interop/<method>_layout.py`); `to_torch` and `from_torch`
+work on any. This module imports torch only inside the helpers that handle torch tensors.
 """
 
 from __future__ import annotations
@@ -13,14 +15,16 @@ from __future__ import annotations
 import collections
 import functools
 import json
-import math
 import re
 import warnings
 
+import ml_collections
 import numpy as np
-from flax import traverse_util
+from flax import nnx
 
 from mixmae_jax.models import layers as L
+from mixmae_jax.models.layers import square_side
+from mixmae_jax.models.loading import flatten, unflatten  # noqa: F401 - K.unflatten for callers
 
 FORMATS = ("pretrain", "finetune")
 # MAE-style decoders (MAE's and MixMIM's) are flat official names: decoder_embed, decoder_blocks,
@@ -43,22 +47,6 @@ class ConversionError(ValueError):
     """A checkpoint does not match the expected layout; the message names every bad key."""
 
 
-def flatten(tree) -> dict[str, np.ndarray]:
-    """Nested dict (str or int keys) -> {"a.0.b": leaf}."""
-    return {".".join(map(str, k)): v for k, v in traverse_util.flatten_dict(tree).items()}
-
-
-def unflatten(flat: dict[str, np.ndarray]) -> dict:
-    """Inverse of `flatten`; all-digit components become int keys (nnx.List indices)."""
-    return traverse_util.unflatten_dict(
-        {tuple(int(p) if p.isdigit() else p for p in k.split(".")): v for k, v in flat.items()})
-
-
-def square_side(n: int) -> int | None:
-    s = math.isqrt(n)
-    return s if s * s == n else None
-
-
 def tensor_to_numpy(t) -> np.ndarray:
     import torch
 
@@ -74,13 +62,19 @@ def _check_format(fmt: str) -> None:
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_reference(layout_cls, cfg_json: str, fmt: str, num_classes: int):
-    import torch
-
-    layout = layout_cls(json.loads(cfg_json))
-    with torch.device("meta"):
-        model = layout.build_reference(fmt, num_classes)
-    return tuple((k, tuple(v.shape), v.dtype) for k, v in model.state_dict().items())
+def _derived_layout(layout_cls, cfg_json: str, fmt: str, num_classes: int):
+    """((key, shape, numpy dtype), ...) in the official order, from the JAX model's abstract
+    params, the rename table and the constants (cached: tracing a model costs seconds)."""
+    layout = layout_cls(ml_collections.ConfigDict(json.loads(cfg_json)))
+    model = nnx.eval_shape(lambda: layout.jax_model(fmt, num_classes, nnx.Rngs(0)))
+    entries = {}
+    for path, leaf in flatten(nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])).items():
+        axes = layout._torch_axes(path)
+        shape = tuple(leaf.shape) if axes is None else tuple(leaf.shape[a] for a in axes)
+        entries[layout.torch_name(path, fmt)] = (shape, np.dtype(leaf.dtype))
+    for name, value in layout.constant_entries(fmt).items():
+        entries.setdefault(name, (tuple(value.shape), value.dtype))  # a learned table wins
+    return tuple((k, *entries[k]) for k in sorted(entries, key=layout.order_key))
 
 
 class Layout:
@@ -96,14 +90,28 @@ class Layout:
     pretrain_only: tuple[str, ...] = ()
     finetune_only: tuple[str, ...] = ("head.",)
     conv_kernels = re.compile(r"(^|\.)patch_embed\.proj\.kernel$")
+    # The official modules' definition order, the one fact of the state_dict the JAX paths do not
+    # carry: torch lists a module's own tensors, then its submodules, each in definition order.
+    # `order` ranks the names of siblings (tensors and submodules); `order_within` overrides it
+    # for the children of modules of a given name (the nearest non-index part of the parent).
+    order: tuple[str, ...] = ()
+    order_within: dict[str, tuple[str, ...]] = {}
 
     def __init__(self, model_cfg):
         self.model_cfg = model_cfg
 
     # -- hooks ----------------------------------------------------------------------------------
 
-    def build_reference(self, fmt: str, num_classes: int):
-        """The plain torch reference model of `fmt` (called on the meta device)."""
+    def jax_model(self, fmt: str, num_classes: int, rngs: nnx.Rngs):
+        """The mixmae-jax model whose params the official `fmt` state_dict holds (called under
+        `nnx.eval_shape`): the method's pretraining model, or the fine-tuning classifier."""
+        if fmt == "finetune":
+            from mixmae_jax.models.classifier import build_classifier
+
+            return build_classifier(self.model_cfg, num_classes, rngs=rngs)
+        return self.pretraining_model(rngs)
+
+    def pretraining_model(self, rngs: nnx.Rngs):
         raise NotImplementedError
 
     def constant_entries(self, fmt: str) -> dict[str, np.ndarray]:
@@ -129,13 +137,33 @@ class Layout:
     # -- names and layouts ---------------------------------------------------------------------
 
     def reference_layout(self, fmt: str = "pretrain", num_classes: int = 1000):
-        """OrderedDict key -> (shape, torch dtype) of the official state_dict for this config."""
+        """OrderedDict key -> (shape, numpy dtype) of the official state_dict for this config:
+        the JAX model's params renamed (and transposed) plus the constants, in the official
+        order; checked against the plain torch references by the tests."""
         _check_format(fmt)
         cfg = self.model_cfg
         cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-        layout = _cached_reference(type(self), json.dumps(cfg, sort_keys=True, default=list),
-                                   fmt, int(num_classes))
+        layout = _derived_layout(type(self), json.dumps(cfg, sort_keys=True, default=list),
+                                 fmt, int(num_classes))
         return collections.OrderedDict((k, (shape, dtype)) for k, shape, dtype in layout)
+
+    def order_key(self, name: str) -> tuple:
+        """Sort key of an official key: per part, its own tensors before submodules, then the
+        definition order (indices numerically)."""
+        parts = name.split(".")
+        key, parent = [], ""
+        for i, part in enumerate(parts):
+            if part.isdigit():
+                rank = int(part)
+            else:
+                names = self.order_within.get(parent, self.order)
+                if part not in names:
+                    raise ConversionError(f"{name}: {part!r} has no place in the official "
+                                          f"definition order of {type(self).__name__}.order")
+                rank = names.index(part)
+                parent = part
+            key.append((i < len(parts) - 1, rank))
+        return tuple(key)
 
     def torch_name(self, path: str, fmt: str) -> str:
         for src, dst in self.prefixes[fmt]:

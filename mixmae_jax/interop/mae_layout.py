@@ -1,6 +1,6 @@
 """The official PyTorch MAE layouts: `models_mae.MaskedAutoencoderViT` (pretraining) and
 `models_vit.VisionTransformer` with global pooling (finetuning), per the plain torch reference
-`torch_reference_mae.py`.
+`tests/references/mae.py`.
 
 The Flax modules are named so that one prefix table maps both: the encoder's parts are the
 official top level (`cls_token`, `patch_embed`, `blocks`, `norm`), the decoder's are flat
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mixmae_jax.convert.keymap import FLAT_DECODER_PREFIXES, Layout, check_sincos, fresh_head
+from mixmae_jax.interop.keymap import FLAT_DECODER_PREFIXES, Layout, check_sincos, fresh_head
 from mixmae_jax.models.vit import pos_embed_with_cls
 
 _PREFIXES = FLAT_DECODER_PREFIXES + (
@@ -30,12 +30,15 @@ class MAELayout(Layout):
     pretrain_only = ("mask_token", "decoder_", "norm.")
     finetune_only = ("head.", "fc_norm.")
 
-    def build_reference(self, fmt: str, num_classes: int):
-        from mixmae_jax.convert import torch_reference_mae as R
+    order = ("vis_mask_token", "cls_token", "pos_embed", "mask_token", "decoder_pos_embed",
+             "weight", "bias", "patch_embed", "blocks", "norm1", "attn", "norm2", "mlp", "qkv",
+             "proj", "fc1", "fc2", "norm", "head", "fc_norm", "decoder_embed", "decoder_blocks",
+             "decoder_norm", "decoder_pred")
 
-        if fmt == "pretrain":
-            return R.MAEPretrainTorch.from_model_config(self.model_cfg)
-        return R.MAEFinetuneTorch.from_model_config(self.model_cfg, num_classes=num_classes)
+    def pretraining_model(self, rngs):
+        from mixmae_jax.methods.mae import MAEModel
+
+        return MAEModel(self.model_cfg, rngs=rngs)
 
     def grid(self) -> int:
         return self.model_cfg["img_size"] // self.model_cfg["patch_size"]
@@ -71,6 +74,7 @@ class MixedAELayout(MAELayout):
     contrastive projection head), to MAE's pretraining layout too."""
 
     name = "mixedae"
+    # `pretraining_model` is MAE's: segment_embed and contrast_head have no official key.
     prefixes = {fmt: (("segment_embed", "segment_embed"), ("contrast_head.", "contrast_head."))
                 + table for fmt, table in MAELayout.prefixes.items()}
     pretrain_only = MAELayout.pretrain_only + ("segment_embed", "contrast_head.")

@@ -29,7 +29,8 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from mixmae_jax.convert import keymap as K
+from mixmae_jax.interop import keymap as K
+from mixmae_jax.interop.keymap import ConversionError  # noqa: F401 - callers catch it here
 
 # ---------------------------------------------------------------------------------------------
 # Reading files.
@@ -241,3 +242,27 @@ def state_dict_to_params(state_dict, layout: K.Layout, template_params, *,
             f"state_dict_to_params ({fmt} checkpoint -> {report.template_format} template): "
             f"{len(problems)} problem(s):\n  " + "\n  ".join(problems))
     return _rebuild(template_params, values), report
+
+
+def classifier_params(state_dict, layout: K.Layout, template, num_classes: int):
+    """A fine-tuning classifier's starting params from an official checkpoint (pretraining or
+    fine-tuning layout), as the official finetune loaders read it: a head of another class count
+    is dropped (the template's fresh head stays); the file's computed buffers (index tables,
+    masks) are checked against the file's own geometry, the classifier computes its own; fixed
+    position tables become a learned table's start. Returns (params, ConversionReport)."""
+    names = set()
+    for path in K.flatten(template):
+        try:
+            names.add(layout.torch_name(path, "finetune"))
+        except K.ConversionError:
+            pass
+    kept = {k: v for k, v in state_dict.items()
+            if not (k.startswith("head.") and tuple(v.shape)[0] != num_classes)}
+    if any(k.startswith("head.") for k in kept) and not all(
+            k in kept for k in ("head.weight", "head.bias")):
+        kept = {k: v for k, v in kept.items() if not k.startswith("head.")}
+    fmt = layout.detect_format(kept)
+    kept.update({k: torch.as_tensor(np.array(v))  # buffers the file lacks
+                 for k, v in layout.constant_entries(fmt).items()
+                 if k not in names and k not in kept})
+    return state_dict_to_params(kept, layout, template, allow_ape_mismatch=True)

@@ -18,8 +18,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from mixmae_jax.convert.keymap import FLAT_DECODER_PREFIXES, check_sincos, fresh_head
-from mixmae_jax.convert.swin_layout import SwinLayout, file_windows
+from mixmae_jax.interop.keymap import (
+    FLAT_DECODER_PREFIXES,
+    ConversionError,
+    check_sincos,
+    fresh_head,
+)
+from mixmae_jax.interop.swin_layout import SwinLayout, file_windows
 from mixmae_jax.models import layers as L
 
 _PREFIXES = FLAT_DECODER_PREFIXES + (
@@ -33,17 +38,19 @@ class MixMIMLayout(SwinLayout):
     prefixes = {"pretrain": _PREFIXES, "finetune": _PREFIXES}
     pretrain_only = ("mask_token", "decoder_")
 
-    def build_reference(self, fmt: str, num_classes: int):
-        from mixmae_jax.convert import torch_reference as R
+    order = ("mask_token", "absolute_pos_embed", "decoder_pos_embed",
+             "relative_position_bias_table", "relative_position_index", "weight", "bias",
+             "patch_embed", "layers", "blocks", "downsample", "norm1", "attn", "norm2", "mlp",
+             "qkv", "reduction", "proj", "norm", "head", "fc1", "fc2",
+             "decoder_embed", "decoder_blocks", "decoder_norm", "decoder_pred")
+
+    def pretraining_model(self, rngs):
+        from mixmae_jax.methods.mixmim import MixMIMModel
 
         if self.model_cfg.get("shift_windows", False):
-            from mixmae_jax.convert.keymap import ConversionError
-
             raise ConversionError("model.shift_windows=True has no official MixMIM layout "
                                   "(MixMIM never shifts windows)")
-        if fmt == "pretrain":
-            return R.MixMIMPretrainTorch.from_model_config(self.model_cfg)
-        return R.MixMIMFinetuneTorch.from_model_config(self.model_cfg, num_classes=num_classes)
+        return MixMIMModel(self.model_cfg, rngs=rngs)
 
     def grids(self) -> tuple[int, int]:
         """(patch grid, final grid) sides."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mixmae_jax.convert.keymap import Layout, square_side, tensor_to_numpy
+from mixmae_jax.interop.keymap import Layout, square_side, tensor_to_numpy
 from mixmae_jax.models import layers as L
 
 

@@ -1,7 +1,7 @@
 """The official PyTorch SimMIM Swin layouts (microsoft/SimMIM `models/simmim.py::SimMIM` for
 pretraining, 365 entries for Swin-B/192/w6; the `models/swin_transformer.py::SwinTransformer`
 classifier that `main_finetune.py` trains, 364 with its head): the plain torch reference is
-`convert/torch_reference_simmim.py`.
+`tests/references/simmim.py`.
 
 Pretraining keys are `encoder.*` (the Swin, its `mask_token`) and `decoder.0.*` (the 1x1
 convolution before `PixelShuffle`); finetuning keys are the Swin's without a prefix, then `head.*`.
@@ -25,8 +25,8 @@ import re
 
 import numpy as np
 
-from mixmae_jax.convert.keymap import ConversionError, fresh_head, square_side, tensor_to_numpy
-from mixmae_jax.convert.swin_layout import SwinLayout, file_windows
+from mixmae_jax.interop.keymap import ConversionError, fresh_head, square_side, tensor_to_numpy
+from mixmae_jax.interop.swin_layout import SwinLayout, file_windows
 
 # Logit offset between tokens of different regions of a shifted window (official value).
 MASK_NEG = -100.0
@@ -62,18 +62,22 @@ class SimMIMLayout(SwinLayout):
     # The decoder is a 1x1 Conv2d (OIHW in torch, HWIO in Flax), like the stem.
     conv_kernels = re.compile(r"(^|\.)patch_embed\.proj\.kernel$|^decoder\.kernel$")
 
-    def build_reference(self, fmt: str, num_classes: int):
-        from mixmae_jax.convert import torch_reference_simmim as R
+    order = ("encoder", "decoder", "mask_token", "attn_mask", "relative_position_bias_table",
+             "relative_position_index", "weight", "bias", "patch_embed", "layers", "blocks",
+             "downsample", "norm1", "attn", "norm2", "mlp", "qkv", "reduction", "proj", "norm",
+             "head", "fc1", "fc2")
 
-        cfg = self.model_cfg
-        cfg = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-        if cfg.get("ape", "none") != "none":
-            raise ConversionError(f"model.ape={cfg['ape']!r} has no official SimMIM layout (the "
+    def jax_model(self, fmt, num_classes, rngs):
+        ape = self.model_cfg.get("ape", "none")
+        if ape != "none":
+            raise ConversionError(f"model.ape={ape!r} has no official SimMIM layout (the "
                                   "official Swin's APE is a learned table, off in SimMIM)")
-        cfg["ape"] = False  # the reference reads a bool; ours is "none" / "sincos"
-        if fmt == "pretrain":
-            return R.SimMIMPretrainTorch.from_model_config(cfg)
-        return R.SimMIMFinetuneTorch.from_model_config(cfg, num_classes=num_classes)
+        return super().jax_model(fmt, num_classes, rngs)
+
+    def pretraining_model(self, rngs):
+        from mixmae_jax.methods.simmim import SimMIMModel
+
+        return SimMIMModel(self.model_cfg, rngs=rngs)
 
     # -- constants ------------------------------------------------------------------------------
 

@@ -108,7 +108,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mixmae_jax.convert.torch_reference import DropPath, trunc_normal_
+from .mixmim import DropPath, trunc_normal_
 
 __all__ = [
     "Attention",

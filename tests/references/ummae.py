@@ -14,7 +14,7 @@ initialised the official way, so a given ``torch.manual_seed`` gives the officia
 * ``SimMIMPVTTorch``       -- ``models_simmim_pvt.SimMIMPVT``.
 
 No timm, torchvision or einops. The timm 0.3.2 ViT ``Block`` / ``Mlp`` / ``PatchEmbed`` come from
-``torch_reference_mae`` (same parameter names and numerics); ``DropPath`` from ``torch_reference``.
+``references.mae`` (same parameter names and numerics); ``DropPath`` from ``references.mixmim``.
 
 Differences from the official classes (interface only, never numerics)
 ----------------------------------------------------------------------
@@ -34,7 +34,7 @@ Sources read
 ------------
 implus/UM-MAE at HEAD ``cb7776b`` ("Update README.md"); README line 11 pins ``timm==0.3.2``
 (``main_pretrain.py:27`` asserts it). timm 0.3.2's ViT pieces are described in
-``torch_reference_mae``.
+``references.mae``.
 
 ``models_mae_swin.py``
   * 27-43 ``Mlp``: ``fc1``, GELU, ``fc2`` (+ parameter-free dropout).
@@ -139,7 +139,7 @@ implus/UM-MAE at HEAD ``cb7776b`` ("Update README.md"); README line 11 pins ``ti
     L1 loss ``|pred[mask] - target[mask]|.mean()`` (norm-pix optional, off in the runs).
   * swin 212-218: ``simmim_swin_tiny_256`` with window 16; pvt 211-217: ``sr_ratios=[8, 4, 2, 1]``.
 
-``util/pos_embed.py`` 17-64: the MAE sin-cos table (see ``torch_reference_mae``), here without cls.
+``util/pos_embed.py`` 17-64: the MAE sin-cos table (see ``references.mae``), here without cls.
 ``mask_transform.py`` 18-51: ``--mask_regular`` masks keep exactly one unit per 2x2 block (1 =
 removed); without it, a uniform random subset.
 """
@@ -155,8 +155,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixmae_jax.convert import torch_reference_mae as mae
-from mixmae_jax.convert.torch_reference import DropPath
+from . import mae
+from .mixmim import DropPath
 
 __all__ = [
     "DECODER_POS_ORDERS",
@@ -1549,7 +1549,7 @@ _KINDS = {
 def from_model_config(cfg: Mapping, kind: str = "pretrain", **overrides):
     """Reference model for a model config: ``cfg["name"]`` ``"ummae_swin"`` -> Swin classes,
     ``"pvt"`` -> PVT classes, anything else -> the ViT (``kind="pretrain"``:
-    :class:`UMViTPretrainTorch`; ``"finetune"``: ``torch_reference_mae.MAEFinetuneTorch``).
+    :class:`UMViTPretrainTorch`; ``"finetune"``: ``references.mae.MAEFinetuneTorch``).
     ``kind`` is ``"pretrain"``, ``"finetune"`` or ``"simmim"``. The config is taken as it is
     (e.g. its ``window_size`` / ``sr_ratios``); pass the fine-tuning geometry as overrides."""
     name = cfg.get("name") if hasattr(cfg, "get") else None

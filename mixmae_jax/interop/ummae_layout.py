@@ -1,5 +1,5 @@
 """The official PyTorch layouts of UM-MAE (implus/UM-MAE), per the plain torch reference
-`torch_reference_ummae.py`:
+`tests/references/ummae.py`:
 
 * UM-MAE's Swin: `models_mae_swin.MaskedAutoencoderSwin` (pretraining) and `models_swin.Swin`
   (finetuning, window 16 on the full grid: the continuous position bias has no window-sized
@@ -22,8 +22,8 @@ import re
 
 import numpy as np
 
-from mixmae_jax.convert.keymap import FLAT_DECODER_PREFIXES, Layout, check_sincos, fresh_head
-from mixmae_jax.convert.mae_layout import MAELayout
+from mixmae_jax.interop.keymap import FLAT_DECODER_PREFIXES, Layout, check_sincos, fresh_head
+from mixmae_jax.interop.mae_layout import MAELayout
 
 _PREFIXES = FLAT_DECODER_PREFIXES + (
     ("encoder.", ""),
@@ -33,9 +33,11 @@ _PREFIXES = FLAT_DECODER_PREFIXES + (
 )
 
 
-def model_fields(cfg) -> dict:
-    """The model config without the method values `layout_for` adds."""
-    return {k: v for k, v in cfg.items() if k not in ("method", "vis_mask_ratio")}
+_UNIT_ORDER = (
+    "vis_mask_token", "pos_embed", "mask_token", "decoder_pos_embed", "weight", "bias",
+    "patch_embed", "blocks", "norm1", "attn", "norm2", "mlp", "downsample", "posmlp", "q", "kv",
+    "qkv", "proj", "sr", "norm", "fc1", "fc2", "fc_norm", "head", "decoder_embed",
+    "decoder_blocks", "decoder_norm", "decoder_pred")
 
 
 class UnitLayout(Layout):
@@ -46,23 +48,27 @@ class UnitLayout(Layout):
     finetune_only = ("head.", "fc_norm.")
     conv_kernels = re.compile(
         r"(^|\.)(patch_embed\.proj|downsample\.proj|posmlp\.layers\.\d+|attn\.sr)\.kernel$")
+    order_within = {"downsample": ("norm", "proj")}  # UM-MAE's Swin merge: norm, then conv
+
+    @property
+    def order(self):
+        if self.kind == "simmim":  # the SimMIM baselines define their mask token first
+            return ("mask_token",) + tuple(n for n in _UNIT_ORDER if n != "mask_token")
+        return _UNIT_ORDER
 
     @property
     def kind(self) -> str:
         return self.model_cfg.get("method", "ummae")
 
-    def build_reference(self, fmt: str, num_classes: int):
-        from mixmae_jax.convert import torch_reference_ummae as R
+    def pretraining_model(self, rngs):
+        from mixmae_jax.methods.simmim import UnitSimMIMModel
+        from mixmae_jax.methods.ummae import UMPVTModel, UMSwinModel
 
-        cfg = model_fields(self.model_cfg)
-        swin = cfg["name"] == "ummae_swin"
-        if fmt == "finetune":
-            cls = R.UMSwinFinetuneTorch if swin else R.UMPVTFinetuneTorch
-            return cls.from_model_config(cfg, num_classes=num_classes)
+        cfg = self.model_cfg
         if self.kind == "simmim":
-            return (R.SimMIMUMSwinTorch if swin else R.SimMIMPVTTorch).from_model_config(cfg)
-        cls = R.UMSwinPretrainTorch if swin else R.UMPVTPretrainTorch
-        return cls.from_model_config(cfg, vis_mask_ratio=self.model_cfg["vis_mask_ratio"])
+            return UnitSimMIMModel(cfg, rngs=rngs)
+        cls = UMSwinModel if cfg["name"] == "ummae_swin" else UMPVTModel
+        return cls(cfg, secondary=cfg["vis_mask_ratio"] > 0, rngs=rngs)
 
     def torch_name(self, path: str, fmt: str) -> str:
         return super().torch_name(path, fmt).replace(".posmlp.layers.", ".posmlp.")
@@ -110,13 +116,13 @@ class UMViTLayout(MAELayout):
                 for fmt, table in MAELayout.prefixes.items()}
     pretrain_only = MAELayout.pretrain_only + ("vis_mask_token",)
 
-    def build_reference(self, fmt: str, num_classes: int):
-        if fmt == "finetune":
-            return super().build_reference(fmt, num_classes)
-        from mixmae_jax.convert import torch_reference_ummae as R
+    order = ("vis_mask_token",) + MAELayout.order
 
-        return R.UMViTPretrainTorch.from_model_config(
-            model_fields(self.model_cfg), vis_mask_ratio=self.model_cfg["vis_mask_ratio"])
+    def pretraining_model(self, rngs):
+        from mixmae_jax.methods.ummae import UMViTModel
+
+        return UMViTModel(self.model_cfg, secondary=self.model_cfg["vis_mask_ratio"] > 0,
+                          rngs=rngs)
 
 
 def layout_for(model_cfg, method_cfg) -> Layout:
