@@ -27,9 +27,9 @@ METHOD_CONFIGS = {"mixmim": "mixmim_b.py:tiny", "mae": "mae_vit_b.py:tiny",
 # README, "Where each recipe runs", derives it.
 FSDP_FACTOR = 1.3
 # A data-parallel step also all-reduces its few scalar metrics, and XLA may reduce a gradient
-# in a larger form than the parameter's: the gradient of a relative-position bias table as the
+# in another form than the parameter's: the gradient of a relative-position bias table as the
 # (heads, T, T) bias it indexes, of UM-MAE's position MLP as the bias it outputs (+0.8% of the
-# bytes for MixMIM's tiny model, +7.5% for UM-MAE's).
+# bytes for MixMIM's tiny model, +7.5% for UM-MAE's), a bias's as a smaller partial sum.
 METRIC_BYTES = 4096
 GRADIENT_FORM = 1.1
 
@@ -245,7 +245,7 @@ def test_a_data_parallel_step_only_all_reduces_its_gradient(v5e_2x2, method):
     exp, step = _compile(v5e_2x2, spec)
     param_bytes = 4 * exp.num_params
     assert _moved(step) == {"all-reduce"}, step["collectives"]
-    assert param_bytes <= step["collectives"]["all-reduce"]["bytes"] <= (
+    assert param_bytes / GRADIENT_FORM <= step["collectives"]["all-reduce"]["bytes"] <= (
         GRADIENT_FORM * param_bytes + METRIC_BYTES), (step["collectives"], param_bytes)
     assert step["collectives"]["in_data_dependent_loops"] == 0  # e.g. Mixup's Beta sampling
     assert 0 < step["total_bytes"] < aot.TARGETS["v5e"].memory_bytes
@@ -254,20 +254,25 @@ def test_a_data_parallel_step_only_all_reduces_its_gradient(v5e_2x2, method):
 @needs_libtpu
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHOD_CONFIGS))
-def test_an_fsdp_step_gathers_weights_and_reduce_scatters_gradients(v5e_2x2, method):
+def test_an_fsdp_step_gathers_weights_and_reduces_gradients_once(v5e_2x2, method):
     """Every kernel of at least 1 Ki elements sharded over 4 devices (fsdp=4), 4 images each:
-    weights gathered where they are used, gradients reduce-scattered, activations kept where
-    they are; the total within FSDP_FACTOR of the theory."""
+    activations stay where they are (no all-to-all or collective-permute to speak of), each
+    sharded weight is gathered where it is used, each gradient is reduced once, and the total
+    is within FSDP_FACTOR of what the sharding implies."""
     exp, step = _compile(v5e_2x2, METHOD_CONFIGS[method], "--config.mesh.fsdp=4",
                          "--config.batch_size=16", rules=((".*", "fsdp", 1024),))
     theory = aot.communication_theory(exp)
+    sharded, replicated = theory["sharded_param_bytes"], theory["replicated_param_bytes"]
     c = step["collectives"]
-    assert theory["sharded_param_bytes"] > 0.9 * 4 * exp.num_params  # the rule shards most
-    assert _moved(step) <= {"all-gather", "reduce-scatter", "all-reduce", "all-to-all",
-                            "collective-permute"}
-    # Every sharded gradient is reduce-scattered (a few small ones may be all-reduced).
-    assert c["reduce-scatter"]["bytes"] >= 0.75 * theory["reduce-scatter"], c
-    assert c["all-gather"]["bytes"] >= theory["sharded_param_bytes"], c
+    assert sharded > 0.9 * 4 * exp.num_params  # the rule shards most of the model
+    activations = c["all-to-all"]["bytes"] + c["collective-permute"]["bytes"]
+    assert activations <= 0.05 * theory["total"], c
+    # At least once each: TPU gathers an fp32 kernel in bf16 for a default-precision matmul.
+    assert c["all-gather"]["bytes"] >= 0.5 * sharded, c
+    # Reduce-scattered, or (small ones) all-reduced and sliced: once each, in float32.
+    reduced = c["reduce-scatter"]["bytes"] + c["all-reduce"]["bytes"]
+    assert (sharded + replicated) / GRADIENT_FORM <= reduced <= (
+        GRADIENT_FORM * (sharded + replicated) + METRIC_BYTES), (c, theory)
     assert aot.total_bytes(c) <= FSDP_FACTOR * theory["total"], (c, theory)
 
 

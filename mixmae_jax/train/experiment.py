@@ -108,8 +108,7 @@ class Experiment:
 
     def _jit_step(self, *, donate: bool):
         step = step_lib.make_train_step(self.config, self.task.objective, self.graphdef,
-                                        self.tx, self.lr_schedule, self.num_devices,
-                                        param_shardings=self.state_shardings["params"])
+                                        self.tx, self.lr_schedule, self.num_devices)
 
         def step_in_mesh(state, batch):  # the sharding hints of mixmae_jax.parallel see it
             with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):

@@ -89,8 +89,7 @@ def _tree_where(pred, new, old):
     return jax.tree_util.tree_map(lambda n, o: jnp.where(pred, n, o), new, old)
 
 
-def make_train_step(config, method, graphdef, tx, lr_schedule, num_groups: int,
-                    param_shardings=None):
+def make_train_step(config, method, graphdef, tx, lr_schedule, num_groups: int):
     """(state, batch) -> (state, metrics). batch = {"image": uint8 (B, H, W, 3), ...}; the method
     (anything with `make_plan` and `loss`: a pretraining method, or fine-tuning's objective)
     gets it with the images normalised.
@@ -105,13 +104,7 @@ def make_train_step(config, method, graphdef, tx, lr_schedule, num_groups: int,
     def loss_fn(params, batch, plan, rng):
         return method.loss(bind(graphdef, params), batch, plan, num_groups, rng)
 
-    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
-
-    def grad_fn(params, *args):
-        out, grads = value_and_grad(params, *args)
-        if param_shardings is not None:
-            grads = jax.lax.with_sharding_constraint(grads, param_shardings)
-        return out, grads
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def loss_and_grads(params, batch, plan_key, rng):
         b = batch["image"].shape[0]
