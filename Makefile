@@ -46,7 +46,7 @@ demo: setup
 # mixedae, ummae, simmim) on the digits images, then frozen and fine-tuned evaluation against
 # random init, 3 seeds (< 30 min on CPU per method).
 experiment: setup
-	$(PY) -m mixmae_jax.eval.digits_experiment --method $(METHOD) --workdir $(EXPERIMENT_DIR)
+	$(PY) -m mixmae_jax.digits_experiment --method $(METHOD) --workdir $(EXPERIMENT_DIR)
 
 test: setup
 	$(PY) -m pytest tests

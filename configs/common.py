@@ -51,14 +51,14 @@ def finetune(c, *, layer_decay: float, no_decay=(), crop_pct: float = 0.875):
     config_lib.finetune_defaults(c)
     c.model.drop_path_rate = 0.1  # linear over the blocks (UM-MAE Swin-L: 0.2, not shipped)
     c.num_classes = 1000
-    c.data.update(source="tfds", name="imagenet2012", split="train", eval_split="validation",
-                  crop_scale=(0.08, 1.0),  # timm create_transform: RandomResizedCrop(0.08, 1)
-                  crop_pct=crop_pct)  # eval: resize size / crop_pct, centre crop, bicubic
+    c.data.update(source="tfds", name="imagenet2012", split="train",
+                  crop_scale=(0.08, 1.0))  # timm create_transform: RandomResizedCrop(0.08, 1)
+    # every epoch on the validation split: resize size / crop_pct, centre crop, bicubic
+    c.evals.eval.update(split="validation", batch_size=1024, crop_pct=crop_pct)
     c.augment.update(randaug="rand-m9-mstd0.5-inc1",  # timm: 2 ops, m ~ N(9, 0.5), increasing
                      reprob=0.25, mixup=0.8, cutmix=1.0, mix_prob=1.0, switch_prob=0.5,
                      smoothing=0.1)
     c.batch_size = 1024  # MixMIM: 8 GPUs x 128; UM-MAE: 8 x 64 x 2 accumulation steps
-    c.eval_batch_size = 1024
     schedule(c, epochs=100, warmup=5)
     c.optim.update(dict(
         base_lr=5e-4,  # blr; peak lr = 5e-4 * 1024 / 256 = 2e-3
@@ -192,10 +192,9 @@ def tiny(c):
     c.checkpoint_every = 2
     if c.get("task") == "finetune":
         c.num_classes = 10
-        c.data.update(source="digits", split="train", eval_split="test", shuffle_buffer=512,
-                      crop_pct=1.0)
-        c.eval_batch_size = 200
-        c.eval_every_epochs = 0
+        c.data.update(source="digits", split="train", shuffle_buffer=512)
+        c.evals.eval.update(split="test", batch_size=200, crop_pct=1.0, every_steps=-1,
+                            every_epochs=0.0)  # at the end only
     else:
         c.data.update(source="embedded", shuffle_buffer=512)
     return c

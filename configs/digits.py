@@ -13,7 +13,7 @@ here made? scikit-learn's handwritten digits (1,200 train / 597 test scans, upsc
   mixmae-pretrain --config configs/digits.py:method=mae --workdir workdirs/digits_mae
 
 `:toy` is a 1-block-per-stage MixMIM Swin (embed 32) at a higher lr: the encoder the suite's
-pretrained-vs-random test ships (`python -m mixmae_jax.eval.digits_experiment --toy-encoder
+pretrained-vs-random test ships (`python -m mixmae_jax.digits_experiment --toy-encoder
 tests/data/digits_toy_encoder.npz` makes it again, about 2 minutes).
 
 Pretraining reads the train images without labels. Fine-tuning is each method's official recipe
@@ -85,17 +85,19 @@ def get_config(arg=None):
         common.schedule(c, steps=1000, warmup=2 if opts["toy"] else warmup)
         c.log_every = 50
         c.checkpoint_every = 500
-        c.eval.knn_every = 250  # the k-NN monitor: digits train -> test, logged as knn_top1
+        c.evals.knn.every_steps = 250  # the k-NN monitor: digits train -> test (knn_top1)
         if opts["toy"]:  # the suite's pretrained-vs-random toy (tests/data/digits_toy_encoder.npz)
             c.optim.base_lr = 1e-2
-            c.eval.knn_every = 0
+            c.evals.knn.every_steps = 0
         return c
     few = opts["labels"] == "10"
     c.num_classes = 10
-    c.data.update(split="train_10pc" if few else "train", eval_split="test", crop_pct=1.0)
+    c.data.split = "train_10pc" if few else "train"
     c.augment.randaug = ""  # the README table was measured without RandAugment
     c.batch_size = 32 if few else 64
-    c.eval_batch_size = 597 + 3  # the whole test split in one padded batch
+    # at the end only, the whole test split in one padded batch
+    c.evals.eval.update(split="test", batch_size=597 + 3, crop_pct=1.0, every_steps=-1,
+                        every_epochs=0.0)
     common.schedule(c, epochs=100 if few else 50, warmup=10 if few else 5)  # 300 / 900 steps
     # 40x MixMIM's official blr 5e-4 (tried 5e-4, 5e-3, 2e-2 with 10 labels per class: 37/63/68%
     # top-1 from pretraining, 16/42/53% from random init; 2e-2 with all labels: 88% vs 72%). The
@@ -103,7 +105,6 @@ def get_config(arg=None):
     # more. Peak lr = 2e-2 * batch / 256 for every method (SimMIM's recipe divides by 512).
     c.optim.base_lr = 2e-2 * c.optim.lr_batch_divisor / 256
     c.optim.update(warmup_lr=0.0, min_lr=1e-6)
-    c.eval_every_epochs = 0  # at the end only
     c.log_every = 50
     c.checkpoint_every = 1000
     return c

@@ -28,5 +28,5 @@ def get_config(arg=None):
         # models_mixmim_ft mixmim_base_384: windows 16/16/24/12; the APE is the 224 checkpoint's
         # 56x56 sin-cos table bicubic-resized to 96x96 (main_finetune.py interpolate_pos_embed)
         c.model.ape_grid = 224 // c.model.patch_size
-        c.data.crop_pct = 1.0  # evaluation at 384: resize 384, centre crop (reference §5.2)
+        c.evals.eval.crop_pct = 1.0  # evaluation at 384: resize 384, centre crop (ref. §5.2)
     return common.tiny(c) if opts["tiny"] else c

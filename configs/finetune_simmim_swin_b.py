@@ -30,7 +30,6 @@ def get_config(arg=None):
     c.model.update(img_size=224, window_sizes=(7,) * 4)  # yaml IMG_SIZE, WINDOW_SIZE
     c.data.image_size = 224
     c.batch_size = 2048  # README: 16 GPUs x --batch-size 128
-    c.eval_batch_size = 1024
     common.schedule(c, epochs=100, warmup=20)  # yaml TRAIN.EPOCHS, WARMUP_EPOCHS
     # main_finetune.py scales BASE_LR, WARMUP_LR and MIN_LR by batch / 512; optim scales base_lr
     # only, so warmup_lr and min_lr are already scaled for batch 2048 (x4).

@@ -6,15 +6,18 @@
 # Usage: launch/gpu_check.sh [--dry-run] [prepare|check]
 #
 #   prepare  here, on the CPU machine, from the project's venv: the wheels the image lacks
-#            (ml_collections and PyYAML for Python PY_VERSION) into CARRY/wheels, and the parity
+#            (ml_collections and PyYAML for Python PY_VERSION) into CARRY/wheels, the parity
 #            references (loss and every gradient of the tiny variant of each pretraining config,
 #            computed on the CPU, whose step the suite proves equal to the torch references) into
-#            CARRY/refs.npz. Then carry CARRY to the device run.
+#            CARRY/refs.npz, and the batch of each bench config and dtype that fits one GPU of
+#            GPU_KIND, found by compiling the step ahead of time for it (mixmae-bench --topology
+#            GPU_KIND:1 --fit), into CARRY/batches.json. Then carry CARRY to the device run.
 #   check    there (the default): nvidia-smi; CARRY's wheels installed; parity on the GPU (fp32,
 #            highest matmul precision, the suite's limits: loss 1e-5, gradients 1e-4); two real
 #            train steps with an Orbax save and restore; mixmae-bench of every pretraining config
 #            at B size in bf16, then fp32, at a batch that fills the GPU (halved on
-#            out-of-memory), what is left after BENCH_BUDGET_S listed as skipped. Writes
+#            out-of-memory; CARRY/batches.json gives the batch that fits, so the time goes to
+#            measuring), what is left after BENCH_BUDGET_S listed as skipped. Writes
 #            gpu_check.json, gpu_bench.json, gpu_bench.md and the logs into OUT; exits 1 if a
 #            part failed.
 #
@@ -33,8 +36,11 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 : "${BENCH_DTYPES:=bfloat16 float32}"
 : "${BENCH_STEPS:=5}"
 : "${BENCH_BUDGET_S:=300}"             # the bench's share of the 8 minutes
+: "${GPU_KIND:=h200}"                  # prepare: the lent GPU (h100, h200, a100) to fit batches for
+: "${FIT:=1}"                          # prepare: 0 skips the ahead-of-time batch search
 # shellcheck disable=SC2034  # read by usage() in common.sh
-PARAMS=(CARRY OUT PYTHON PY_VERSION BENCH_CONFIGS BENCH_DTYPES BENCH_STEPS BENCH_BUDGET_S)
+PARAMS=(CARRY OUT PYTHON PY_VERSION BENCH_CONFIGS BENCH_DTYPES BENCH_STEPS BENCH_BUDGET_S
+  GPU_KIND FIT)
 
 parse_args check "prepare check" "$@"
 run cd "$REPO_ROOT"
@@ -48,6 +54,16 @@ if [[ $SUBCOMMAND == prepare ]]; then
     --python-version "$PY_VERSION" --implementation cp --dest "$CARRY/wheels" \
     "ml_collections==$ml_pin" PyYAML
   run env JAX_PLATFORMS=cpu "$PYTHON" -m mixmae_jax.gpu_check refs --out "$CARRY/refs.npz"
+  if ((FIT)); then
+    fit=("$PYTHON" -m mixmae_jax.gpu_check fit --kind "$GPU_KIND" --out "$CARRY/batches.json")
+    read -r -a dtypes <<<"$BENCH_DTYPES"
+    fit+=(--dtypes "${dtypes[@]}")
+    if [[ -n $BENCH_CONFIGS ]]; then
+      read -r -a configs <<<"$BENCH_CONFIGS"
+      fit+=(--configs "${configs[@]}")
+    fi
+    run env JAX_PLATFORMS=cpu "${fit[@]}"
+  fi
   note "carry $CARRY to the device run, then: launch/gpu_check.sh check"
   exit 0
 fi
@@ -70,7 +86,7 @@ part parity "$PYTHON" -m mixmae_jax.gpu_check parity --refs "$CARRY/refs.npz" \
 part smoke "$PYTHON" -m mixmae_jax.gpu_check smoke --workdir "$OUT/smoke_workdir" \
   --json "$OUT/smoke.json"
 bench=("$PYTHON" -m mixmae_jax.gpu_check bench --out "$OUT" --steps "$BENCH_STEPS"
-  --budget-s "$BENCH_BUDGET_S")
+  --budget-s "$BENCH_BUDGET_S" --batches "$CARRY/batches.json")
 read -r -a dtypes <<<"$BENCH_DTYPES"
 bench+=(--dtypes "${dtypes[@]}")
 if [[ -n $BENCH_CONFIGS ]]; then

@@ -109,28 +109,15 @@ def _input_only(config, args) -> dict:
             "host_cpus": os.cpu_count()}
 
 
-def _experiment(config, devices=None):
-    """The trainer's experiment of `config` on `devices` (default: this host's), its config
-    checked as the trainer checks it (the dataset aside: the bench feeds synthetic data)."""
-    from mixmae_jax.train import experiment, sharding
-    from mixmae_jax.train.trainer import task_for
-
-    mesh = sharding.make_mesh(config.mesh, devices)
-    task = task_for(config)
-    processes = len({d.process_index for d in mesh.devices.flat})
-    task.check_config(mesh.devices.size, processes)
-    return experiment.build(config, mesh, task=task, steps_per_epoch=1000)
-
-
 def _train_step(config, args) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from mixmae_jax import imaging
+    from mixmae_jax import imaging, tasks
     from mixmae_jax.train import step as step_lib
 
     step_lib.enable_compilation_cache(config.get("compilation_cache_dir", ""))
-    exp = _experiment(config)
+    exp = tasks.build_experiment(config)
     n_dev = exp.num_devices
     state = exp.init_state()
     b, s = config.batch_size, config.model.img_size
@@ -148,7 +135,7 @@ def _train_step(config, args) -> dict:
     compile_s = time.perf_counter() - t0
     from mixmae_jax.train import aot
 
-    flops_per_device = aot.model_flops(config, _task_for(), b) / n_dev
+    flops_per_device = aot.model_flops(config, tasks.for_config, b) / n_dev
     mem = compiled.memory_analysis()
 
     for _ in range(2):  # warm-up (first runs allocate)
@@ -225,23 +212,18 @@ def _train_step(config, args) -> dict:
     return result
 
 
-def _task_for():
-    from mixmae_jax.train.trainer import task_for
-
-    return task_for
-
-
 # ---------------------------------------------------------------------------------------------
 # Ahead of time, for a target that is not attached (train/aot.py)
 # ---------------------------------------------------------------------------------------------
 
 
 def _compile_for_target(config, args) -> dict:
+    from mixmae_jax import tasks
     from mixmae_jax.train import aot
 
     target, dims = aot.parse_topology(args.topology)
     devices = aot.devices(target, dims)
-    exp = _experiment(config, devices)
+    exp = tasks.build_experiment(config, devices)
     n = exp.num_devices
     b = config.batch_size
     usable = target.usable_bytes
@@ -277,13 +259,13 @@ def _compile_for_target(config, args) -> dict:
     if "total_bytes" in step:
         result["fits"] = step["total_bytes"] <= usable
         result["headroom_bytes"] = usable - step["total_bytes"]
-    flops = aot.model_flops(config, _task_for(), b)
+    flops = aot.model_flops(config, tasks.for_config, b)
     result["flops_per_step"] = flops
     result["flops_per_device"] = flops / n
     result["peak_flops_per_device"] = target.peak_bf16_flops
     result["estimated_step_s"] = None
     if target.platform == "tpu" and not args.no_estimate and compiled is not None:
-        unrolled = _experiment(aot.unrolled(config), devices)
+        unrolled = tasks.build_experiment(aot.unrolled(config), devices)
         est = aot.compile_step(unrolled, b)
         seconds = aot._tpu_estimate_seconds(est.pop("_compiled")) if "_compiled" in est else None
         result["estimated_step_s"] = seconds

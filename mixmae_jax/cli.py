@@ -104,7 +104,7 @@ def _train_main(argv, *, finetune: bool):
                                              args.process_id, auto=args.jax_distributed)
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     from mixmae_jax import config as config_lib
-    from mixmae_jax.train import trainer
+    from mixmae_jax import tasks
 
     try:
         config = config_lib.load_config(args.config, overrides)
@@ -116,7 +116,7 @@ def _train_main(argv, *, finetune: bool):
         if finetune and args.init is not None:
             config.init = args.init
         # Flushed, so a piped log keeps its order against SIGTERM's message on stderr.
-        trainer.train(config, args.workdir, print_fn=functools.partial(print, flush=True))
+        tasks.train(config, args.workdir, print_fn=functools.partial(print, flush=True))
     except USER_ERRORS as e:
         if args.debug:
             raise
@@ -137,12 +137,11 @@ def finetune_main(argv=None):
 
 
 def _to_torch(args) -> None:
-    from mixmae_jax.interop import to_torch
-    from mixmae_jax.methods import get_method
-    from mixmae_jax.train.trainer import restore_params
+    from mixmae_jax.interop import layout_for, to_torch
+    from mixmae_jax.tasks import restore_params
 
     config, params, step = restore_params(args.workdir, args.step, best=args.best)
-    layout = get_method(config).torch_layout()
+    layout = layout_for(config)
     num_classes = args.num_classes
     if config.get("task", "pretrain") == "finetune":  # a trained classifier: its own head
         if args.format != "finetune":
@@ -160,9 +159,10 @@ def _from_torch(args, overrides) -> None:
     import jax
 
     from mixmae_jax import config as config_lib
-    from mixmae_jax.interop import from_torch
+    from mixmae_jax import tasks
+    from mixmae_jax.interop import from_torch, layout_for
     from mixmae_jax.train import checkpoint as ckpt_lib
-    from mixmae_jax.train import experiment, sharding, trainer
+    from mixmae_jax.train import experiment, sharding
 
     config = config_lib.load_config(args.config, overrides)
     config_lib.validate(config)
@@ -172,12 +172,12 @@ def _from_torch(args, overrides) -> None:
                               "choose an empty workdir")
     state_dict = from_torch.load_torch_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle)
     exp = experiment.build(config, sharding.single_device_mesh(),
-                           task=trainer.task_for(config), steps_per_epoch=1)
+                           task=tasks.for_config(config), steps_per_epoch=1)
     # A concrete fresh state: parts the file lacks (e.g. the decoder, when importing a finetune
     # checkpoint into a pretraining config) keep their fresh initialisation.
     fresh = jax.device_get(exp.init_state()["params"])
     params, report = from_torch.state_dict_to_params(
-        state_dict, exp.method.torch_layout(), fresh, allow_ape_mismatch=args.allow_ape_mismatch)
+        state_dict, layout_for(config), fresh, allow_ape_mismatch=args.allow_ape_mismatch)
     state = exp.init_state(params)  # the optimizer's moments start at zero, as a fresh run's
     ckpt = ckpt_lib.Checkpointer(args.workdir, save_every=0, keep=0, config=config)
     try:
@@ -269,8 +269,8 @@ def _visualize(args) -> None:
 
     from mixmae_jax import imaging, visualize
     from mixmae_jax.methods import get_method
+    from mixmae_jax.tasks import restore_params
     from mixmae_jax.train import step as step_lib
-    from mixmae_jax.train.trainer import restore_params
 
     config, params, step = restore_params(args.workdir, args.step, pretraining_only=True)
     method = get_method(config)
@@ -352,8 +352,8 @@ def _eval(args) -> None:
     from mixmae_jax.data import eval_pipeline
     from mixmae_jax.eval import knn
     from mixmae_jax.methods import get_method
+    from mixmae_jax.tasks import restore_params
     from mixmae_jax.train import step as step_lib
-    from mixmae_jax.train.trainer import restore_params
 
     config, params, step = restore_params(args.workdir, args.step, pretraining_only=True)
     method = get_method(config)

@@ -218,14 +218,6 @@ def validate(config, *, num_devices: int = 1, process_count: int = 1,
            f"{config.optim.warmup_steps}: -1 (the warmup is optim.warmup_epochs) or >= 0")
     _check(config.log_every > 0 and config.checkpoint_every > 0, "log_every",
            "log_every and checkpoint_every must be positive")
-    e = config.get("eval")
-    if e is not None and e.knn_every > 0:
-        _check(e.source in ("digits", "tfds"), "eval.source",
-               f"{e.source!r}: the k-NN monitor needs labels ('digits' or 'tfds')")
-        _check(e.batch_size > 0 and e.batch_size % num_devices == 0
-               and e.batch_size % process_count == 0, "eval.batch_size",
-               f"{e.batch_size}: must be a positive multiple of the {num_devices} devices")
-        _check(e.k >= 1 and e.temperature > 0, "eval.k", "k >= 1 and temperature > 0")
 
 
 def _get(config, dotted: str):
@@ -313,10 +305,15 @@ def defaults() -> ml_collections.ConfigDict:
     c.log_every = 50
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
-    # The k-NN monitor of pretraining: every `knn_every` steps (0: off), k-NN top-1/top-5 of the
-    # frozen features from a labelled train split to a test split, logged as knn_top1/knn_top5.
-    c.eval = ml_collections.ConfigDict(dict(
-        knn_every=0,
+    # Evaluators, by name (mixmae_jax/eval/__init__.py): each runs every `every_epochs` epochs
+    # (> 0), else every `every_steps` steps (> 0; -1: only at the end; 0: off), and at the end,
+    # logging `<name>_<metric>`. The k-NN monitor is declared for every run, off until
+    # `--config.evals.knn.every_steps=N`: k-NN top-1/top-5 of the frozen features from a
+    # labelled train split to a test split.
+    c.evals = ml_collections.ConfigDict(dict(knn=dict(
+        type="knn",
+        every_steps=0,
+        every_epochs=0.0,
         source="digits",  # "digits" (embedded) or "tfds" (by name, prepared, with labels)
         name="mixmae_digits",  # tfds dataset (source="tfds")
         data_dir=placeholder(str),
@@ -327,19 +324,17 @@ def defaults() -> ml_collections.ConfigDict:
         temperature=0.07,
         batch_size=200,  # global
         crop_pct=1.0,  # shorter side to image_size / crop_pct, centre crop
-    ))
+    )))
     return c
 
 
 def finetune_defaults(c: ml_collections.ConfigDict) -> None:
     """Turns a pretraining recipe's config (its model and method) into a fine-tuning config;
     the fine-tuning file then spells out its recipe's values."""
-    c.task = "finetune"  # trainer.task_for: the classifier, labels, eval, best checkpoint
+    c.task = "finetune"  # tasks.for_config: the classifier, labels, evaluation, best params
     c.init = ""  # --init: a pretraining workdir or an official .pth ("": random init)
     c.init_trust_pickle = False  # allow a .pth that pickles more than tensors (official files)
     c.num_classes = placeholder(int)
-    c.data.update(eval_split="validation",
-                  crop_pct=0.875)  # eval: shorter side to size / crop_pct, centre crop
     c.augment = ml_collections.ConfigDict(dict(
         randaug="",  # timm RandAugment policy, e.g. "rand-m9-mstd0.5-inc1" ("": off)
         reprob=0.0,  # RandomErasing probability (mode "pixel")
@@ -350,5 +345,13 @@ def finetune_defaults(c: ml_collections.ConfigDict) -> None:
         smoothing=0.0,  # label smoothing
     ))
     c.optim.layer_decay = 1.0  # layer-wise lr decay (1: none); the rule is the method's
-    c.eval_every_epochs = 1.0  # evaluate on data.eval_split (0: only at the end)
-    c.eval_batch_size = placeholder(int)
+    # Top-1 / top-5 / loss on a labelled split of the run's data (eval/classification.py).
+    c.evals.eval = ml_collections.ConfigDict(dict(
+        type="classification",
+        every_steps=0,
+        every_epochs=1.0,
+        split="validation",
+        batch_size=placeholder(int),  # global
+        crop_pct=0.875,  # shorter side to size / crop_pct, bicubic, centre crop
+    ))
+    c.keep_best = "eval"  # the evaluator whose best top-1's params are kept in DIR/best

@@ -2,6 +2,7 @@
 without TensorFlow or torch (the GPU image has neither).
 
     python -m mixmae_jax.gpu_check refs --out REFS.npz        # here, on the CPU
+    python -m mixmae_jax.gpu_check fit --kind h200 --out B.json   # here: batches that fit
     python -m mixmae_jax.gpu_check parity --refs REFS.npz      # there: loss + every gradient
     python -m mixmae_jax.gpu_check smoke --workdir DIR         # two train steps, Orbax round trip
     python -m mixmae_jax.gpu_check bench --out DIR [--configs ...] [--dtypes ...] [--batch N]
@@ -11,8 +12,10 @@ Parity is transitive: the suite proves the JAX step on the CPU equal to the plai
 in float64 (tests/test_*parity*.py); `refs` saves, for the tiny variant of every pretraining
 config, the parameters, images, plan inputs, loss and every gradient of that CPU step; `parity`
 recomputes them on the default backend with the highest matmul precision and bounds the relative
-errors by the suite's acceptance limits (loss 1e-5, gradients 1e-4). `bench` runs `mixmae-bench`
-for each config and dtype at a batch that fills the device (halving on out-of-memory) and writes
+errors by the suite's acceptance limits (loss 1e-5, gradients 1e-4). `fit` compiles each bench
+config's step ahead of time for one GPU of the lent kind (`mixmae-bench --topology KIND:1 --fit`)
+and saves the largest batch that fits; `bench` runs `mixmae-bench` for each config and dtype at
+that batch (or, without one, a starting batch halved on out-of-memory) and writes
 `gpu_bench.json` and `gpu_bench.md`.
 """
 
@@ -132,12 +135,12 @@ def smoke(workdir: str, spec: str = "mixmim_b.py:tiny") -> dict:
     restored state equal to the saved one."""
     import jax
 
-    from mixmae_jax import bench
+    from mixmae_jax import tasks
     from mixmae_jax.train import checkpoint as ckpt_lib
     from mixmae_jax.train import step as step_lib
 
     config = _config(spec)
-    exp = bench._experiment(config)
+    exp = tasks.build_experiment(config)
     state = exp.init_state()
     start = step_lib.flat_arrays(state["params"])
     s, b = config.model.img_size, config.batch_size
@@ -165,7 +168,8 @@ def smoke(workdir: str, spec: str = "mixmim_b.py:tiny") -> dict:
     return out
 
 
-def _bench_one(spec: str, dtype: str, batch: int, steps: int) -> dict:
+def _run_bench_main(argv) -> tuple[int, list[str]]:
+    """(exit code, printed lines) of `mixmae-bench argv` in this process."""
     import contextlib
     import io
 
@@ -173,26 +177,62 @@ def _bench_one(spec: str, dtype: str, batch: int, steps: int) -> dict:
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        code = bench.main(["--config", os.path.join(CONFIG_DIR, spec), "--batch", str(batch),
-                           "--steps", str(steps), f"--config.compute_dtype={dtype}"])
-    lines = buf.getvalue().strip().splitlines()
+        code = bench.main(argv)
+    return code, buf.getvalue().strip().splitlines()
+
+
+def _bench_one(spec: str, dtype: str, batch: int, steps: int) -> dict:
+    code, lines = _run_bench_main(["--config", os.path.join(CONFIG_DIR, spec), "--batch",
+                                   str(batch), "--steps", str(steps),
+                                   f"--config.compute_dtype={dtype}"])
     if code != 0 or not lines:
         raise RuntimeError(f"mixmae-bench {spec} {dtype} batch {batch} failed: "
                            + "\n".join(lines[-5:]))
     return json.loads(lines[-1])
 
 
+def fit(kind: str, out: str, configs=None, dtypes=("bfloat16", "float32"),
+        max_compiles: int = 4, run_bench_main=_run_bench_main) -> dict:
+    """{"<config>|<dtype>": global batch} for one GPU of `kind` (h100, h200, a100): each step
+    compiled ahead of time with `--fit`, its largest fitting batch rounded down to a multiple of
+    8 (a margin for what the real GPU's autotuned kernels need beyond the compile's plan).
+    Written to `out` (JSON), which `bench --batches` reads."""
+    from mixmae_jax.train import aot
+
+    aot.activate()
+    batches = {}
+    for dtype in dtypes:
+        for spec in configs or BENCH_CONFIGS:
+            code, lines = run_bench_main([
+                "--config", os.path.join(CONFIG_DIR, spec), "--topology", f"{kind}:1",
+                "--fit", f"--config.compute_dtype={dtype}",
+                "--batch", str(BENCH_CONFIGS.get(spec, 8))])
+            found = json.loads(lines[-1]).get("fit_global_batch") if code == 0 else None
+            if found:
+                batches[f"{spec}|{dtype}"] = max(found // 8 * 8, min(found, 8))
+            print(f"fit {kind} {spec} {dtype}: "
+                  f"{batches.get(f'{spec}|{dtype}', 'none: ' + (lines or ['?'])[-1][:200])}",
+                  flush=True)
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(batches, f, indent=2)
+    os.replace(tmp, out)
+    return batches
+
+
 def run_bench(out_dir: str, configs=None, dtypes=("bfloat16", "float32"), batch: int = 0,
               steps: int = 5, min_batch: int = 1, budget_s: float = 0.0,
-              bench_one=_bench_one) -> list[dict]:
-    """Every dtype x config (all configs of the first dtype first) at its batch (or `batch`),
-    halved on out-of-memory down to `min_batch`; past `budget_s` seconds (0: none) the rest are
-    listed as skipped. Writes gpu_bench.json and gpu_bench.md into `out_dir`."""
+              bench_one=_bench_one, batches=None) -> list[dict]:
+    """Every dtype x config (all configs of the first dtype first) at its batch (`batch`, else
+    the fitted one in `batches` ({"<config>|<dtype>": batch}, from `fit`), else a starting
+    batch), halved on out-of-memory down to `min_batch`; past `budget_s` seconds (0: none) the
+    rest are listed as skipped. Writes gpu_bench.json and gpu_bench.md into `out_dir`."""
     configs = list(configs or BENCH_CONFIGS)
+    batches = batches or {}
     rows, start = [], time.perf_counter()
     for dtype in dtypes:
         for spec in configs:
-            b = batch or BENCH_CONFIGS.get(spec, 8)
+            b = batch or batches.get(f"{spec}|{dtype}") or BENCH_CONFIGS.get(spec, 8)
             if budget_s and time.perf_counter() - start > budget_s:
                 rows.append(dict(config=spec, dtype=dtype, batch=b,
                                  error=f"skipped: past the {budget_s:.0f} s budget"))
@@ -269,8 +309,17 @@ def main(argv=None) -> int:
     s.add_argument("--workdir", required=True)
     s.add_argument("--config", default="mixmim_b.py:tiny")
     s.add_argument("--json", default="")
+    f = sub.add_parser("fit", help="the largest batch of every config and dtype that fits one "
+                       "GPU of a kind, by compiling ahead of time (here, on the CPU)")
+    f.add_argument("--kind", required=True, help="h100, h200 or a100")
+    f.add_argument("--out", required=True, help="the batches (JSON)")
+    f.add_argument("--configs", nargs="+", default=None)
+    f.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    f.add_argument("--max-compiles", type=int, default=4,
+                   help="compiles per config and dtype (the search narrows the batch)")
     b = sub.add_parser("bench", help="mixmae-bench of every config and dtype")
     b.add_argument("--out", required=True)
+    b.add_argument("--batches", default="", help="fitted batches (JSON, from `fit`)")
     b.add_argument("--configs", nargs="+", default=None)
     b.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     b.add_argument("--batch", type=int, default=0, help="0: each config's own starting batch")
@@ -285,6 +334,9 @@ def main(argv=None) -> int:
     if args.command == "refs":
         make_refs(args.out)
         return 0
+    if args.command == "fit":
+        fit(args.kind, args.out, args.configs, tuple(args.dtypes), args.max_compiles)
+        return 0
     if args.command == "parity":
         if not os.path.isfile(args.refs):
             print(f"error: --refs {args.refs}: no such file (make it with `refs` on the CPU)")
@@ -296,8 +348,12 @@ def main(argv=None) -> int:
         result = smoke(args.workdir, args.config)
         ok = result["ok"]
     else:
+        batches = None
+        if args.batches and os.path.isfile(args.batches):
+            with open(args.batches) as f:
+                batches = json.load(f)
         result = run_bench(args.out, args.configs, tuple(args.dtypes), args.batch, args.steps,
-                           budget_s=args.budget_s)
+                           budget_s=args.budget_s, batches=batches)
         ok = all("error" not in row for row in result)
     if getattr(args, "json", ""):
         with open(args.json, "w") as f:

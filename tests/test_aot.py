@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from mixmae_jax import bench
+from mixmae_jax import bench, tasks
 from mixmae_jax import config as config_lib
 from mixmae_jax.train import aot
 
@@ -224,7 +224,7 @@ def _compile(devices, spec, *overrides, rules=None):
     config = config_lib.load_config(os.path.join(CONFIGS, spec), overrides)
     if rules is not None:
         config.sharding_rules = rules
-    exp = bench._experiment(config, devices)
+    exp = tasks.build_experiment(config, devices)
     step = aot.compile_step(exp, config.batch_size)
     step.pop("_compiled")
     return exp, step
@@ -287,7 +287,7 @@ def test_gpu_target_compiles_in_a_fresh_process():
         pytest.skip("the jax CUDA plugin is not installed (make setup installs it)")
     out = run_python("""
         import sys
-        from mixmae_jax import bench
+        from mixmae_jax import bench, tasks
         sys.exit(bench.main(sys.argv[1:]))
     """, "--config", os.path.join(CONFIGS, "mixmim_b.py:tiny"), "--topology", "h100:1x1x4")
     result = json.loads(out.strip().splitlines()[-1])

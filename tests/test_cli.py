@@ -10,9 +10,8 @@ import torch
 from PIL import Image
 from references.mixmim import MixMIMFinetuneTorch, MixMIMPretrainTorch
 
-from mixmae_jax import cli
+from mixmae_jax import cli, tasks
 from mixmae_jax import config as config_lib
-from mixmae_jax.train import trainer
 from mixmae_jax.visualize import load_images
 
 CONFIG_FILE = '''
@@ -148,7 +147,7 @@ def test_visualize_names_a_mask_file_that_is_no_array(imported, setup, tmp_path,
 def test_pretrain_resumes_from_an_imported_checkpoint(setup, imported):
     config = config_lib.load_config(setup["config"])
     lines = []
-    out = trainer.train(config, imported, print_fn=lines.append)
+    out = tasks.train(config, imported, print_fn=lines.append)
     assert any("Resumed from step 0" in s for s in lines)
     assert out["step"] == 1 and np.isfinite(out["loss"])
 

@@ -60,7 +60,7 @@ def shipped():
 
 
 def _validate(c):
-    from mixmae_jax.eval import finetune
+    from mixmae_jax.tasks import finetune
 
     if c.get("task") == "finetune":
         finetune.validate(c)

@@ -6,7 +6,7 @@ import jax
 import pytest
 from recipes import load
 
-from mixmae_jax.eval import digits_experiment as de
+from mixmae_jax import digits_experiment as de
 from mixmae_jax.methods import get_method
 from mixmae_jax.train import step as step_lib
 

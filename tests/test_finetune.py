@@ -13,10 +13,12 @@ import pytest
 import torch
 from recipes import load, override
 
+from mixmae_jax import tasks
 from mixmae_jax.config import ConfigError, validate
-from mixmae_jax.eval import layer_decay, mixup
+from mixmae_jax.interop import layout_for
 from mixmae_jax.methods import get_method
-from mixmae_jax.train import experiment, optim, trainer
+from mixmae_jax.tasks import layer_decay, mixup
+from mixmae_jax.train import experiment, optim
 from mixmae_jax.train import step as step_lib
 
 QUIET = dict(print_fn=lambda s: None)
@@ -40,7 +42,7 @@ def pretrain_workdir(tmp_path_factory):
     c.data.update(source="digits", split="train", image_size=32)
     c.total_steps = 2
     workdir = str(tmp_path_factory.mktemp("pretrain"))
-    trainer.train(c, workdir, **QUIET)
+    tasks.train(c, workdir, **QUIET)
     return workdir
 
 
@@ -52,7 +54,7 @@ def _scales_by_name(config_name, decay, rule):
     method = get_method(config)
     _, abstract = step_lib.graphdef_and_abstract_params(
         method, lambda rngs: method.build_classifier(1000, rngs))
-    layout = method.torch_layout()
+    layout = layout_for(method.config)
     scales = layer_decay.lr_scales(abstract, layout, rule, decay)
     from mixmae_jax.interop import keymap as K
 
@@ -251,15 +253,15 @@ def _jsonl(workdir):
 
 @pytest.mark.slow
 def test_finetune_runs_resumes_exactly_and_keeps_the_best(tmp_path, pretrain_workdir):
-    c = finetune_config(init=pretrain_workdir, eval_every_epochs=2 / 150)  # every 2 steps
+    c = finetune_config(init=pretrain_workdir, **{"evals.eval.every_steps": 2})
     straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
     lines = []
-    out = trainer.train(c, straight, print_fn=lines.append)
+    out = tasks.train(c, straight, print_fn=lines.append)
     assert any("Initialised from mixmim pretraining step 2" in s for s in lines)
-    trainer.train(c, interrupted, stop_at=2, **QUIET)
-    trainer.train(c, interrupted, **QUIET)
-    _, p_straight, _ = trainer.restore_params(straight)
-    _, p_resumed, _ = trainer.restore_params(interrupted)
+    tasks.train(c, interrupted, stop_at=2, **QUIET)
+    tasks.train(c, interrupted, **QUIET)
+    _, p_straight, _ = tasks.restore_params(straight)
+    _, p_resumed, _ = tasks.restore_params(interrupted)
     diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))),
                                          p_straight, p_resumed))
     assert max(diffs) == 0.0
@@ -273,7 +275,7 @@ def test_finetune_runs_resumes_exactly_and_keeps_the_best(tmp_path, pretrain_wor
     # The best params are kept in best/ and export to the official fine-tuning layout.
     best = json.loads((tmp_path / "straight" / "best" / "best.json").read_text())
     assert best["top1"] == max(evals)
-    _, best_params, best_step = trainer.restore_params(straight, best=True)
+    _, best_params, best_step = tasks.restore_params(straight, best=True)
     assert best_step == best["step"]
 
 
@@ -287,11 +289,11 @@ def test_finetuned_export_loads_strictly_and_computes_the_same_logits(tmp_path,
 
     c = finetune_config(init=pretrain_workdir, total_steps=2)
     workdir = str(tmp_path / "ft")
-    trainer.train(c, workdir, **QUIET)
+    tasks.train(c, workdir, **QUIET)
     out = str(tmp_path / "ft.pth")
     convert_main(["to-torch", "--workdir", workdir, "--out", out, "--format", "finetune"])
     sd = torch.load(out, weights_only=True)["model"]
-    config, params, _ = trainer.restore_params(workdir)
+    config, params, _ = tasks.restore_params(workdir)
     tmodel = R.MixMIMFinetuneTorch.from_model_config(config.model, num_classes=10)
     tmodel.load_state_dict(sd, strict=True)
     method = get_method(config)
@@ -313,9 +315,9 @@ def test_384_style_finetuning_adds_the_official_loaders_resized_ape(pretrain_wor
     import torch.nn.functional as F
     from references import mixmim as R
 
-    from mixmae_jax.eval import finetune
     from mixmae_jax.interop import from_torch, to_torch
     from mixmae_jax.models import layers as L
+    from mixmae_jax.tasks import finetune
 
     c = finetune_config(init=pretrain_workdir)
     c.model.update(img_size=48, window_sizes=(6, 6), ape_grid=8)
@@ -332,7 +334,7 @@ def test_384_style_finetuning_adds_the_official_loaders_resized_ape(pretrain_wor
     assert np.max(np.abs(L.ape_table(16, 12, 8) - L.sincos_pos_embed_2d(16, 12, 12))) > 0.1
 
     method = get_method(c)
-    layout = method.torch_layout()
+    layout = layout_for(method.config)
     template = jax.device_get(jax.jit(lambda: step_lib.init_params(
         method, jax.random.PRNGKey(0), lambda rngs: method.build_classifier(10, rngs)))())
     params = finetune.load_pretrained(pretrain_workdir, c, template, print_fn=print)
@@ -367,7 +369,9 @@ def no_compiling(monkeypatch):
 @pytest.mark.parametrize("overrides, match", [
     ({"data.source": "embedded"}, "^data.source: .*labelled"),
     ({"num_classes": 7}, "^num_classes: 7, but tfds dataset 'mixmae_digits' has 10 classes"),
-    ({"data.eval_split": "validation"}, "^data.eval_split: .*no split 'validation'"),
+    ({"evals.eval.split": "validation"}, "^evals.eval.split: .*no split 'validation'"),
+    ({"keep_best": "val"}, "^keep_best: 'val' names no evaluator"),
+    ({"evals.eval.batch_size": 0}, "^evals.eval.batch_size: 0"),
     ({"augment.randaug": "auto-m9"}, "^augment.randaug=.*'rand-'"),
     ({"optim.layer_decay": 1.5}, "^optim.layer_decay:"),
     ({"batch_size": 7}, "^batch_size: Mixup/CutMix"),
@@ -375,7 +379,7 @@ def no_compiling(monkeypatch):
 def test_bad_finetune_configs_are_refused_naming_the_key(tmp_path, no_compiling, overrides,
                                                         match):
     with pytest.raises(ConfigError, match=match):
-        trainer.train(finetune_config(**overrides), str(tmp_path), **QUIET)
+        tasks.train(finetune_config(**overrides), str(tmp_path), **QUIET)
 
 
 @pytest.mark.slow
@@ -383,14 +387,14 @@ def test_init_from_a_workdir_with_fc_norm_loads_the_encoder(tmp_path):
     """MAE's classifier (UM-MAE's and MixedAE's too) adds an fc_norm the pretraining has not:
     --init of a pretraining workdir loads every encoder tensor and starts fc_norm at weight 1,
     bias 0."""
-    from mixmae_jax.eval import finetune
     from mixmae_jax.interop import keymap as K
+    from mixmae_jax.tasks import finetune
 
     c = load("mae_vit_b.py", "tiny")
     c.total_steps = 1
     workdir = str(tmp_path / "pre")
-    trainer.train(c, workdir, **QUIET)
-    _, pre, _ = trainer.restore_params(workdir)
+    tasks.train(c, workdir, **QUIET)
+    _, pre, _ = tasks.restore_params(workdir)
     ft = load("finetune_mae_vit_b.py", "tiny")
     ft.init = workdir
     method = get_method(ft)
@@ -414,14 +418,14 @@ def test_init_from_another_model_family_is_refused(tmp_path, monkeypatch):
     mae.data.update(source="digits", split="train")
     mae.total_steps = 1
     mae_dir = str(tmp_path / "mae")
-    trainer.train(mae, mae_dir, **QUIET)
+    tasks.train(mae, mae_dir, **QUIET)
     monkeypatch.setattr(experiment.Experiment, "_jit_step", _refuse)
     with pytest.raises(ValueError, match=r"--init .*mae run of model.name='vit'.*'swin'"):
-        trainer.train(finetune_config(init=mae_dir), str(tmp_path / "ft"), **QUIET)
+        tasks.train(finetune_config(init=mae_dir), str(tmp_path / "ft"), **QUIET)
     text = tmp_path / "notes.pth"
     text.write_text("not a checkpoint")
     with pytest.raises(ValueError, match="notes.pth"):
-        trainer.train(finetune_config(init=str(text)), str(tmp_path / "ft2"), **QUIET)
+        tasks.train(finetune_config(init=str(text)), str(tmp_path / "ft2"), **QUIET)
 
 
 def test_init_of_another_depth_is_refused_naming_the_tensors(tmp_path, pretrain_workdir,
@@ -433,11 +437,11 @@ def test_init_of_another_depth_is_refused_naming_the_tensors(tmp_path, pretrain_
     with pytest.raises(ValueError, match=r"^--init .*: 13 tensor\(s\) do not fit this config's "
                        r"mixmim swin classifier: encoder.layers.1.blocks.1.attn.proj.bias: "
                        r"missing from the source; .* \(and 9 more\)$"):  # the 13 of one block
-        trainer.train(c, str(tmp_path), **QUIET)
+        tasks.train(c, str(tmp_path), **QUIET)
 
 
 def test_evaluation_counts_every_example_once_on_8_devices():
-    """`finetune.evaluate` over an 8-device mesh: 597 test digits in padded batches of 200;
+    """`classification.evaluate` over an 8-device mesh: 597 test digits in padded batches of 200;
     the padding is masked out, and the figures equal those of one device."""
     from jax_subprocess import run_python
 
@@ -447,7 +451,7 @@ def test_evaluation_counts_every_example_once_on_8_devices():
         sys.path.insert(0, "tests")
         from recipes import load, override
         from mixmae_jax.data import eval_pipeline
-        from mixmae_jax.eval import finetune
+        from mixmae_jax.eval import classification
         from mixmae_jax.methods import get_method
         from mixmae_jax.train import sharding, step as step_lib
         c = load("finetune_mixmim_b.py", "tiny")
@@ -467,8 +471,8 @@ def test_evaluation_counts_every_example_once_on_8_devices():
             p = jax.device_put(params, sharding.replicated(mesh))
             it = eval_pipeline.EvalIterator(data, "test", global_batch_size=200,
                                             image_size=32, crop_pct=1.0)
-            step = jax.jit(finetune.make_eval_step(graphdef, 10))
-            res[devices] = finetune.evaluate(step, p, it, sharding.batch_sharding(mesh))
+            step = jax.jit(classification.make_eval_step(graphdef, 10))
+            res[devices] = classification.evaluate(step, p, it, sharding.batch_sharding(mesh))
         print(json.dumps(res))
     """, devices=8, timeout=600)
     res = json.loads(out.strip().splitlines()[-1])
@@ -481,7 +485,7 @@ def test_evaluation_counts_every_example_once_on_8_devices():
 
 def test_shipped_finetune_configs_hold_the_official_recipes():
     """shared/reference/mixmim.md §5.2, ummae_mixedae.md §1.9, MAE FINETUNE.md."""
-    from mixmae_jax.eval import finetune
+    from mixmae_jax.tasks import finetune
 
     common = dict(batch_size=1024, epochs=100)
     for name, decay, geometry in (
@@ -503,8 +507,9 @@ def test_shipped_finetune_configs_hold_the_official_recipes():
             got = c.model[key]
             assert (tuple(got) if isinstance(value, tuple) else got) == value, (name, key)
         load(name, "tiny")  # the smoke variant loads too
-    assert load("finetune_mixmim_b.py").data.crop_pct == 0.875
-    assert load("finetune_ummae_swin_t.py").data.crop_pct == 1.0  # Resize(256) + Crop(256)
+    assert load("finetune_mixmim_b.py").evals.eval.crop_pct == 0.875
+    assert load("finetune_ummae_swin_t.py").evals.eval.crop_pct == 1.0  # Resize(256) + Crop
+    assert load("finetune_mixmim_b.py", "res=384").evals.eval.crop_pct == 1.0
     assert tuple(load("finetune_mae_vit_b.py").optim.no_decay) == ("pos_embed", "cls_token")
     # SimMIM's own recipe (simmim_finetune__swin_base__img224_window7__800ep.yaml, config.py)
     c = load("finetune_simmim_swin_b.py")
@@ -515,7 +520,7 @@ def test_shipped_finetune_configs_hold_the_official_recipes():
     assert (o.base_lr, o.lr_batch_divisor, o.warmup_epochs, o.warmup_lr, o.min_lr, o.schedule,
             o.layer_decay, o.clip_grad_norm, o.b2) == (1.25e-3, 512, 20, 1e-6, 1e-6,
                                                        "timm_cosine", 0.8, 5.0, 0.999)
-    assert get_method(c).layer_decay_rule == "simmim" and c.data.crop_pct == 0.875
+    assert get_method(c).layer_decay_rule == "simmim" and c.evals.eval.crop_pct == 0.875
     assert c.augment.randaug == "rand-m9-mstd0.5-inc1" and c.model.drop_path_rate == 0.1
     load("finetune_simmim_swin_b.py", "tiny")
     for method in ("mixmim", "mae", "mixedae", "ummae", "simmim"):  # the digits experiment
@@ -528,10 +533,10 @@ def test_pretraining_tools_refuse_a_finetuning_workdir(tmp_path, pretrain_workdi
     from mixmae_jax.cli import eval_main
 
     workdir = str(tmp_path / "ft")
-    trainer.train(finetune_config(init=pretrain_workdir, total_steps=1), workdir, **QUIET)
+    tasks.train(finetune_config(init=pretrain_workdir, total_steps=1), workdir, **QUIET)
     with pytest.raises(SystemExit) as e:
         eval_main(["knn", "--workdir", workdir])
     assert e.value.code == 2
     assert "a fine-tuning run" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--best: .* is a pretraining run"):
-        trainer.restore_params(pretrain_workdir, best=True)
+        tasks.restore_params(pretrain_workdir, best=True)

@@ -78,6 +78,35 @@ def test_bench_halves_on_out_of_memory_and_keeps_to_its_budget(tmp_path, monkeyp
     assert json.loads((tmp_path / "gpu_bench.json").read_text())[0]["config"] == "mixmim_b.py"
 
 
+def test_fit_keeps_each_fitted_batch_rounded_down_and_the_bench_uses_it(tmp_path):
+    """`fit` asks `mixmae-bench --topology KIND:1 --fit` per config and dtype and keeps the
+    largest fitting batch rounded down to a multiple of 8; `run_bench` starts there."""
+    asked = []
+
+    def fake_main(argv):
+        asked.append(argv)
+        spec = os.path.basename(argv[argv.index("--config") + 1])
+        found = {"mixmim_b.py": 45, "mae_vit_b.py": 6}.get(spec)
+        return (0, ["table", json.dumps({"fit_global_batch": found})]) if found else (
+            2, ["error: batch_size: ..."])
+
+    out = str(tmp_path / "batches.json")
+    got = gpu_check.fit("h200", out, ["mixmim_b.py", "mae_vit_b.py", "simmim_swin_b.py"],
+                        ("bfloat16",), run_bench_main=fake_main)
+    assert got == {"mixmim_b.py|bfloat16": 40, "mae_vit_b.py|bfloat16": 6}
+    assert json.loads(Path(out).read_text()) == got
+    assert all(a[a.index("--topology") + 1] == "h200:1" and "--fit" in a for a in asked)
+    calls = []
+
+    def fake_bench(spec, dtype, batch, steps):
+        calls.append((spec, batch))
+        return dict(step_time_s=1.0, images_per_sec=batch, mfu=0.5, compile_s=1.0)
+
+    gpu_check.run_bench(str(tmp_path), ["mixmim_b.py", "simmim_swin_b.py"], ("bfloat16",),
+                        bench_one=fake_bench, batches=got)
+    assert calls == [("mixmim_b.py", 40), ("simmim_swin_b.py", 128)]  # else its start
+
+
 @pytest.mark.slow
 def test_the_whole_check_runs_without_tensorflow_or_torch(refs, tmp_path):
     """launch/gpu_check.sh check on the CPU, the GPU image faked: nvidia-smi on PATH, TF, tfds,

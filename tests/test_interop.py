@@ -10,15 +10,15 @@ import references
 import torch
 from recipes import CONFIGS, load
 
+from mixmae_jax.interop import layout_for
 from mixmae_jax.interop.keymap import ConversionError
-from mixmae_jax.methods import get_method
 
 TINY = ["mixmim_b.py", "mae_vit_b.py", "mixedae_vit_b.py", "simmim_swin_b.py", "ummae_swin_t.py",
         "ummae_pvt_s.py", "ummae_vit_b.py", "simmim_ummae_swin_t.py", "simmim_ummae_pvt_s.py"]
 
 
 def _check_against_the_reference(config, num_classes=10):
-    layout = get_method(config).torch_layout()
+    layout = layout_for(config)
     for fmt in ("pretrain", "finetune"):
         derived = layout.reference_layout(fmt, num_classes)
         with torch.device("meta"):
@@ -48,7 +48,7 @@ def test_derived_layouts_equal_the_references_shipped(name):
 def test_a_name_outside_the_definition_order_is_refused():
     """A parameter the order table does not know cannot be placed in the official order: the
     error names the key and the table instead of exporting keys out of order."""
-    layout = get_method(load("mae_vit_b.py", "tiny")).torch_layout()
+    layout = layout_for(load("mae_vit_b.py", "tiny"))
     with pytest.raises(ConversionError, match=r"blocks\.0\.attn\.gamma: 'gamma' has no place .*"
                        r"MAELayout\.order"):
         layout.order_key("blocks.0.attn.gamma")

@@ -61,12 +61,11 @@ def test_mixmae_eval_knn_on_a_pretraining_workdir(tmp_path, capsys):
 
     from recipes import load
 
-    from mixmae_jax import cli
-    from mixmae_jax.train import trainer
+    from mixmae_jax import cli, tasks
 
     c = load("mae_vit_b.py", "tiny")
     c.total_steps = 2
-    trainer.train(c, str(tmp_path / "w"), print_fn=lambda s: None)
+    tasks.train(c, str(tmp_path / "w"), print_fn=lambda s: None)
     data_dir = str(tmp_path / "tfds")
     cli.eval_main(["knn", "--workdir", str(tmp_path / "w"), "--data-dir", data_dir])
     out = capsys.readouterr().out.strip().splitlines()
@@ -86,26 +85,27 @@ def test_mixmae_eval_knn_on_a_pretraining_workdir(tmp_path, capsys):
 
 
 def test_pretraining_knn_monitor_equals_the_offline_tool(tmp_path, capsys):
-    """`config.eval.knn_every` logs knn_top1/top5 beside the loss; at the last step they equal
+    """`config.evals.knn` logs knn_top1/top5 beside the loss; at the last step they equal
     what `mixmae-eval knn` computes from the saved checkpoint."""
     import json
     import os
 
     from recipes import load
 
+    from mixmae_jax import tasks
     from mixmae_jax.cli import eval_main
-    from mixmae_jax.train import trainer
 
     c = load("mixmim_b.py", "tiny")
     c.model.update(img_size=32, embed_dim=16, depths=(1, 1), num_heads=(2, 4),
                    window_sizes=(4, 4), decoder_dim=32, decoder_depth=1, decoder_num_heads=2)
     c.data.update(source="digits", split="train", image_size=32)
     c.total_steps = 2
-    c.eval.update(knn_every=1, batch_size=300)
+    c.evals.knn.update(every_steps=1, batch_size=300)
     workdir = str(tmp_path)
     lines = []
-    trainer.train(c, workdir, print_fn=lines.append)
-    assert sum("k-NN step" in s for s in lines) == 2
+    tasks.train(c, workdir, print_fn=lines.append)
+    assert sum(s.startswith("knn step") and "(k-NN, digits train -> test)" in s
+               for s in lines) == 2
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     knn_rows = [r for r in rows if "knn_top1" in r]

@@ -434,12 +434,17 @@ def test_gpu_check_help_and_dry_runs():
     assert re.search(r"^  BENCH_BUDGET_S +300$", out, re.M)
     ml_pin = re.search(r"^ml_collections==(\S+)$", (ROOT / "requirements.txt").read_text(),
                        re.M).group(1)
-    cd, mkdir, download, refs = dry_run("gpu_check.sh", "prepare")
+    cd, mkdir, download, refs, fit = dry_run("gpu_check.sh", "prepare")
     assert mkdir == ["mkdir", "-p", ".gpu_carry/wheels"]
     assert download[1:4] == ["-m", "pip", "download"] and "--only-binary=:all:" in download
     assert download[download.index("--python-version") + 1] == "3.12"
     assert download[-2:] == [f"ml_collections=={ml_pin}", "PyYAML"]
     assert refs[-3:] == ["refs", "--out", ".gpu_carry/refs.npz"] and "JAX_PLATFORMS=cpu" in refs
+    # the batches that fit the lent GPU, by compiling for it here
+    assert fit[fit.index("fit"):fit.index("--dtypes")] == [
+        "fit", "--kind", "h200", "--out", ".gpu_carry/batches.json"]
+    assert dry_run("gpu_check.sh", "prepare", env={"FIT": "0"})[-1] == refs
+    assert "h100" in dry_run("gpu_check.sh", "prepare", env={"GPU_KIND": "h100"})[-1]
     cmds = dry_run("gpu_check.sh", env={"OUT": "/o", "BENCH_CONFIGS": "mae_vit_b.py"})
     assert cmds[0][0] == "cd" and cmds[1] == ["mkdir", "-p", "/o"]
     text = [" ".join(c) for c in cmds]
@@ -451,3 +456,4 @@ def test_gpu_check_help_and_dry_runs():
     assert bench[bench.index("--dtypes") + 1:bench.index("--dtypes") + 3] == ["bfloat16",
                                                                                "float32"]
     assert bench[bench.index("--configs") + 1] == "mae_vit_b.py" and "/o/bench.log" in text[6]
+    assert bench[bench.index("--batches") + 1] == ".gpu_carry/batches.json"

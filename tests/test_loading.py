@@ -13,7 +13,7 @@ from flax import nnx
 from parity import abstract_model, random_params
 from recipes import load
 
-from mixmae_jax.interop import from_torch, to_torch
+from mixmae_jax.interop import from_torch, layout_for, to_torch
 from mixmae_jax.interop.keymap import ConversionError
 from mixmae_jax.methods import get_method
 from mixmae_jax.models import get_model_module
@@ -75,10 +75,10 @@ def _source_params(config, seed):
 def _torch_round_trip(source_params, source, target, template):
     """The old `--init WORKDIR`: export to the official fine-tuning layout (decoder and mask tokens
     dropped), drop the export's fresh head, import into the classifier by the official rules."""
-    sd = to_torch.params_to_state_dict(source_params, get_method(source).torch_layout(),
+    sd = to_torch.params_to_state_dict(source_params, layout_for(source),
                                        format="finetune", num_classes=NUM_CLASSES)
     sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
-    params, _ = from_torch.classifier_params(sd, get_method(target).torch_layout(), template,
+    params, _ = from_torch.classifier_params(sd, layout_for(target), template,
                                              NUM_CLASSES)
     return params
 

@@ -292,11 +292,11 @@ def test_method_and_model_must_fit():
 
 @pytest.mark.slow
 def test_two_training_steps(tmp_path):
-    from mixmae_jax.train import trainer
+    from mixmae_jax import tasks
 
     c = load("mae_vit_b.py", "tiny")
     c.total_steps = 2
-    out = trainer.train(c, str(tmp_path / "w"), print_fn=lambda s: None)
+    out = tasks.train(c, str(tmp_path / "w"), print_fn=lambda s: None)
     assert out["step"] == 2 and np.isfinite(out["loss"]) and 0.3 < out["loss"] < 3.0
 
 

@@ -17,7 +17,7 @@ from recipes import load
 from references import mae as R
 
 from mixmae_jax import config as config_lib
-from mixmae_jax.interop import from_torch, to_torch
+from mixmae_jax.interop import from_torch, layout_for, to_torch
 from mixmae_jax.interop import keymap as K
 from mixmae_jax.methods import get_method
 from mixmae_jax.methods import mixedae as M
@@ -196,7 +196,7 @@ def test_exports_to_the_mae_finetuning_layout_and_back():
     classifier bit for bit; MAE's pretraining layout takes it only without MixedAE's own parts."""
     config = tiny(["--config.method.contrast_projector=16"])
     method = get_method(config)
-    layout = method.torch_layout()
+    layout = layout_for(method.config)
     _, abstract = abstract_model(lambda: method.build_model(nnx.Rngs(0)))
     params = random_params(abstract, seed=4)
     sd = to_torch.params_to_state_dict(params, layout, format="finetune", num_classes=5)
@@ -211,7 +211,7 @@ def test_exports_to_the_mae_finetuning_layout_and_back():
         to_torch.params_to_state_dict(params, layout)
     plain = get_method(tiny())
     _, abstract = abstract_model(lambda: plain.build_model(nnx.Rngs(0)))
-    sd = to_torch.params_to_state_dict(random_params(abstract, seed=5), plain.torch_layout())
+    sd = to_torch.params_to_state_dict(random_params(abstract, seed=5), layout_for(plain.config))
     R.MAEPretrainTorch.from_model_config(config.model).load_state_dict(sd, strict=True)
 
 
@@ -261,9 +261,9 @@ def test_mask_from_file():
 
 @pytest.mark.slow
 def test_two_training_steps(tmp_path):
-    from mixmae_jax.train import trainer
+    from mixmae_jax import tasks
 
     c = tiny()
     c.total_steps = 2
-    out = trainer.train(c, str(tmp_path / "w"), print_fn=lambda s: None)
+    out = tasks.train(c, str(tmp_path / "w"), print_fn=lambda s: None)
     assert out["step"] == 2 and np.isfinite(out["loss"]) and 0.3 < out["loss"] < 5.0

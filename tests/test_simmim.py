@@ -589,12 +589,12 @@ def test_check_config_names_the_key(key, value, match):
 
 @pytest.mark.slow
 def test_two_step_training_run(tmp_path):
-    from mixmae_jax.train import trainer
+    from mixmae_jax import tasks
 
     config = load("simmim_swin_b.py", "tiny")
     config.total_steps = 2
     lines = []
-    out = trainer.train(config, str(tmp_path), print_fn=lines.append)
+    out = tasks.train(config, str(tmp_path), print_fn=lines.append)
     assert out["step"] == 2
     assert np.isfinite(out["loss"]) and 0.1 < out["loss"] < 10.0, out
     assert np.isfinite(out["grad_norm"]) and out["grad_norm"] > 0

@@ -37,7 +37,7 @@ import sys
 import numpy as np
 from flax import nnx
 from mixmae_jax.config import load_config
-from mixmae_jax.eval.layer_decay import lr_scales
+from mixmae_jax.tasks.layer_decay import lr_scales
 from mixmae_jax.methods import get_method
 from mixmae_jax.models import get_model_module
 from mixmae_jax.train import step as step_lib
@@ -53,9 +53,9 @@ for name in ("mixmim", "mae", "mixedae", "ummae", "simmim"):
                           for k, v in tree.items()}
     params, report = get_model_module(ft.model.name).load(zeros(src), pre.model, zeros(tgt),
                                                           ft.model)
-    scales = lr_scales(tgt, ft_method.torch_layout(), ft_method.layer_decay_rule,
+    scales = lr_scales(tgt, layout_for(ft_method.config), ft_method.layer_decay_rule,
                        ft.optim.layer_decay)
-    sizes = [len(method.torch_layout().reference_layout(fmt, 10))
+    sizes = [len(layout_for(method.config).reference_layout(fmt, 10))
              for fmt in ("pretrain", "finetune")]
     print(name, len(report.loaded), "loaded,", sizes, "official keys")
 assert "torch" not in sys.modules
@@ -87,6 +87,7 @@ def _run(env, log, code, *args, timeout=900):
 EVERY_MODULE = '''
 import importlib, pkgutil, sys
 import mixmae_jax
+from mixmae_jax.interop import layout_for
 
 # torch is imported by the two modules that make and read torch tensors, and nowhere else
 EDGE = {"mixmae_jax.interop.to_torch", "mixmae_jax.interop.from_torch"}
@@ -123,7 +124,7 @@ def test_pretrain_finetune_evaluate_and_visualize_without_torch(tmp_path):
     small = ["--config.total_steps=2", "--config.batch_size=16", "--config.log_every=1",
              "--config.model.depths=(1,1)"]  # digits.py's Swin, one block a stage
     out = _run(env, log, _tool("pretrain_main"), "--config", "configs/digits.py", "--workdir",
-               pre, *small, "--config.eval.knn_every=0")
+               pre, *small, "--config.evals.knn.every_steps=0")
     assert "steps 0 -> 2" in out
     out = _run(env, log, _tool("finetune_main"), "--config", "configs/digits.py:finetune",
                "--workdir", ft, "--init", pre, *small)

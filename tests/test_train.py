@@ -17,6 +17,7 @@ from PIL import Image
 from recipes import mixmim_config, override
 
 from mixmae_jax import config as config_lib
+from mixmae_jax import tasks
 from mixmae_jax.config import ConfigError
 from mixmae_jax.train import trainer
 
@@ -57,7 +58,7 @@ def _jsonl(workdir):
 def test_two_step_run_on_mock_tfds(tmp_path):
     config = tiny_config(**{"data.source": "tfds", "data.name": "cifar10", "total_steps": 2})
     with tfds.testing.mock_data(num_examples=64):
-        out = trainer.train(config, str(tmp_path), print_fn=lambda s: None)
+        out = tasks.train(config, str(tmp_path), print_fn=lambda s: None)
     assert out["step"] == 2
     rows = _jsonl(tmp_path)
     assert [r["step"] for r in rows] == [1, 2]
@@ -67,7 +68,7 @@ def test_two_step_run_on_mock_tfds(tmp_path):
             assert np.isfinite(r[key]), key
     # Loss ~ 1 for norm-pix targets at init; the optimizer moved the params.
     assert 0.3 < rows[0]["loss"] < 3.0
-    _, params, step = trainer.restore_params(str(tmp_path))
+    _, params, step = tasks.restore_params(str(tmp_path))
     assert step == 2
     assert os.path.exists(tmp_path / "config.json")
     assert os.listdir(tmp_path / "tensorboard")
@@ -77,16 +78,16 @@ def test_two_step_run_on_mock_tfds(tmp_path):
 def test_resume_is_exact(tmp_path, image_folder):
     config = tiny_config(**{"data.source": "folder", "data.folder": image_folder})
     straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
-    trainer.train(config, straight, print_fn=lambda s: None)
-    trainer.train(config, interrupted, print_fn=lambda s: None, stop_at=2)
-    assert trainer.restore_params(interrupted)[2] == 2
+    tasks.train(config, straight, print_fn=lambda s: None)
+    tasks.train(config, interrupted, print_fn=lambda s: None, stop_at=2)
+    assert tasks.restore_params(interrupted)[2] == 2
     with open(os.path.join(interrupted, "metrics.jsonl"), "a") as f:  # logged, never saved,
         f.write('{"step": 3, "loss": 99.0}\n{"step": 4, "lo')  # then killed mid-line
     lines = []
-    trainer.train(config, interrupted, print_fn=lines.append)  # resumes at 2, runs to 4
+    tasks.train(config, interrupted, print_fn=lines.append)  # resumes at 2, runs to 4
     assert any("Resumed from step 2" in s for s in lines)
-    _, p_straight, s1 = trainer.restore_params(straight)
-    _, p_resumed, s2 = trainer.restore_params(interrupted)
+    _, p_straight, s1 = tasks.restore_params(straight)
+    _, p_resumed, s2 = tasks.restore_params(interrupted)
     assert s1 == s2 == 4
     diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))),
                                          p_straight, p_resumed))
@@ -104,7 +105,7 @@ def test_resume_after_a_corrupt_newest_checkpoint_redoes_its_steps(tmp_path, ima
     without metadata names it and the steps that remain."""
     config = tiny_config(**{"data.source": "folder", "data.folder": image_folder})
     workdir = str(tmp_path / "run")
-    trainer.train(config, workdir, print_fn=lambda s: None)
+    tasks.train(config, workdir, print_fn=lambda s: None)
     step4 = os.path.join(workdir, "checkpoints", "4", "state")
     files = [os.path.join(d, f) for d, _, fs in os.walk(step4) for f in fs]
     biggest = max(files, key=os.path.getsize)
@@ -112,7 +113,7 @@ def test_resume_after_a_corrupt_newest_checkpoint_redoes_its_steps(tmp_path, ima
         f.truncate(os.path.getsize(biggest) // 2)
     lines = []
     config.total_steps = 5
-    out = trainer.train(config, workdir, print_fn=lines.append)
+    out = tasks.train(config, workdir, print_fn=lines.append)
     assert any(s.startswith("checkpoint step 4 (") and "moved to" in s for s in lines), lines
     assert any("Resumed from step 2" in s and "2 steps will be redone" in s for s in lines)
     assert out["step"] == 5 and os.path.isdir(os.path.join(workdir, "checkpoints", "4.unreadable"))
@@ -124,18 +125,18 @@ def test_resume_after_a_corrupt_newest_checkpoint_redoes_its_steps(tmp_path, ima
                 os.remove(os.path.join(d, f))
     with pytest.raises(ValueError, match=r"checkpoint step 5 in .*cannot be read.*other steps: "
                                          r"2, 4 \(--step N\)"):
-        trainer.restore_params(workdir)
-    assert trainer.restore_params(workdir, 4)[2] == 4
+        tasks.restore_params(workdir)
+    assert tasks.restore_params(workdir, 4)[2] == 4
 
 
 def test_resume_refuses_incompatible_config(tmp_path, image_folder):
     config = tiny_config(**{"data.source": "folder", "data.folder": image_folder,
                             "total_steps": 2})
-    trainer.train(config, str(tmp_path), print_fn=lambda s: None)
+    tasks.train(config, str(tmp_path), print_fn=lambda s: None)
     changed = tiny_config(**{"data.source": "folder", "data.folder": image_folder,
                              "model.embed_dim": 32})
     with pytest.raises(ValueError, match="model.embed_dim"):
-        trainer.train(changed, str(tmp_path), print_fn=lambda s: None)
+        tasks.train(changed, str(tmp_path), print_fn=lambda s: None)
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_state(tmp_path, image_folder):
@@ -144,10 +145,10 @@ def test_nonfinite_loss_stops_and_keeps_last_good_state(tmp_path, image_folder):
     config = tiny_config(**{"data.source": "folder", "data.folder": image_folder,
                             "optim.base_lr": 1e36, "checkpoint_every": 100, "total_steps": 6})
     with pytest.raises(trainer.NonFiniteLossError, match=r"not finite at step (\d+)") as info:
-        trainer.train(config, str(tmp_path), print_fn=lambda s: None)
+        tasks.train(config, str(tmp_path), print_fn=lambda s: None)
     bad = int(re.search(r"not finite at step (\d+)", str(info.value)).group(1))
     assert bad >= 2
-    _, params, step = trainer.restore_params(str(tmp_path))
+    _, params, step = tasks.restore_params(str(tmp_path))
     assert step == bad - 1
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
@@ -218,11 +219,11 @@ def test_tensorboard_reads_a_resumed_run_as_one(tmp_path, image_folder):
 
     config = tiny_config(**{"data.source": "folder", "data.folder": image_folder})
     workdir = str(tmp_path)
-    trainer.train(config, workdir, stop_at=3, **{"print_fn": lambda s: None})
+    tasks.train(config, workdir, stop_at=3, **{"print_fn": lambda s: None})
     import shutil
 
     shutil.rmtree(os.path.join(workdir, "checkpoints", "3"))  # killed before step 3 was saved
-    trainer.train(config, workdir, print_fn=lambda s: None)
+    tasks.train(config, workdir, print_fn=lambda s: None)
     rows = _jsonl(workdir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     # The loader TensorBoard's server uses (v2 summaries are tensors).
@@ -271,7 +272,7 @@ def test_kill_9_during_checkpoint_writes_then_resume_logs_the_same_losses(tmp_pa
                 proc.kill()
                 kills += 1
         proc.wait(timeout=300)
-        if proc.returncode == 0 and trainer.restore_params(killed)[2] == total:
+        if proc.returncode == 0 and tasks.restore_params(killed)[2] == total:
             break
     assert kills == 3
     by_step = lambda rows: {r["step"]: r["loss"] for r in rows}  # noqa: E731
@@ -307,6 +308,6 @@ def test_a_full_disk_during_a_save_ends_with_one_clear_error_and_an_intact_check
                         r"\((.*?)\); the newest intact checkpoint is step 2", proc.stderr)
     assert len(errors) == 1, proc.stderr[-3000:]
     assert "File too large" in errors[0] or "Failed to write" in errors[0], errors
-    assert trainer.restore_params(workdir)[2] == 2
+    assert tasks.restore_params(workdir)[2] == 2
     subprocess.run([*cmd, "--config.total_steps=8"], check=True, capture_output=True)
-    assert trainer.restore_params(workdir)[2] == 8
+    assert tasks.restore_params(workdir)[2] == 8

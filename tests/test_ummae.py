@@ -290,9 +290,9 @@ def test_mask_from_file_names_what_is_wrong():
 @pytest.mark.parametrize("name", BACKBONES)
 def test_two_training_steps(tmp_path, name):
     """The trainer runs UM-MAE end to end on each backbone."""
-    from mixmae_jax.train import trainer
+    from mixmae_jax import tasks
 
     c = tiny(name)
     c.total_steps = 2
-    out = trainer.train(c, str(tmp_path / "w"), print_fn=lambda s: None)
+    out = tasks.train(c, str(tmp_path / "w"), print_fn=lambda s: None)
     assert out["step"] == 2 and np.isfinite(out["loss"]) and 0.3 < out["loss"] < 3.0

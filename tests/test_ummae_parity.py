@@ -29,7 +29,7 @@ from parity import (
 from recipes import load
 from references import ummae as R
 
-from mixmae_jax.interop import from_torch, to_torch
+from mixmae_jax.interop import from_torch, layout_for, to_torch
 from mixmae_jax.interop import keymap as K
 from mixmae_jax.methods import get_method
 from mixmae_jax.models import layers as L
@@ -96,7 +96,7 @@ def torch_run(tmodel, images, masks, dtype, masked_only):
 
 def parity_run(config, name, batch=3, seed=1):
     method = get_method(config)
-    layout = method.torch_layout()
+    layout = layout_for(method.config)
     graphdef, abstract = abstract_model(lambda: method.build_model(nnx.Rngs(0)))
     params = random_params(abstract, seed=seed)
     state_dict = to_torch.params_to_state_dict(params, layout)
@@ -165,7 +165,7 @@ def test_finetune_classifier_parity(model_name, name):
     cfg = load(name, "tiny").model
     jax_cls, torch_cls = FINETUNE[model_name]
     method = get_method(load(name, "tiny"))
-    layout = method.torch_layout()
+    layout = layout_for(method.config)
     graphdef, abstract = abstract_model(lambda: jax_cls(cfg, num_classes=7, rngs=nnx.Rngs(0)))
     params = random_params(abstract, seed=4)
     sd = to_torch.params_to_state_dict(params, layout, format="finetune", num_classes=7)
@@ -193,7 +193,7 @@ def test_official_pretraining_layout_round_trips_bit_exactly(name):
     config; a random official state_dict imports (strict) and exports back bit for bit."""
     config = load(name)
     method = get_method(config)
-    layout = method.torch_layout()
+    layout = layout_for(method.config)
     _, abstract = abstract_model(lambda: method.build_model(nnx.Rngs(0)))
     tmodel = reference(name, config)
     export = to_torch.params_to_state_dict(random_params(abstract, seed=3), layout)
@@ -214,7 +214,7 @@ def test_pretraining_export_loads_strictly_into_the_finetune_geometry(name, wind
     finetune file imports into the classifier and exports back bit for bit."""
     config = load(name)
     method = get_method(config)
-    layout = method.torch_layout()
+    layout = layout_for(method.config)
     _, abstract = abstract_model(lambda: method.build_model(nnx.Rngs(0)))
     sd = to_torch.params_to_state_dict(random_params(abstract, seed=3), layout,
                                        format="finetune", num_classes=10)
@@ -240,7 +240,7 @@ def test_exported_tables_equal_the_references_own():
     for name in ("ummae_swin_t.py", "ummae_pvt_s.py", "ummae_vit_b.py", "simmim_ummae_pvt_s.py"):
         config = load(name)
         own = reference(name, config).state_dict()
-        entries = get_method(config).torch_layout().constant_entries("pretrain")
+        entries = layout_for(config).constant_entries("pretrain")
         assert entries, name
         for k, v in entries.items():
             np.testing.assert_array_equal(v, own[k].numpy(), err_msg=f"{name}: {k}")
@@ -249,7 +249,7 @@ def test_exported_tables_equal_the_references_own():
 def test_import_names_bad_keys_and_checks_tables():
     config = load("ummae_pvt_s.py", "tiny")
     method = get_method(config)
-    layout = method.torch_layout()
+    layout = layout_for(method.config)
     sd = reference("ummae_pvt_s.py", config).state_dict()
     _, template = abstract_model(lambda: method.build_model(nnx.Rngs(0)))
     bad = dict(sd)

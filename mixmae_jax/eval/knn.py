@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mixmae_jax.eval import Evaluator
+
 
 def normalize(x):
     """Rows scaled to unit L2 norm (zero rows stay zero)."""
@@ -71,7 +73,7 @@ class FrozenFeatures:
     """`Method.features` of whole images, one labelled split at a time: every example once
     (centre crops, `data/eval_pipeline.py`), padding dropped, in the split's stored order.
     Jitted once over `mesh` (default: this host's first device); the features are replicated
-    to every process. Used by `mixmae-eval`, the k-NN monitor and the digits experiment."""
+    to every process. Used by `mixmae-eval`, the k-NN evaluator and the digits experiment."""
 
     def __init__(self, method, graphdef, *, mesh=None, params_sharding=None):
         from mixmae_jax import imaging
@@ -111,18 +113,26 @@ class FrozenFeatures:
         return np.concatenate(feats)[order], np.concatenate(labels)[order]
 
 
-class KnnMonitor:
-    """k-NN accuracy of the current encoder during pretraining (`config.eval`): the frozen
-    features (`FrozenFeatures`) of a labelled train split and test split, weighted k-NN from
-    one to the other."""
+class KnnEvaluator(Evaluator):
+    """k-NN accuracy of the current encoder (`config.evals.<name>.type = "knn"`): the frozen
+    features (`FrozenFeatures`) of a labelled train split and test split of its own data set
+    (`source`: "digits" or a prepared "tfds" `name`), weighted k-NN from one to the other."""
 
-    def __init__(self, eval_cfg, features: FrozenFeatures, image_size: int):
+    @staticmethod
+    def check_config(name, cfg, config, check) -> None:
+        key = f"evals.{name}"
+        check(cfg.source in ("digits", "tfds"), f"{key}.source",
+              f"{cfg.source!r}: the k-NN evaluator needs labels ('digits' or 'tfds')")
+        check(cfg.k >= 1 and cfg.temperature > 0, f"{key}.k", "k >= 1 and temperature > 0")
+
+    def __init__(self, name, cfg, exp):
         from mixmae_jax.data import eval_pipeline
 
-        self.cfg = eval_cfg
-        self.data = eval_pipeline.labelled_data(eval_cfg)
-        self.features = features
-        self.image_size = image_size
+        super().__init__(name, cfg, exp)
+        self.data = eval_pipeline.labelled_data(cfg)
+        self.features = FrozenFeatures(exp.method, exp.graphdef, mesh=exp.mesh,
+                                       params_sharding=exp.state_shardings["params"])
+        self.image_size = exp.config.data.image_size
 
     def __call__(self, params) -> dict[str, float]:
         c = self.cfg
@@ -132,3 +142,9 @@ class KnnMonitor:
             for split in (c.train_split, c.test_split))
         return knn_accuracy(xf, xl, qf, ql, k=c.k, temperature=c.temperature,
                             num_classes=self.data.num_classes)
+
+    def describe(self, step: int, results: dict) -> str:
+        c = self.cfg
+        where = f"{c.source} {c.name if c.source == 'tfds' else ''}".strip()
+        return (f"{super().describe(step, results)}  (k-NN, {where} {c.train_split} -> "
+                f"{c.test_split})")

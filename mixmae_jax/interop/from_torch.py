@@ -1,6 +1,6 @@
 """Official PyTorch checkpoints -> mixmae-jax params.
 
-    layout = get_method(config).torch_layout()
+    layout = layout_for(config)
     sd = load_torch_checkpoint("mixmim_base.pth", trust_pickle=True)   # official files pickle args
     params, report = state_dict_to_params(sd, layout, template_params)
     for line in report: print(line)

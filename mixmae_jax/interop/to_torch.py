@@ -6,7 +6,7 @@ from the JAX model's parameter paths and proven equal to the plain torch referen
 tests), including the entries mixmae-jax computes instead of storing: frozen sin-cos tables
 (float32), int64 `relative_position_index` buffers, Swin's shifted-window `attn_mask` buffers.
 
-    layout = get_method(config).torch_layout()
+    layout = layout_for(config)
     sd = params_to_state_dict(params, layout)                      # e.g. models_mixmim
     sd = params_to_state_dict(params, layout, format="finetune")   # e.g. models_mixmim_ft
     save_torch_checkpoint(sd, "mixmim_b.pth")   # {'model': sd}, loads with weights_only=True

@@ -13,8 +13,9 @@ A method is a module `methods/<name>.py` defining `Method(config)`, a subclass o
 * its loss: `loss(model, batch, plan, num_groups, rng)` -> (scalar loss, dict of scalar metrics),
   from the batch dict (`{"image": normalised float (B, H, W, 3), ...}`);
 * what `mixmae-visualize` shows: `mask_from_file` (the official code's mask convention, documented
-  in `mask_help`) and `panels(model, images, plan)`;
-* its PyTorch layout: `torch_layout()`, the official state_dicts it exports to and imports from.
+  in `mask_help`) and `panels(model, images, plan)`.
+
+Its PyTorch layout (the official state_dicts) is PyTorch interop's: `interop.layout_for(config)`.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class Method(abc.ABC):
 
     # -- fine-tuning ----------------------------------------------------------------------------
 
-    # The official fine-tuning recipe's layer-wise lr decay rule (`eval/layer_decay.py`).
+    # The official fine-tuning recipe's layer-wise lr decay rule (`tasks/layer_decay.py`).
     layer_decay_rule: str = "blocks"
 
     def build_classifier(self, num_classes: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -91,9 +92,3 @@ class Method(abc.ABC):
         from mixmae_jax.models.classifier import build_classifier
 
         return build_classifier(self.model_cfg, num_classes, dtype=self.compute_dtype, rngs=rngs)
-
-    # -- conversion ---------------------------------------------------------------------------
-
-    @abc.abstractmethod
-    def torch_layout(self):
-        """The `interop.keymap.Layout` of this method's official PyTorch models."""

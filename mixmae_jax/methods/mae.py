@@ -154,8 +154,3 @@ class Method(base.Method):
                    "masked": L.unpatchify(patches * (1 - m), p, size, size),
                    "reconstruction": L.unpatchify(filled, p, size, size)}
         return loss, {}, columns
-
-    def torch_layout(self):
-        from mixmae_jax.interop.mae_layout import MAELayout
-
-        return MAELayout(self.model_cfg)

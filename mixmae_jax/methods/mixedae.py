@@ -325,8 +325,3 @@ class Method(base.Method):
                    "reconstruction": L.unpatchify(filled, p, size, size)}
         metrics = {"contrast_loss": contrast, "recognition_last": recognition[-1]}
         return rec + self.cfg.contrast_weight * contrast, metrics, columns
-
-    def torch_layout(self):
-        from mixmae_jax.interop.mae_layout import MixedAELayout
-
-        return MixedAELayout(self.model_cfg)

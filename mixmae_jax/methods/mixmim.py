@@ -158,9 +158,3 @@ class Method(base.Method):
                    "branch1": L.unpatchify(rec1, stride, size, size),
                    "branch2": L.unpatchify(rec2, stride, size, size)}
         return loss, aux, columns
-
-    def torch_layout(self):
-        from mixmae_jax.interop.mixmim_layout import MixMIMLayout
-
-        return MixMIMLayout(self.model_cfg)
-

@@ -226,12 +226,3 @@ class Method(base.Method):
                    "masked": images * (1 - m),
                    "reconstruction": images * (1 - m) + x_rec * m}
         return loss, {}, columns
-
-    def torch_layout(self):
-        if self.model_cfg.name != "swin":
-            from mixmae_jax.interop.ummae_layout import layout_for
-
-            return layout_for(self.model_cfg, self.cfg)
-        from mixmae_jax.interop.simmim_layout import SimMIMLayout
-
-        return SimMIMLayout(self.model_cfg)

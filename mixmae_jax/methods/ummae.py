@@ -308,8 +308,3 @@ class Method(base.Method):
             m.sr_ratios = tuple(m.full_sr_ratios)
             build = lambda: PVTEncoder(m, vis_mask_token=secondary, rngs=nnx.Rngs(0))  # noqa
         return nnx.split(nnx.eval_shape(build))[0]
-
-    def torch_layout(self):
-        from mixmae_jax.interop.ummae_layout import layout_for
-
-        return layout_for(self.model_cfg, self.cfg)

@@ -53,6 +53,7 @@ from mixmae_jax import models
 
 CONFIG_NAME = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+BEST_DIR = "best"  # a fine-tuning run's best params (tasks/finetune.py)
 
 # Resuming with a different value under these keys would silently train a different model or
 # optimiser (or fail to restore the state), so it is refused. Other keys (run length, logging and
@@ -69,6 +70,16 @@ class ConfigMismatchError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # Config snapshot
 # ---------------------------------------------------------------------------------------------
+
+
+def load_config_snapshot(workdir: str):
+    """The config a run was started with (config.json beside its checkpoints)."""
+    import ml_collections
+
+    path = epath.Path(workdir) / CONFIG_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no config snapshot; is {workdir!r} a mixmae workdir?")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def config_to_dict(config: Any) -> dict:

@@ -1,25 +1,24 @@
-"""The pretraining loop, readable top to bottom.
+"""The training loop, readable top to bottom, of every task (pretraining and fine-tuning are
+tasks: `mixmae_jax/tasks/`; the loop imports neither).
 
-    mesh -> validate config -> checkpoint dir (config snapshot, resume step) -> input pipeline
-    -> method, optimizer, sharded state (fresh or restored) -> jitted step -> loop
-       (progress line, metrics, async checkpoints, NaN guard, SIGTERM) -> final checkpoint
+    mesh -> task's config and data checks -> checkpoint dir (config snapshot, resume step)
+    -> input pipeline -> experiment (model, optimizer, sharded state: fresh or restored)
+    -> loop (progress line, metrics, evaluators, async checkpoints, NaN guard, SIGTERM)
+    -> final checkpoint
 
-The loop never waits on the device except at logging and checkpoint steps.
+The loop never waits on the device except at logging, evaluation and checkpoint steps.
 """
 
 from __future__ import annotations
 
 import collections
-import json
+import dataclasses
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
-from etils import epath
 
-from mixmae_jax import config as config_lib
-from mixmae_jax.methods import get_method
 from mixmae_jax.train import checkpoint as ckpt_lib
 from mixmae_jax.train import experiment, optim, sharding
 from mixmae_jax.train import metrics as metrics_lib
@@ -30,131 +29,12 @@ class NonFiniteLossError(FloatingPointError):
     """The loss or gradient became NaN/inf; the last good state is kept in the checkpoints."""
 
 
-class Task:
-    """What `train` runs: pretraining here; fine-tuning (`eval/finetune.py`) overrides the hooks.
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What a task's hooks may need of the run: where it writes, how it speaks."""
 
-    The loop itself (devices, resume, checkpoints, metrics, preemption) is the same for both.
-    """
-
-    kind = "pretraining"
-    batch_keys: tuple[str, ...] = ("image",)  # what the input yields and the step takes
-
-    def __init__(self, config):
-        self.config = config
-        self.method = get_method(config)
-        self.workdir = None  # set by `train`, with the primary process's print function
-        self.print_fn = print
-        self._knn = None  # the k-NN monitor, built on first use
-
-    def check_config(self, num_devices: int, process_count: int) -> None:
-        """The config's checks for this many devices and processes (ConfigError naming a key);
-        nothing is read or compiled."""
-        config_lib.validate(self.config, num_devices=num_devices, process_count=process_count)
-
-    def check_data(self) -> None:
-        """Checks of the data set the config names, before anything compiles."""
-
-    def input_options(self) -> dict:
-        """Extra `create_train_iterator` arguments (fine-tuning: labels, RandAugment)."""
-        return {}
-
-    def build_model(self, rngs):
-        return self.method.build_model(rngs)
-
-    @property
-    def objective(self):
-        """`make_plan` and `loss` for the train step."""
-        return self.method
-
-    def make_optimizer(self, abstract_params, steps_per_epoch: int):
-        return optim.make_optimizer(self.config, steps_per_epoch)
-
-    def extra_state(self) -> dict:
-        """More train-state entries ({name: () -> array}); checkpointed with it."""
-        return {}
-
-    def initial_params(self, abstract_params):
-        """Params a fresh run starts from (host arrays), or None for a random init."""
-        return None
-
-    def after_step(self, exp, step: int, state, *, total_steps: int, writer):
-        """Runs after every step (before a checkpoint at that step); returns the state.
-        Pretraining: the k-NN monitor every `eval.knn_every` steps and at the end."""
-        e = self.config.get("eval")
-        if e is None or e.knn_every <= 0 or (step % e.knn_every and step != total_steps):
-            return state
-        if self._knn is None:
-            from mixmae_jax.eval.knn import FrozenFeatures, KnnMonitor
-
-            features = FrozenFeatures(self.method, exp.graphdef, mesh=exp.mesh,
-                                      params_sharding=exp.state_shardings["params"])
-            self._knn = KnnMonitor(e, features, self.config.data.image_size)
-        acc = self._knn(state["params"])
-        writer.write_scalars(step, {f"knn_{k}": v for k, v in acc.items()})
-        self.print_fn(f"k-NN step {step}: top-1 {acc['top1']:.4f}  top-5 {acc['top5']:.4f} "
-                      f"({e.source} {e.name if e.source == 'tfds' else ''} {e.train_split} -> "
-                      f"{e.test_split})")
-        return state
-
-    def finish(self, exp, state) -> dict:
-        """Summary metrics at the end of a run."""
-        return {}
-
-
-def task_for(config) -> Task:
-    """The task of a config: fine-tuning when `config.task == "finetune"`, else pretraining."""
-    if config.get("task", "pretrain") == "finetune":
-        from mixmae_jax.eval.finetune import FinetuneTask
-
-        return FinetuneTask(config)
-    return Task(config)
-
-
-def load_config_snapshot(workdir: str) -> ml_collections.ConfigDict:
-    """The config a run was started with (config.json beside its checkpoints)."""
-    path = epath.Path(workdir) / ckpt_lib.CONFIG_NAME
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no config snapshot; is {workdir!r} a mixmae workdir?")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
-
-
-def restore_params(workdir: str, step: int | None = None, *, best: bool = False,
-                   pretraining_only: bool = False):
-    """(config, params, step) of a run's checkpoint, on this host's devices (for tools): the
-    params only, not the optimizer moments. best: a fine-tuning run's best-top-1 params;
-    pretraining_only: refuse a fine-tuning run (tools that need the pretraining model)."""
-    config = load_config_snapshot(workdir)
-    if pretraining_only and config.get("task", "pretrain") == "finetune":
-        raise ValueError(f"--workdir {workdir}: a fine-tuning run (its classifier has no "
-                         "decoder); this tool reads pretraining runs")
-    if best and config.get("task", "pretrain") != "finetune":
-        raise ValueError(f"--best: {workdir} is a pretraining run; only fine-tuning keeps a "
-                         "best checkpoint")
-    exp = experiment.build(config, sharding.single_device_mesh(), task=task_for(config),
-                           steps_per_epoch=1)
-    target = exp.abstract_params
-    ckpt = ckpt_lib.Checkpointer(workdir, save_every=0, keep=0,
-                                 subdir="best" if best else ckpt_lib.CHECKPOINT_DIR)
-    try:
-        steps = ckpt.all_steps()
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {workdir}")
-        if step not in steps:
-            raise FileNotFoundError(f"--step {step}: no such checkpoint in {workdir} (steps: "
-                                    f"{', '.join(map(str, steps)) or 'none'})")
-        try:
-            params = ckpt.restore_params(step, target)
-        except Exception as e:  # noqa: BLE001 - any read failure: name the step and the others
-            others = [s for s in steps if s != step]
-            reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
-            raise ValueError(
-                f"checkpoint step {step} in {ckpt.directory / str(step)} cannot be read "
-                f"({reason}); other steps: {', '.join(map(str, others)) or 'none'} (--step N)"
-            ) from e
-    finally:
-        ckpt.close()
-    return config, params, int(step)
+    workdir: str
+    print_fn: Callable[[str], None]  # this process's (quiet on all but the first)
 
 
 def _device_prefetch(iterator, size: int, batch_sharding):
@@ -173,10 +53,9 @@ def _device_prefetch(iterator, size: int, batch_sharding):
         yield queue.popleft()
 
 
-def train(config, workdir: str, *, print_fn=print, stop_at: int | None = None,
-          task: Task | None = None) -> dict:
-    """Runs `task` (default: the config's, `task_for`) until config's total steps, resuming from
-    `workdir`; returns final metrics.
+def train(config, workdir: str, task, *, print_fn=print, stop_at: int | None = None) -> dict:
+    """Runs `task` (`tasks.for_config(config)`) until the config's total steps, resuming from
+    `workdir`; returns the final metrics.
 
     stop_at: end this invocation early at that step with a checkpoint, as an interruption would
     (the schedule still runs to the total); a later call resumes.
@@ -187,9 +66,8 @@ def train(config, workdir: str, *, print_fn=print, stop_at: int | None = None,
     step_lib.enable_compilation_cache(config.get("compilation_cache_dir", ""))
     mesh = sharding.make_mesh(config.mesh)
     num_devices = mesh.devices.size
-    task = task or task_for(config)
     is_primary = jax.process_index() == 0
-    task.workdir, task.print_fn = workdir, print_fn if is_primary else (lambda s: None)
+    run = Run(workdir, print_fn if is_primary else (lambda s: None))
     task.check_config(num_devices, jax.process_count())
     task.check_data()
 
@@ -220,7 +98,8 @@ def train(config, workdir: str, *, print_fn=print, stop_at: int | None = None,
                 process_index=jax.process_index(), process_count=jax.process_count(),
                 start_step=start_step, **task.input_options())
     if state is None:
-        state = exp.init_state(task.initial_params(exp.abstract_params))
+        state = exp.init_state(task.initial_params(exp.abstract_params, run))
+    evaluators = task.evaluators(exp)
     print_fn(f"{exp.method.name} {task.kind} ({config.model.name}): "
              f"{exp.num_params / 1e6:.2f}M params, "
              f"{num_devices} devices, "
@@ -239,7 +118,7 @@ def train(config, workdir: str, *, print_fn=print, stop_at: int | None = None,
     averager = metrics_lib.MetricAverager()
     preempt = ckpt_lib.install_preemption_handler()
     batches = _device_prefetch(data, max(int(config.data.prefetch), 1), exp.batch_sharding)
-    last = {}
+    last, last_results = {}, {}
     step = start_step
     t_log, n_log = time.perf_counter(), 0
     try:
@@ -267,7 +146,10 @@ def train(config, workdir: str, *, print_fn=print, stop_at: int | None = None,
                 progress.update(step, {k: last[k] for k in ("loss", "lr") if k in last})
                 t_log, n_log = time.perf_counter(), 0
             before = time.perf_counter()
-            state = task.after_step(exp, step, state, total_steps=total_steps, writer=writer)
+            for evaluator in evaluators:
+                if evaluator.due(step, total_steps):
+                    state = _evaluate(evaluator, step, state, task, exp, run, writer,
+                                      last_results)
             t_log += time.perf_counter() - before  # evaluation is not training time
             if at_save or stop:
                 ckpt.save(step, state, force=stop or step == total_steps)
@@ -275,12 +157,23 @@ def train(config, workdir: str, *, print_fn=print, stop_at: int | None = None,
                 why = "Stopped as asked" if step == stop_at else "Preempted (SIGTERM)"
                 print_fn(f"{why}: saved step {step}, exiting cleanly")
                 break
-        summary = task.finish(exp, state)
+        summary = task.finish(exp, state, evaluators, last_results, run)
     finally:
         preempt.uninstall()
         writer.close()
         ckpt.close()
     return {"step": step, **last, **summary}
+
+
+def _evaluate(evaluator, step: int, state, task, exp, run, writer, last_results: dict):
+    """One evaluator's run: its results logged as `<name>_<key>`, then the task's use of them
+    (fine-tuning keeps the best params); returns the state."""
+    results = last_results[evaluator.name] = evaluator(state["params"])
+    writer.write_scalars(step, {f"{evaluator.name}_{k}": v for k, v in results.items()
+                                if k != "count"})
+    state, note = task.after_eval(exp, step, state, evaluator.name, results, run)
+    run.print_fn(evaluator.describe(step, results) + note)
+    return state
 
 
 def _raise_if_nonfinite(state, ckpt) -> None:

@@ -2,7 +2,7 @@
 scikit-learn's handwritten digits, frozen (k-NN, linear probe) and fine-tuned (10 labels per
 class and all labels), 3 fine-tuning seeds, one Markdown table.
 
-    python -m mixmae_jax.eval.digits_experiment --workdir workdirs/experiment/mixmim \
+    python -m mixmae_jax.digits_experiment --workdir workdirs/experiment/mixmim \
         [--method mixmim|mae|mixedae|ummae|simmim] [--seeds 0 1 2]
 
 Steps (configs/digits.py holds every value): the method's pretraining on the 1,200 train images
@@ -83,12 +83,12 @@ def save_toy_encoder(out: str, workdir: str) -> None:
     """Pretrains `configs/digits.py:toy` in `workdir` and writes its encoder's params to `out`
     (npz, one array per parameter path): the suite's pretrained-vs-random toy."""
     from mixmae_jax import config as config_lib
+    from mixmae_jax import tasks
     from mixmae_jax.train import step as step_lib
-    from mixmae_jax.train import trainer
 
     config = config_lib.load_config(f"{_config_path()}:toy")
-    trainer.train(config, workdir, print_fn=lambda s: None)
-    _, params, step = trainer.restore_params(workdir)
+    tasks.train(config, workdir, print_fn=lambda s: None)
+    _, params, step = tasks.restore_params(workdir)
     arrays = step_lib.flat_arrays(params["encoder"])
     np.savez_compressed(out, **arrays)
     print(f"wrote {out}: the encoder after {step} steps ({len(arrays)} arrays)")
@@ -107,7 +107,7 @@ def load_toy_encoder(path: str, params):
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m mixmae_jax.eval.digits_experiment",
+    p = argparse.ArgumentParser(prog="python -m mixmae_jax.digits_experiment",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--method", default="mixmim", choices=sorted(NAMES),
                    help="the pretraining method (configs/digits.py:method=...)")
@@ -129,9 +129,9 @@ def main(argv=None) -> None:
     from absl import logging
 
     from mixmae_jax import config as config_lib
+    from mixmae_jax import tasks
     from mixmae_jax.methods import get_method
     from mixmae_jax.train import step as step_lib
-    from mixmae_jax.train import trainer
 
     logging.set_verbosity(logging.WARNING)
     os.makedirs(args.workdir, exist_ok=True)
@@ -142,8 +142,8 @@ def main(argv=None) -> None:
     pre_dir = os.path.join(args.workdir, "pretrain")
     pre_cfg = config_lib.load_config(f"{path}:method={args.method}")
     print(f"[{time.perf_counter() - t0:6.0f}s] pretraining -> {pre_dir}", flush=True)
-    trainer.train(pre_cfg, pre_dir, print_fn=quiet)
-    _, params, _ = trainer.restore_params(pre_dir)
+    tasks.train(pre_cfg, pre_dir, print_fn=quiet)
+    _, params, _ = tasks.restore_params(pre_dir)
     random_params = jax.jit(lambda: step_lib.init_params(
         get_method(pre_cfg), jax.random.PRNGKey(0)))()
     results = {"method": args.method, "frozen": {"pretrained": frozen_accuracy(pre_cfg, params),
@@ -157,7 +157,7 @@ def main(argv=None) -> None:
                 cfg = config_lib.load_config(
                     f"{path}:method={args.method},finetune,labels={labels},seed={seed}")
                 cfg.init = pre_dir if init == "pretrained" else ""
-                out = trainer.train(cfg, os.path.join(args.workdir, name), print_fn=quiet)
+                out = tasks.train(cfg, os.path.join(args.workdir, name), print_fn=quiet)
                 top1 = out["final_top1"]
                 results["finetune"].append({"seed": seed, "labels": labels, "init": init,
                                             "top1": top1, "best_top1": out["best_top1"]})
