@@ -14,7 +14,6 @@ one JSON object with every figure.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -60,10 +59,10 @@ def matmul_flops_per_sec(n: int = 2048, reps: int = 3) -> float:
 
 
 def _parse(argv):
-    from mixmae_jax.console import HelpFormatter
+    from mixmae_jax.console import ArgumentParser, HelpFormatter
 
-    p = argparse.ArgumentParser(prog="mixmae-bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser(prog="mixmae-bench", description=__doc__.split("\n\n")[0],
+                       formatter_class=HelpFormatter)
     p.add_argument("--config", help="config file[:arg]")
     p.add_argument("--batch", type=int, default=None, help="global batch (default: config's)")
     p.add_argument("--steps", type=int, default=5, help="timed steps after 2 warm-up steps")

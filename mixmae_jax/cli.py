@@ -8,7 +8,6 @@ output goes to a log, `--debug` shows everything with tracebacks. Outputs follow
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
@@ -94,7 +93,7 @@ def _train_main(argv, *, finetune: bool):
     if argv is None:
         _use_hugepage_malloc()
     prog = "mixmae-finetune" if finetune else "mixmae-pretrain"
-    p = argparse.ArgumentParser(
+    p = console.ArgumentParser(
         prog=prog, usage=FINETUNE_USAGE if finetune else PRETRAIN_USAGE, formatter_class=HELP,
         description="Fine-tune a pretrained encoder with its method's official recipe, "
         "evaluating top-1/top-5 on the eval split." if finetune else "Pretrain a model with a "
@@ -219,7 +218,7 @@ def _from_torch(args, overrides) -> None:
 
 
 def convert_main(argv=None):
-    p = argparse.ArgumentParser(
+    p = console.ArgumentParser(
         prog="mixmae-convert", description="Convert checkpoints between mixmae-jax (Orbax) and "
         "each method's official PyTorch layout.",
         formatter_class=HELP, epilog="""examples:
@@ -278,7 +277,7 @@ def convert_main(argv=None):
 
 
 def visualize_main(argv=None):
-    p = argparse.ArgumentParser(prog="mixmae-visualize", formatter_class=HELP, description=(
+    p = console.ArgumentParser(prog="mixmae-visualize", formatter_class=HELP, description=(
         "Run a pretraining checkpoint on images and write its reconstructions as a grid picture "
         "(one row per image, the method's panels as labelled columns, the loss in the title)."))
     p.add_argument("--workdir", required=True, help="a mixmae-pretrain workdir (read only)")
@@ -357,7 +356,7 @@ def _add_feature_args(p) -> None:
 
 
 def eval_main(argv=None):
-    p = argparse.ArgumentParser(
+    p = console.ArgumentParser(
         prog="mixmae-eval", description="Evaluate the frozen encoder of a pretraining workdir "
         "on a labelled dataset.", formatter_class=HELP,
         epilog="mixmae-eval knn --workdir DIR [--data digits] [--k 20] [--temperature 0.07];  "

@@ -35,6 +35,13 @@ USER_ERRORS = (ValueError, OSError)
 LOG_NAME = "log.txt"  # a training run's library output, in its workdir
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with a bad command line as one `error:` line (not the usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (`{self.prog} --help` lists the flags)\n")
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Descriptions and epilogs as written; a flag's help ends with its default, if it has one."""
 

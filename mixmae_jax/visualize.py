@@ -42,8 +42,9 @@ def check_count(config, count: int) -> None:
     except config_lib.ConfigError as e:
         if not str(e).startswith("batch_size: "):
             raise
+        why = str(e).removeprefix("batch_size: ").removeprefix(f"{count}: ")
         raise ValueError(f"--images: {count} given, which this run cannot take as one batch "
-                         f"({str(e).removeprefix('batch_size: ')})") from None
+                         f"({why})") from None
 
 
 def load_mask(path: str, names: tuple[str, ...] = (), expects: str = ""):

@@ -228,6 +228,29 @@ def test_every_tool_has_help(capsys, main, argv, flags):
         assert flag in out, flag
 
 
+@pytest.mark.parametrize("main, argv, named", [
+    ("pretrain_main", ["--config", "c.py"], "the following arguments are required: --workdir"),
+    ("pretrain_main", ["--config", "c.py", "--workdir", "w", "--stpes", "3"], "--stpes"),
+    ("finetune_main", ["--config", "c.py", "--workdir", "w", "--int", "x"], "--int"),
+    ("convert_main", ["to-torch", "--workdir", "w"], "required: --out"),
+    ("convert_main", ["to-torch", "--workdir", "w", "--out", "o", "--format", "x"],
+     "argument --format: invalid choice: 'x'"),
+    ("convert_main", ["to-pytorch"], "invalid choice: 'to-pytorch'"),
+    ("visualize_main", ["--workdir", "w", "--out", "o.png"], "required: --images"),
+    ("eval_main", ["knn", "--workdir", "w", "--k", "ten"], "argument --k: invalid int value"),
+    ("eval_main", [], "required: command"),
+    ("bench_main", ["--steps", "x"], "argument --steps: invalid int value"),
+])
+def test_a_bad_command_line_is_one_error_line(capsys, main, argv, named):
+    """argparse's refusals as every other refusal: one `error:` line naming the flag and where
+    the flags are listed (not the usage block first), exit 2."""
+    with pytest.raises(SystemExit) as e:
+        getattr(cli, main)(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("error: ") and named in err and "--help` lists the flags" in err, err
+
+
 # ---------------------------------------------------------------------------------------------
 # What a new user runs into (issue 23): outputs, unwritable places, masks, help, the picture
 # ---------------------------------------------------------------------------------------------

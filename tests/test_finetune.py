@@ -429,6 +429,20 @@ def test_init_from_another_model_family_is_refused(tmp_path, monkeypatch):
         tasks.train(finetune_config(init=str(text)), str(tmp_path / "ft2"), **QUIET)
 
 
+def test_a_pickled_init_names_finetunes_own_switch(tmp_path):
+    """An official-style .pth that pickles `args`: the advice is mixmae-finetune's key, not
+    mixmae-convert's --trust-pickle flag, and nothing is written."""
+    import argparse
+
+    pth = tmp_path / "official.pth"
+    torch.save({"model": {}, "args": argparse.Namespace(lr=1)}, pth)
+    with pytest.raises(ValueError, match=r"^--init \S+official.pth pickles objects other than "
+                       r"tensors .* pass --config.init_trust_pickle=True: ") as e:
+        tasks.train(finetune_config(init=str(pth)), str(tmp_path / "ft"), **QUIET)
+    assert "--trust-pickle" not in str(e.value)
+    assert not os.path.exists(tmp_path / "ft")
+
+
 def test_init_of_another_depth_is_refused_naming_the_tensors(tmp_path, pretrain_workdir,
                                                            no_compiling):
     """A workdir of the same family but another depth: the native load names --init, the model

@@ -145,8 +145,13 @@ def load_pretrained(init: str, config, template: dict, print_fn=print, *,
         where = init
         cache = torch_cache if torch_cache is not None else {}
         if init not in cache:
-            cache[init] = from_torch.load_torch_checkpoint(
-                init, trust_pickle=config.init_trust_pickle)
+            try:
+                cache[init] = from_torch.load_torch_checkpoint(
+                    init, trust_pickle=config.init_trust_pickle)
+            except from_torch.ConversionError as e:  # its advice names convert's flag
+                raise ValueError("--init " + str(e).replace(
+                    "--trust-pickle (trust_pickle=True)", "--config.init_trust_pickle=True")
+                ) from e
         try:
             params, report = from_torch.classifier_params(
                 cache[init], layout_for(config), template, config.num_classes)
@@ -230,7 +235,8 @@ class FinetuneTask(Task):
         data = eval_pipeline.labelled_data(self.config.data)  # before compiling
         config_lib._check(data.num_classes == self.config.num_classes, "num_classes",
                           f"{self.config.num_classes}, but {data} has {data.num_classes} "
-                          f"classes; set --config.num_classes={data.num_classes}")
+                          f"class{'' if data.num_classes == 1 else 'es'}; set "
+                          f"--config.num_classes={data.num_classes}")
         splits = {"data.split": self.config.data.split}
         splits.update({f"evals.{name}.split": cfg.split for name, cfg in
                        self.config.evals.items() if cfg.type == "classification"})
