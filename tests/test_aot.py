@@ -183,8 +183,8 @@ def test_fit_finds_the_largest_batch_that_fits(monkeypatch, fixed, per_image, us
         per = batch_size // exp.num_devices
         compiles.append(per)
         if compiler_refuses_above is not None and per > compiler_refuses_above:
-            return {"fits": False, "out_of_memory": "Ran out of memory in memory space hbm"}
-        return {"total_bytes": fixed + per_image * per}
+            return {"fits": False, "out_of_memory": "Ran out of memory in memory space hbm"}, None
+        return {"total_bytes": fixed + per_image * per}, None
 
     monkeypatch.setattr(aot, "compile_step", compile_step)
     result = bench._fit(_FakeExperiment(), usable, max_compiles=12)
@@ -225,9 +225,7 @@ def _compile(devices, spec, *overrides, rules=None):
     if rules is not None:
         config.sharding_rules = rules
     exp = tasks.build_experiment(config, devices)
-    step = aot.compile_step(exp, config.batch_size)
-    step.pop("_compiled")
-    return exp, step
+    return exp, aot.compile_step(exp, config.batch_size)[0]
 
 
 def _moved(step):
