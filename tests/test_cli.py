@@ -108,6 +108,11 @@ def test_safetensors_export_holds_the_pth_tensors_and_metadata(setup, imported, 
         for k, v in pth.items():
             assert f.get_tensor(k).dtype == v.dtype and torch.equal(f.get_tensor(k), v), k
         meta = f.metadata()
+    # what mixmae-finetune --init reads: the same state_dict as the .pth
+    from mixmae_jax.interop.from_torch import load_torch_checkpoint
+
+    init = load_torch_checkpoint(str(tmp_path / "m.safetensors"))
+    assert sorted(init) == sorted(pth) and all(torch.equal(init[k], pth[k]) for k in pth)
     cfg = setup["cfg"]
     assert (meta["method"], meta["model"], meta["image_size"], meta["layout"]) == (
         "mixmim", "swin", "32", "official pretrain")

@@ -282,6 +282,12 @@ def test_swin_classifier_logits_in_transformers(tmp_path):
     with torch.no_grad():
         assert _rel(pooled, encoder(_nchw(x)).pooler_output.numpy()) <= TOL
     _reads_back(folder, config, params)
+    # a transformers 4 file also holds the index buffers: read, not refused
+    ckpt = read_checkpoint(folder)
+    tensors = dict(ckpt.tensors, **{
+        "swin.encoder.layers.0.blocks.0.attention.self.relative_position_index":
+            torch.zeros(16, 16, dtype=torch.int64)})
+    targets.to_official("transformers", ckpt.foreign_config, tensors, config, folder)
 
 
 def test_swin_with_per_stage_windows_has_no_transformers_model():

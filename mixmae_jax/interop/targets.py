@@ -178,7 +178,9 @@ def to_official(kind: str, foreign: dict, tensors: dict, config, source: str):
         values = [tensors[n] for n, _ in parts]
         sd[key] = values[0] if parts[0][1] is None else torch.cat(values, dim=0)
         used.update(n for n, _ in parts)
-    problems += [f"{n}: unexpected for {what}" for n in tensors if n not in used]
+    # transformers 4 saved Swin's index buffers too; both libraries recompute them
+    problems += [f"{n}: unexpected for {what}" for n in tensors
+                 if n not in used and not n.endswith(".relative_position_index")]
     if problems:
         raise ConversionError(f"{source}: {len(problems)} problem(s) reading {what} as "
                               f"{config.method.name}'s official {fmt} layout:\n  "
