@@ -96,6 +96,8 @@ for name in names:
     if name not in EDGE:
         importlib.import_module(name)
 assert "torch" not in sys.modules
+# the PyTorch formats' libraries load only where a conversion uses them
+assert not {"safetensors", "transformers", "timm"} & set(sys.modules), sys.modules.keys()
 print(len(names) - len(EDGE), "modules")
 '''
 
