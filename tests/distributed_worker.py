@@ -85,10 +85,10 @@ def flat_tree(tree):
     import jax
     import numpy as np
 
-    from mixmae_jax.train.sharding import path_str
+    from mixmae_jax.models.paths import path_name
 
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {path_str(p): np.asarray(jax.device_get(x)) for p, x in leaves}
+    return {path_name(p, "/"): np.asarray(jax.device_get(x)) for p, x in leaves}
 
 
 class FixedPlan:
