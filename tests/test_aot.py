@@ -234,13 +234,16 @@ def _moved(step):
 
 @needs_libtpu
 @pytest.mark.slow
-@pytest.mark.parametrize("method", list(METHOD_CONFIGS) + ["finetune"])
+@pytest.mark.parametrize("method", list(METHOD_CONFIGS) + ["finetune", "mixmim in bf16"])
 def test_a_data_parallel_step_only_all_reduces_its_gradient(v5e_2x2, method):
     """4 devices, 2 images each: the only collective is the gradient's all-reduce, of about the
-    parameters' bytes. (MixMIM's decoder once took both branches as [z; z] along the sharded
-    batch: all-to-all and collective-permute moved half of every device's rows and back.)"""
-    spec = "finetune_mae_vit_b.py:tiny" if method == "finetune" else METHOD_CONFIGS[method]
-    exp, step = _compile(v5e_2x2, spec)
+    parameters' bytes in float32, bf16 compute too. (MixMIM's decoder once took both branches as
+    [z; z] along the sharded batch: all-to-all and collective-permute moved half of every
+    device's rows and back; a bf16 step once reduced its gradients in bf16.)"""
+    spec = {"finetune": "finetune_mae_vit_b.py:tiny",
+            "mixmim in bf16": "mixmim_b.py:tiny"}.get(method) or METHOD_CONFIGS[method]
+    dtype = "bfloat16" if "bf16" in method else "float32"
+    exp, step = _compile(v5e_2x2, spec, f"--config.compute_dtype={dtype}")
     param_bytes = 4 * exp.num_params
     assert _moved(step) == {"all-reduce"}, step["collectives"]
     assert param_bytes / GRADIENT_FORM <= step["collectives"]["all-reduce"]["bytes"] <= (

@@ -401,6 +401,24 @@ def test_drop_path_is_per_sample_and_off_without_an_rng(tiny):
     assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3  # and which depends on the key
 
 
+def test_a_bf16_linear_keeps_its_kernel_gradient_in_float32():
+    """In bf16 compute a Linear multiplies bf16 operands, but its kernel's gradient is the
+    float32 sum of the bf16 products (what the official fp32 .grad holds, and what devices then
+    reduce): rounding it to bf16 first would be off by ~2^-9 relative."""
+    graphdef, params = nnx.split(L.dense(64, 48, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 64))
+    w = jax.random.normal(jax.random.PRNGKey(2), (4, 32, 48))
+
+    def loss(params):
+        return jnp.sum(nnx.merge(graphdef, params)(x).astype(jnp.float32) * w)
+
+    grad = jax.grad(loss)(params)["kernel"].value
+    assert grad.dtype == jnp.float32
+    xb = np.asarray(x.astype(jnp.bfloat16), np.float64).reshape(-1, 64)
+    wb = np.asarray(w.astype(jnp.bfloat16), np.float64).reshape(-1, 48)
+    assert rel_err(grad, xb.T @ wb) < 1e-6
+
+
 def test_bf16_compute_keeps_fp32_params_and_close_loss(tiny):
     """compute_dtype=bfloat16: bf16 matmuls, fp32 master weights, loss within bf16 precision."""
     from mixmae_jax.methods import get_method

@@ -47,13 +47,42 @@ def conv_bias_init(fan_in: int):
     return init
 
 
+@jax.custom_vjp
+def _matmul_float32_kernel_grad(x, kernel):
+    """x @ kernel with the kernel cast to x's (compute) dtype, as autocast does; the kernel's
+    gradient is accumulated and returned in float32, so across devices it is reduced in float32
+    as the official code's fp32 .grad is (a bf16 product's gradient would be summed in bf16)."""
+    return jnp.matmul(x, kernel.astype(x.dtype))
+
+
+def _matmul_fwd(x, kernel):
+    return _matmul_float32_kernel_grad(x, kernel), (x, kernel)
+
+
+def _matmul_bwd(res, g):
+    x, kernel = res
+    dx = jnp.matmul(g, kernel.astype(g.dtype).T)
+    dk = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]),
+                             (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return dx, dk.astype(kernel.dtype)
+
+
+_matmul_float32_kernel_grad.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 class Linear(nnx.Linear):
     """nnx.Linear whose output keeps the batch split over every device (`parallel`): with its
     kernel sharded over "fsdp", the kernel is then gathered where it is used (FSDP), rather than
-    the activations moved to where the kernel's shards are."""
+    the activations moved to where the kernel's shards are. In a lower compute dtype its
+    kernel's gradient stays float32 (`_matmul_float32_kernel_grad`)."""
 
     def __call__(self, x):
-        return parallel.batch_sharded(super().__call__(x))
+        if self.dtype is None or jnp.dtype(self.dtype) == jnp.float32:
+            return parallel.batch_sharded(super().__call__(x))
+        y = _matmul_float32_kernel_grad(x.astype(self.dtype), self.kernel.value)
+        if self.bias is not None:
+            y = y + self.bias.value.astype(self.dtype)
+        return parallel.batch_sharded(y)
 
 
 def dense(in_dim: int, out_dim: int, *, rngs: nnx.Rngs, use_bias: bool = True, dtype=None,
