@@ -17,7 +17,7 @@ from mixmae_jax.interop import layout_for, targets, to_torch
 from mixmae_jax.interop.from_torch import read_checkpoint, state_dict_to_params
 from mixmae_jax.interop.keymap import ConversionError
 from mixmae_jax.methods import get_method
-from mixmae_jax.models.loading import flatten, unflatten
+from mixmae_jax.models.paths import flatten, unflatten
 
 T = import_transformers()
 timm = import_timm()
