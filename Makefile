@@ -17,10 +17,12 @@ setup: $(VENV)/.installed
 # Re-created when the pins change; `pip install -e .` puts the console scripts in .venv/bin.
 # The TPU and GPU compilers of `mixmae-bench --topology` go outside the venv's import path
 # (requirements-accelerators.txt says why); mixmae_jax/train/aot.py finds them there.
-$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-accelerators.txt setup.py
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-no-deps.txt \
+		requirements-accelerators.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-no-deps.txt
 	$(PY) -m pip install --quiet --no-deps --upgrade --target $(VENV)/accelerators \
 	  -r requirements-accelerators.txt
 	$(PY) -m pip install --quiet --no-deps -e .

@@ -42,13 +42,15 @@ RECIPES = {
 LARGE = ("_l", "_h")
 
 
-def rows(only=(), dtypes=("bfloat16", "float32")):
-    """Every (recipe, target, dtype), the first dtype's rows first."""
+def rows(only=(), dtypes=("bfloat16", "float32"), targets=()):
+    """Every (recipe, target, dtype), the first dtype's rows first; `targets`: only these."""
     for dtype in dtypes:
-        for recipe, targets in RECIPES.items():
+        for recipe, recipe_targets in RECIPES.items():
             if only and recipe not in only:
                 continue
-            for target in targets:
+            for target in recipe_targets:
+                if targets and target not in targets:
+                    continue
                 overrides = [f"--config.compute_dtype={dtype}"]
                 if recipe.endswith(LARGE):
                     overrides.append(f"--config.mesh.fsdp={FSDP[target]}")
@@ -61,12 +63,12 @@ def _key(row) -> tuple:
 
 
 def run(out: str, only=(), dtypes=("bfloat16", "float32"), fit: bool = False,
-        extra=()) -> None:
+        extra=(), targets=()) -> None:
     done = set()
     if os.path.exists(out):
         with open(out) as f:
             done = {_key(json.loads(line)["row"]) for line in f if line.strip()}
-    for row in rows(only, dtypes):
+    for row in rows(only, dtypes, targets):
         row["overrides"] += list(extra)
         if _key(row) in done:
             continue
@@ -150,10 +152,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="the JSON lines file")
     p.add_argument("--only", nargs="*", default=(), help="recipes (default: all)")
     p.add_argument("--dtypes", nargs="*", default=("bfloat16", "float32"))
+    p.add_argument("--targets", nargs="*", default=(), help="topologies (default: each "
+                   "recipe's)")
     p.add_argument("--fit", action="store_true", help="also search the largest batch")
     args, extra = p.parse_known_args(argv)
     if args.command == "run":
-        run(args.out, tuple(args.only), tuple(args.dtypes), args.fit, extra)
+        run(args.out, tuple(args.only), tuple(args.dtypes), args.fit, extra, tuple(args.targets))
     else:
         print(table(args.out), end="")
     return 0

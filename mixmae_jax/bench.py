@@ -251,8 +251,7 @@ def _compile_for_target(config, args) -> dict:
         "device_memory_bytes": target.memory_bytes,
         "usable_memory_bytes": usable,
     }
-    step = aot.compile_step(exp, b)
-    compiled = step.pop("_compiled", None)
+    step, compiled = aot.compile_step(exp, b)
     result.update(step)
     theory = aot.communication_theory(exp)
     result["collectives_theory"] = theory
@@ -269,9 +268,9 @@ def _compile_for_target(config, args) -> dict:
     result["estimated_step_s"] = None
     if target.platform == "tpu" and not args.no_estimate and compiled is not None:
         unrolled = tasks.build_experiment(aot.unrolled(config), devices)
-        est = aot.compile_step(unrolled, b)
-        seconds = aot._tpu_estimate_seconds(est.pop("_compiled")) if "_compiled" in est else None
-        result["estimated_step_s"] = seconds
+        est, compiled_unrolled = aot.compile_step(unrolled, b)
+        result["estimated_step_s"] = (aot.tpu_estimate_seconds(compiled_unrolled)
+                                      if compiled_unrolled is not None else None)
         result["estimate_compile_s"] = est["compile_s"]
     if result["estimated_step_s"]:
         result["estimated_mfu"] = (flops / n / result["estimated_step_s"]
@@ -297,7 +296,7 @@ def _fit(exp, usable: int, max_compiles: int = 8) -> dict:
 
     def fits(per: int) -> bool:
         if per not in total:
-            total[per] = aot.compile_step(exp, per * n).get("total_bytes")
+            total[per] = aot.compile_step(exp, per * n)[0].get("total_bytes")
         return total[per] is not None and total[per] <= usable
 
     def predicted(lo: int) -> int:

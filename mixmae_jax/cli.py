@@ -161,24 +161,52 @@ def finetune_main(argv=None):
 # ---------------------------------------------------------------------------------------------
 
 
+def _export_metadata(config, step, layout: str) -> dict[str, str]:
+    """What a .safetensors reader needs besides the tensors."""
+    m = config.model
+    return {"layout": layout, "method": config.method.name, "model": m.name,
+            "variant": str(m.get("variant", "")), "image_size": str(m.img_size),
+            "step": str(step), "config": config.to_json()}
+
+
 def _to_torch(args) -> None:
-    from mixmae_jax.interop import layout_for, to_torch
+    from mixmae_jax.interop import layout_for, targets, to_torch
     from mixmae_jax.tasks import restore_params
 
-    args.out = outputs.check_out(args.out, inputs=[args.workdir], overwrite=args.overwrite)
+    safetensors = args.out.endswith(".safetensors")
+    if args.to != "official" and (safetensors or args.out.endswith(".pth")):
+        raise ValueError(f"--out {args.out}: --to {args.to} writes a folder (config.json + "
+                         "model.safetensors); give a folder name")
+    args.out = outputs.check_out(args.out, inputs=[args.workdir], overwrite=args.overwrite,
+                                 folder_out=args.to != "official")
     config, params, step = restore_params(args.workdir, args.step, best=args.best)
-    layout = layout_for(config)
     num_classes = args.num_classes
     if config.get("task", "pretrain") == "finetune":  # a trained classifier: its own head
         if args.format != "finetune":
             raise ValueError(f"--format {args.format}: {args.workdir} is a fine-tuning run; "
                              "it exports to --format finetune")
         num_classes = config.num_classes
-    state_dict = to_torch.params_to_state_dict(params, layout, format=args.format,
-                                               num_classes=num_classes)
-    to_torch.save_torch_checkpoint(state_dict, args.out)
-    print(f"Wrote {args.out}: {len(state_dict)} entries (official {config.method.name} "
-          f"{args.format} layout) from step {step} of {args.workdir}")
+    source = f"step {step} of {args.workdir}"
+    if args.to == "official":
+        state_dict = to_torch.params_to_state_dict(params, layout_for(config), format=args.format,
+                                                   num_classes=num_classes)
+        if safetensors:
+            to_torch.save_safetensors(state_dict, args.out, _export_metadata(
+                config, step, f"official {args.format}"))
+        else:
+            to_torch.save_torch_checkpoint(state_dict, args.out)
+        print(f"Wrote {args.out}: {len(state_dict)} entries (official {config.method.name} "
+              f"{args.format} layout) from {source}")
+        return
+    export = targets.export(config, params, target=args.to, fmt=args.format,
+                            num_classes=num_classes)
+    to_torch.save_export_dir(args.out, export.config, export.tensors,
+                             _export_metadata(config, step, export.model))
+    print(f"Wrote {args.out}: {export.model}, {len(export.tensors)} tensors (config.json + "
+          f"model.safetensors) from {source}")
+    for note in export.notes:
+        print(f"  note: {note}")
+    print(f"  load: {export.load.replace('DIR', repr(args.out))}")
 
 
 def _from_torch(args, overrides) -> None:
@@ -197,14 +225,26 @@ def _from_torch(args, overrides) -> None:
             os.path.join(args.workdir, ckpt_lib.CHECKPOINT_DIR)):
         raise FileExistsError(f"--workdir {args.workdir} already holds checkpoints; "
                               "choose an empty workdir")
-    state_dict = from_torch.load_torch_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle)
+    ckpt = from_torch.read_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle)
+    state_dict, absent, notes = ckpt.tensors, frozenset(), []
+    if ckpt.kind in ("transformers", "timm"):
+        from mixmae_jax.interop import targets
+
+        state_dict, absent, notes = targets.to_official(ckpt.kind, ckpt.foreign_config,
+                                                        ckpt.tensors, config, args.checkpoint)
+    method = ckpt.metadata.get("method")
+    if method and method != config.method.name:
+        notes.append(f"{args.checkpoint} was exported from a {method} run; the config is "
+                     f"{config.method.name}")
     exp = experiment.build(config, sharding.single_device_mesh(),
                            task=tasks.for_config(config), steps_per_epoch=1)
     # A concrete fresh state: parts the file lacks (e.g. the decoder, when importing a finetune
     # checkpoint into a pretraining config) keep their fresh initialisation.
     fresh = jax.device_get(exp.init_state()["params"])
     params, report = from_torch.state_dict_to_params(
-        state_dict, layout_for(config), fresh, allow_ape_mismatch=args.allow_ape_mismatch)
+        state_dict, layout_for(config), fresh, allow_ape_mismatch=args.allow_ape_mismatch,
+        absent=absent)
+    report.notes.extend(notes)
     state = exp.init_state(params)  # the optimizer's moments start at zero, as a fresh run's
     ckpt = ckpt_lib.Checkpointer(args.workdir, save_every=0, keep=0, config=config)
     try:
@@ -220,40 +260,55 @@ def _from_torch(args, overrides) -> None:
 def convert_main(argv=None):
     p = console.ArgumentParser(
         prog="mixmae-convert", description="Convert checkpoints between mixmae-jax (Orbax) and "
-        "each method's official PyTorch layout.",
+        "PyTorch: each method's official layout (.pth or .safetensors), Hugging Face "
+        "transformers and timm (folders of config.json + model.safetensors).",
         formatter_class=HELP, epilog="""examples:
   mixmae-convert to-torch --workdir DIR [--step N] --out model.pth --format pretrain|finetune
-  mixmae-convert to-torch --workdir FINETUNE_DIR --best --out model.pth --format finetune
+  mixmae-convert to-torch --workdir DIR --out model.safetensors     # same tensors + metadata
+  mixmae-convert to-torch --workdir MAE_DIR --to transformers --out vit-mae/  # ViTMAEForPreTraining
+  mixmae-convert to-torch --workdir FINETUNE_DIR --best --to timm --format finetune --out vit/
   mixmae-convert from-torch --checkpoint official.pth --config configs/mixmim_b.py \\
       --workdir DIR [--trust-pickle]
+  mixmae-convert from-torch --checkpoint vit-mae/ --config configs/mae_vit_b.py --workdir DIR
 
 `mixmae-convert to-torch --help` and `from-torch --help` list each command's flags.""")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("to-torch", help="Orbax workdir -> {'model': state_dict} .pth",
-                       formatter_class=HELP)
+    t = sub.add_parser("to-torch", help="Orbax workdir -> {'model': state_dict} .pth, "
+                       ".safetensors, or a transformers / timm folder", formatter_class=HELP)
     t.add_argument("--workdir", required=True, help="the mixmae-jax run to export (read only)")
     t.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     t.add_argument("--best", action="store_true", help="a fine-tuning run's best-top-1 params "
                    "(DIR/best) instead of its checkpoints")
-    t.add_argument("--out", required=True, help="the .pth file to write (never one of the "
-                   "run's own files)")
+    t.add_argument("--out", required=True, help="--to official: FILE.pth ({'model': "
+                   "state_dict}) or FILE.safetensors (the same tensors, with the method, model, "
+                   "image size and run config as metadata); --to transformers|timm: a folder. "
+                   "Never one of the run's own files")
     t.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    t.add_argument("--to", choices=("official", "transformers", "timm"), default="official",
+                   help="official: the method's official PyTorch model; transformers: "
+                   "ViTMAEForPreTraining / ViTModel (MAE, MixedAE, UM-MAE ViT), "
+                   "SwinForMaskedImageModeling / SwinForImageClassification (SimMIM); timm: "
+                   "VisionTransformer (ViTs), SwinTransformer (SimMIM). See the README's table")
     t.add_argument("--format", choices=("pretrain", "finetune"), default="pretrain",
                    help="pretrain: the official pretraining model (MixMIM-B: 456 entries); "
                    "finetune: its finetuning model, encoder + a fresh head (MixMIM-B: 354), or "
                    "a fine-tuning run's trained classifier")
     t.add_argument("--num-classes", type=int, default=1000,
                    help="classes of the fresh head (a fine-tuning run keeps its own)")
-    f = sub.add_parser("from-torch", help="official .pth -> a workdir mixmae-pretrain resumes",
+    f = sub.add_parser("from-torch", help="official .pth / .safetensors, or a transformers / "
+                       "timm folder -> a workdir mixmae-pretrain resumes",
                        epilog="Config overrides as for mixmae-pretrain: --config.KEY=VALUE.",
                        formatter_class=HELP)
-    f.add_argument("--checkpoint", required=True, help="the official .pth file to import")
+    f.add_argument("--checkpoint", required=True, help="an official .pth, an official "
+                   ".safetensors (read without --trust-pickle: it holds only tensors), or a "
+                   "transformers / timm folder (config.json + model.safetensors)")
     f.add_argument("--config", required=True, help="config file[:arg] describing the model")
     f.add_argument("--workdir", required=True, help="a new workdir (no checkpoints yet) for the "
                    "imported step 0")
     f.add_argument("--trust-pickle", action="store_true",
-                   help="allow files that pickle more than tensors (the released official "
-                   "checkpoints pickle `args`); only for files from a trusted source")
+                   help="allow .pth / .bin files that pickle more than tensors (the released "
+                   "official checkpoints pickle `args`); only for files from a trusted source. "
+                   ".safetensors never needs it")
     f.add_argument("--allow-ape-mismatch", action="store_true",
                    help="accept a file whose fixed position table is not the sin-cos table "
                    "(e.g. a 384 finetune file with a resized table); mixmae-jax uses sin-cos")

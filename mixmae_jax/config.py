@@ -193,7 +193,7 @@ def validate(config, *, num_devices: int = 1, process_count: int = 1,
            f"{', '.join(repr(m) for m in method.models)})")
     module.check_config(config.model, _check)
     try:
-        remat_mode(config.model)  # the models' own reading of model.remat
+        remat_mode(config.model.remat)  # the models' own reading of model.remat
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if method_checks:

@@ -26,8 +26,11 @@ def expand(path: str) -> str:
     return os.path.expanduser(path) if isinstance(path, str) else path
 
 
-def check_out(path: str, *, flag: str = "--out", inputs=(), overwrite: bool = False) -> str:
-    """The output file `path` (expanded) if the tool may write it; else OutputError."""
+def check_out(path: str, *, flag: str = "--out", inputs=(), overwrite: bool = False,
+              folder_out: bool = False) -> str:
+    """The output file `path` (expanded) if the tool may write it; else OutputError.
+    folder_out: the output is a folder the tool fills (a transformers / timm export), replaced as
+    a whole: an existing non-empty one only with `overwrite`."""
     path = expand(path)
     real = os.path.realpath(path)
     for item in inputs:
@@ -37,13 +40,18 @@ def check_out(path: str, *, flag: str = "--out", inputs=(), overwrite: bool = Fa
     if workdir:
         raise OutputError(f"{flag} {path}: {owned} belongs to the run in {workdir}; write "
                           "elsewhere (a new file beside it is fine)")
-    if os.path.isdir(path):
+    if folder_out:
+        if os.path.lexists(path) and not os.path.isdir(path):
+            raise OutputError(f"{flag} {path}: is a file; this output is a folder")
+        if os.path.isdir(path) and os.listdir(path) and not overwrite:
+            raise OutputError(f"{flag} {path}: exists; pass --overwrite to replace it")
+    elif os.path.isdir(path):
         raise OutputError(f"{flag} {path}: is a directory; give a file name")
-    if os.path.lexists(path) and not overwrite:
+    elif os.path.lexists(path) and not overwrite:
         raise OutputError(f"{flag} {path}: exists; pass --overwrite to replace it")
     folder = os.path.dirname(os.path.abspath(path))
     check_writable(folder, flag, path)
-    if not os.path.isdir(folder):
+    if not folder_out and not os.path.isdir(folder):  # (an export folder's parents are made)
         raise OutputError(f"{flag} {path}: no such directory {folder}")
     return path
 

@@ -60,7 +60,7 @@ def build(config, mesh, method=None, *, num_groups=None):
 
     from mixmae_jax.train import experiment, optim, sharding
     from mixmae_jax.train import step as step_lib
-    from mixmae_jax.train.trainer import Task
+    from mixmae_jax.tasks.pretrain import PretrainTask as Task
 
     class KeepGradient(Task):
         def __init__(self, config):
@@ -85,10 +85,10 @@ def flat_tree(tree):
     import jax
     import numpy as np
 
-    from mixmae_jax.train.sharding import path_str
+    from mixmae_jax.models.paths import path_name
 
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {path_str(p): np.asarray(jax.device_get(x)) for p, x in leaves}
+    return {path_name(p, "/"): np.asarray(jax.device_get(x)) for p, x in leaves}
 
 
 class FixedPlan:

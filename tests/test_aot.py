@@ -183,8 +183,8 @@ def test_fit_finds_the_largest_batch_that_fits(monkeypatch, fixed, per_image, us
         per = batch_size // exp.num_devices
         compiles.append(per)
         if compiler_refuses_above is not None and per > compiler_refuses_above:
-            return {"fits": False, "out_of_memory": "Ran out of memory in memory space hbm"}
-        return {"total_bytes": fixed + per_image * per}
+            return {"fits": False, "out_of_memory": "Ran out of memory in memory space hbm"}, None
+        return {"total_bytes": fixed + per_image * per}, None
 
     monkeypatch.setattr(aot, "compile_step", compile_step)
     result = bench._fit(_FakeExperiment(), usable, max_compiles=12)
@@ -225,9 +225,7 @@ def _compile(devices, spec, *overrides, rules=None):
     if rules is not None:
         config.sharding_rules = rules
     exp = tasks.build_experiment(config, devices)
-    step = aot.compile_step(exp, config.batch_size)
-    step.pop("_compiled")
-    return exp, step
+    return exp, aot.compile_step(exp, config.batch_size)[0]
 
 
 def _moved(step):
@@ -236,13 +234,16 @@ def _moved(step):
 
 @needs_libtpu
 @pytest.mark.slow
-@pytest.mark.parametrize("method", list(METHOD_CONFIGS) + ["finetune"])
+@pytest.mark.parametrize("method", list(METHOD_CONFIGS) + ["finetune", "mixmim in bf16"])
 def test_a_data_parallel_step_only_all_reduces_its_gradient(v5e_2x2, method):
     """4 devices, 2 images each: the only collective is the gradient's all-reduce, of about the
-    parameters' bytes. (MixMIM's decoder once took both branches as [z; z] along the sharded
-    batch: all-to-all and collective-permute moved half of every device's rows and back.)"""
-    spec = "finetune_mae_vit_b.py:tiny" if method == "finetune" else METHOD_CONFIGS[method]
-    exp, step = _compile(v5e_2x2, spec)
+    parameters' bytes in float32, bf16 compute too. (MixMIM's decoder once took both branches as
+    [z; z] along the sharded batch: all-to-all and collective-permute moved half of every
+    device's rows and back; a bf16 step once reduced its gradients in bf16.)"""
+    spec = {"finetune": "finetune_mae_vit_b.py:tiny",
+            "mixmim in bf16": "mixmim_b.py:tiny"}.get(method) or METHOD_CONFIGS[method]
+    dtype = "bfloat16" if "bf16" in method else "float32"
+    exp, step = _compile(v5e_2x2, spec, f"--config.compute_dtype={dtype}")
     param_bytes = 4 * exp.num_params
     assert _moved(step) == {"all-reduce"}, step["collectives"]
     assert param_bytes / GRADIENT_FORM <= step["collectives"]["all-reduce"]["bytes"] <= (

@@ -94,6 +94,63 @@ def test_finetune_export_loads_strictly(setup, imported, tmp_path):
     assert sd["head.weight"].shape == (7, setup["cfg"].model.embed_dim * 2)
 
 
+def test_safetensors_export_holds_the_pth_tensors_and_metadata(setup, imported, tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    _convert("to-torch", "--workdir", imported, "--out", tmp_path / "m.pth")
+    _convert("to-torch", "--workdir", imported, "--out", tmp_path / "m.safetensors")
+    pth = torch.load(tmp_path / "m.pth", weights_only=True)["model"]
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+        assert list(f.keys()) == sorted(pth)  # safetensors stores its keys sorted
+        for k, v in pth.items():
+            assert f.get_tensor(k).dtype == v.dtype and torch.equal(f.get_tensor(k), v), k
+        meta = f.metadata()
+    # what mixmae-finetune --init reads: the same state_dict as the .pth
+    from mixmae_jax.interop.from_torch import load_torch_checkpoint
+
+    init = load_torch_checkpoint(str(tmp_path / "m.safetensors"))
+    assert sorted(init) == sorted(pth) and all(torch.equal(init[k], pth[k]) for k in pth)
+    cfg = setup["cfg"]
+    assert (meta["method"], meta["model"], meta["image_size"], meta["layout"]) == (
+        "mixmim", "swin", "32", "official pretrain")
+    run = json.loads(meta["config"])
+    assert run["model"]["embed_dim"] == cfg.model.embed_dim == 16
+    assert run["model"]["window_sizes"] == list(cfg.model.window_sizes)
+
+
+def test_from_torch_reads_safetensors_without_trust_pickle(setup, imported, tmp_path):
+    _convert("to-torch", "--workdir", imported, "--out", tmp_path / "m.safetensors")
+    _convert("from-torch", "--checkpoint", tmp_path / "m.safetensors", "--config",
+             setup["config"], "--workdir", tmp_path / "w")
+    _convert("to-torch", "--workdir", tmp_path / "w", "--step", 0, "--out", tmp_path / "b.pth")
+    back = torch.load(tmp_path / "b.pth", weights_only=True)["model"]
+    original = setup["reference"].state_dict()
+    assert list(back) == list(original)
+    for k, v in original.items():
+        assert torch.equal(back[k], v), k
+
+
+def test_to_transformers_and_timm_name_what_cannot_be_exported(imported, tmp_path, capsys):
+    """MixMIM's Swin has no transformers or timm model; a folder target refuses a file name."""
+    for argv, expected in [
+        (["--to", "transformers", "--out", tmp_path / "hf"],
+         r"error: --to transformers: mixmim on model.name='swin' has no transformers model.*"
+         r"--to official"),
+        (["--to", "timm", "--out", tmp_path / "t"],
+         r"error: --to timm: mixmim on model.name='swin' has no timm model"),
+        (["--to", "timm", "--out", tmp_path / "x.safetensors"],
+         r"error: --out .*x\.safetensors: --to timm writes a folder"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            _convert("to-torch", "--workdir", imported, *argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and re.match(expected, err), err
+    assert not os.listdir(tmp_path)
+
+
 def test_visualize_loss_matches_the_torch_reference(setup, imported, tmp_path, capsys):
     paths = sorted(str(p) for p in setup["folder"].iterdir())[:4]
     mask = np.zeros((4, 4), np.int64)
@@ -210,9 +267,11 @@ def test_from_torch_names_a_file_that_is_no_checkpoint(setup, tmp_path, capsys):
     ("finetune_main", [], ("--config", "--workdir", "--init", "--debug", "--config.KEY=VALUE")),
     ("convert_main", [], ("to-torch", "from-torch", "--best", "--format")),
     ("convert_main", ["to-torch"], ("--workdir", "--step", "--best", "--out", "--format",
-                                    "--num-classes")),
+                                    "--num-classes", "--to", "transformers", "timm",
+                                    ".safetensors")),
     ("convert_main", ["from-torch"], ("--checkpoint", "--config", "--workdir",
-                                      "--trust-pickle", "--allow-ape-mismatch")),
+                                      "--trust-pickle", "--allow-ape-mismatch",
+                                      ".safetensors")),
     ("visualize_main", [], ("--workdir", "--images", "--out", "--mask")),
     ("eval_main", [], ("knn", "linprobe")),
     ("eval_main", ["knn"], ("--workdir", "--data", "--k", "--temperature", "--crop-pct")),

@@ -10,8 +10,7 @@ from parity import FAST_COMPILE
 from recipes import load
 
 from mixmae_jax.methods import get_method
-from mixmae_jax.models.pvt import PVTEncoder
-from mixmae_jax.models.ummae_swin import UMSwinEncoder
+from mixmae_jax.models import pvt, ummae_swin
 
 CONFIGS = ["mixmim_b.py", "mae_vit_b.py", "simmim_swin_b.py", "ummae_swin_t.py",
            "ummae_pvt_s.py", "ummae_vit_b.py", "simmim_ummae_pvt_s.py", "mixedae_vit_b.py"]
@@ -40,10 +39,10 @@ def test_ummae_features_use_the_full_grid_finetuning_geometry(name, kind):
     m = config.model.copy_and_resolve_references()
     if kind == "swin":
         m.window_size *= 2
-        full = UMSwinEncoder(m, vis_mask_token=True, rngs=nnx.Rngs(5))
+        full = ummae_swin.encoder(m, vis_mask_token=True, rngs=nnx.Rngs(5))
     else:
         m.sr_ratios = m.full_sr_ratios
-        full = PVTEncoder(m, vis_mask_token=True, rngs=nnx.Rngs(5))
+        full = pvt.encoder(m, vis_mask_token=True, rngs=nnx.Rngs(5))
     nnx.update(full, nnx.state(model.encoder))
     images = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
     want = jnp.mean(full(images), axis=1)

@@ -18,7 +18,8 @@ from mixmae_jax.interop.keymap import ConversionError
 from mixmae_jax.methods import get_method
 from mixmae_jax.models import get_model_module
 from mixmae_jax.models import layers as L
-from mixmae_jax.models.loading import LoadError, flatten
+from mixmae_jax.models.loading import LoadError
+from mixmae_jax.models.paths import flatten
 
 NUM_CLASSES = 10
 # A resized table: ours in float64 rounded once, torch's bicubic in float32 (weights and two

@@ -34,7 +34,8 @@ from mixmae_jax.interop import keymap as K
 from mixmae_jax.interop.mae_layout import MAELayout
 from mixmae_jax.methods import get_method
 from mixmae_jax.methods.mae import MAEModel, plan_from_order
-from mixmae_jax.models.vit import ViTClassifier, pos_embed_with_cls
+from mixmae_jax.models.classifier import build_classifier
+from mixmae_jax.models.vit import pos_embed_with_cls
 from mixmae_jax.train.step import bind
 
 
@@ -145,10 +146,10 @@ def test_vit_b_loss_parity():
 
 
 def test_finetune_features_parity():
-    """ViTClassifier (global pool, fc_norm, learned pos_embed) against models_vit."""
+    """The ViT classifier (global pool, fc_norm, learned pos_embed) against models_vit."""
     cfg = tiny_config().model
     layout = MAELayout(cfg)
-    graphdef, abstract = abstract_model(lambda: ViTClassifier(cfg, 10, rngs=nnx.Rngs(0)))
+    graphdef, abstract = abstract_model(lambda: build_classifier(cfg, 10, rngs=nnx.Rngs(0)))
     params = random_params(abstract, seed=7)
     sd = to_torch.params_to_state_dict(params, layout, format="finetune", num_classes=10)
     assert list(sd)[:2] == ["cls_token", "pos_embed"] and list(sd)[-2:] == ["fc_norm.weight",
@@ -186,7 +187,7 @@ def test_round_trip_is_bit_exact(fmt):
         build = lambda: MAEModel(cfg, rngs=nnx.Rngs(0))  # noqa: E731
     else:
         tmodel = R.MAEFinetuneTorch.from_model_config(cfg, num_classes=10)
-        build = lambda: ViTClassifier(cfg, 10, rngs=nnx.Rngs(0))  # noqa: E731
+        build = lambda: build_classifier(cfg, 10, rngs=nnx.Rngs(0))  # noqa: E731
     sd = random_torch_state_dict(tmodel, seed=11)
     _, template = abstract_model(build)
     params, rep = from_torch.state_dict_to_params(sd, layout, template)
@@ -355,7 +356,7 @@ def test_every_size_maps_onto_the_official_layouts(variant):
     cfg = load(f"mae_vit_{variant.lower()}.py").model
     layout = MAELayout(cfg)
     for fmt, build in (("pretrain", lambda: MAEModel(cfg, rngs=nnx.Rngs(0))),
-                       ("finetune", lambda: ViTClassifier(cfg, 1000, rngs=nnx.Rngs(0)))):
+                       ("finetune", lambda: build_classifier(cfg, 1000, rngs=nnx.Rngs(0)))):
         with torch.device("meta"):
             reference = references.build(layout, fmt, 1000).state_dict()
         flat = K.flatten(abstract_model(build)[1])

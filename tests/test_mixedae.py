@@ -21,7 +21,8 @@ from mixmae_jax.interop import from_torch, layout_for, to_torch
 from mixmae_jax.interop import keymap as K
 from mixmae_jax.methods import get_method
 from mixmae_jax.methods import mixedae as M
-from mixmae_jax.models.vit import ViTClassifier
+from mixmae_jax.models import layers as L
+from mixmae_jax.models.classifier import build_classifier
 from mixmae_jax.train.step import bind
 
 
@@ -162,7 +163,8 @@ def test_recognition_accuracy_matches_brute_force():
                 top = np.argsort(-logits[g, h, i])[:n // s]
                 hits.append(np.mean(labels[g, top] == labels[g, i]))
     for mode, kk in (("full", 0), ("topk", 4), ("topk", 9), ("oracle", 0)):
-        _, got = M.homologous_attention(jnp.asarray(qkv), heads, mode, kk, jnp.asarray(labels), s)
+        rule = M.homologous(jnp.asarray(labels), mode, kk, s)
+        _, got = L.attend(jnp.asarray(qkv), heads, scale_queries=False, restrict=rule)
         assert float(got) == pytest.approx(np.mean(hits), rel=1e-6), mode
 
 
@@ -180,7 +182,7 @@ def test_topk_attention_keeps_k_keys_per_query_and_head():
     rng = np.random.default_rng(1)
     qkv = jnp.asarray(rng.standard_normal((2, 10, 3 * 8)), jnp.float32)
     labels = jnp.zeros((2, 10), jnp.int32)
-    out, _ = M.homologous_attention(qkv, 2, "topk", 3, labels, 1)
+    out, _ = L.attend(qkv, 2, scale_queries=False, restrict=M.homologous(labels, "topk", 3, 1))
     q, k, v = np.asarray(qkv).reshape(2, 10, 3, 2, 4).transpose(2, 0, 3, 1, 4)
     logits = np.einsum("nhqd,nhkd->nhqk", q, k) / 2.0
     kth = np.sort(logits, axis=-1)[..., -3:-2]
@@ -203,8 +205,7 @@ def test_exports_to_the_mae_finetuning_layout_and_back():
     ref = R.MAEFinetuneTorch.from_model_config(config.model, num_classes=5)
     ref.load_state_dict(sd, strict=True)
     assert not any(k.startswith(("contrast_head", "segment_embed", "decoder")) for k in sd)
-    _, template = abstract_model(lambda: ViTClassifier(config.model, num_classes=5,
-                                                       rngs=nnx.Rngs(0)))
+    _, template = abstract_model(lambda: build_classifier(config.model, 5, rngs=nnx.Rngs(0)))
     back, _ = from_torch.state_dict_to_params(sd, layout, template)
     assert_exports_back_exactly(back, sd, layout, "finetune", 5)
     with pytest.raises(K.ConversionError, match="contrast_head"):

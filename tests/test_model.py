@@ -19,8 +19,8 @@ from mixmae_jax.interop.mixmim_layout import MixMIMLayout
 from mixmae_jax.methods import mixing
 from mixmae_jax.methods.mixmim import MixMIMModel
 from mixmae_jax.models import layers as L
-from mixmae_jax.models.classifier import SwinClassifier
-from mixmae_jax.models.swin import SwinEncoder
+from mixmae_jax.models import swin
+from mixmae_jax.models.classifier import build_classifier
 from mixmae_jax.train.step import bind
 
 # Grid 16 -> 8 -> 4, windows 8/8/4: a stage-0 window (8x8 tokens) spans four 4x4-token mask cells,
@@ -112,16 +112,16 @@ def test_partner_pixels_hidden_from_a_sample_have_exactly_no_effect(tiny):
 
 def test_all_zero_mask_equals_the_finetuning_encoder(tiny):
     cfg, params, images = tiny["cfg"], tiny["params"], tiny["images"]
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: SwinClassifier(cfg, 10,
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_classifier(cfg, 10,
                                                                          rngs=nnx.Rngs(0))),
                                    nnx.Param)
     cls_params = {"encoder": params["encoder"],
                   "head": random_params(nnx.to_pure_dict(abstract), 1)["head"]}
-    feats = jax.jit(lambda p, x: bind(graphdef, p).forward_features(x),
+    feats = jax.jit(lambda p, x: bind(graphdef, p).encoder(x),
                     compiler_options=FAST_COMPILE)(cls_params, images)
     z = tiny["encode"](params, images, np.zeros_like(tiny["mask"]))
     err = rel_err(z, feats)  # two compiled programs: equal up to fp32 summation order
-    print(f"\nall-zero mask vs forward_features: rel. error {err:.3g}")
+    print(f"\nall-zero mask vs the classifier's encoder: rel. error {err:.3g}")
     assert err <= SAME_MATH_RTOL
 
 
@@ -297,8 +297,8 @@ def test_pretraining_parameter_counts(abstract_pretrain, variant):
 
 @pytest.mark.parametrize("variant", ["B", "L", "H"])
 def test_finetuning_parameter_counts_224(abstract_pretrain, variant):
-    # SwinClassifier = the same SwinEncoder + a Linear(C_final -> 1000) head; the class itself is
-    # counted directly at 384 below.
+    # The classifier = the same Swin encoder + a Linear(C_final -> 1000) head; the classifier
+    # itself is counted directly at 384 below.
     encoder = abstract_pretrain(variant)["encoder"]
     cfg = mixmim_model(variant, 224)
     head = (cfg.embed_dim * 8 + 1) * 1000
@@ -308,7 +308,7 @@ def test_finetuning_parameter_counts_224(abstract_pretrain, variant):
 @pytest.mark.parametrize("variant", ["B", "L"])
 def test_finetuning_parameter_counts_384(variant):
     cfg = mixmim_model(variant, 384)
-    model = nnx.eval_shape(lambda: SwinClassifier(cfg, 1000, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: build_classifier(cfg, 1000, rngs=nnx.Rngs(0)))
     params = nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
     assert set(params) == {"encoder", "head"}
     assert _numel(params) + _tables(cfg, pretrain=False) == FINETUNE_TOTALS[(variant, 384)]
@@ -317,7 +317,7 @@ def test_finetuning_parameter_counts_384(variant):
 def test_encoder_is_the_same_module_in_both_models():
     cfg = tiny_cfg()
     pre = nnx.split(nnx.eval_shape(lambda: MixMIMModel(cfg, rngs=nnx.Rngs(0))), nnx.Param)[1]
-    enc = nnx.split(nnx.eval_shape(lambda: SwinEncoder(cfg, rngs=nnx.Rngs(0))), nnx.Param)[1]
+    enc = nnx.split(nnx.eval_shape(lambda: swin.encoder(cfg, rngs=nnx.Rngs(0))), nnx.Param)[1]
     shapes = jax.tree_util.tree_map(lambda x: x.shape, nnx.to_pure_dict(pre)["encoder"])
     assert shapes == jax.tree_util.tree_map(lambda x: x.shape, nnx.to_pure_dict(enc))
 
@@ -350,11 +350,37 @@ def test_remat_changes_memory_not_numbers(tiny):
 def test_remat_modes_and_the_bools_of_older_configs():
     from mixmae_jax.models import layers as L
 
-    assert [L.remat_mode({"remat": v}) for v in (False, True, "none", "dots", "full")] == [
+    assert [L.remat_mode(v) for v in (False, True, "none", "dots", "full")] == [
         "none", "full", "none", "dots", "full"]
-    assert L.remat_mode({}) == "none"
     with pytest.raises(ValueError, match="model.remat: 'some'"):
-        L.remat_mode({"remat": "some"})
+        L.remat_mode("some")
+
+
+def test_a_snapshot_older_than_a_model_key_builds_with_the_keys_default():
+    """Keys added after runs had started take `model_config()`'s value where a config snapshot
+    lacks them (the behaviour before the key existed); the keys it has stay as they are."""
+    import ml_collections
+
+    from mixmae_jax import models
+    from mixmae_jax.methods import get_method
+
+    config = mixmim_config("tiny")
+    newer = ("scan_blocks", "remat", "ape", "ape_grid", "shift_windows")
+    old = config.copy_and_resolve_references()
+    with old.unlocked():
+        old.model = ml_collections.ConfigDict(
+            {k: v for k, v in config.model.items() if k not in newer})
+    filled = models.with_defaults(old.model)
+    defaults = swin.model_config()
+    assert {k: filled[k] for k in newer} == {k: defaults[k] for k in newer}
+    assert config.model.remat == "dots" and filled.remat == "none"
+    assert all(filled[k] == config.model[k] for k in old.model)
+
+    def shapes(c):
+        model = nnx.eval_shape(lambda: get_method(c).build_model(nnx.Rngs(0)))
+        return jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(nnx.split(model, nnx.Param)[1]))
+
+    assert shapes(old) == shapes(config)
 
 
 def test_drop_path_is_per_sample_and_off_without_an_rng(tiny):
@@ -373,6 +399,24 @@ def test_drop_path_is_per_sample_and_off_without_an_rng(tiny):
     b = encode(tiny["params"], jax.random.PRNGKey(1))
     assert np.abs(np.asarray(a) - np.asarray(plain)).max() > 1e-3  # some blocks were dropped
     assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3  # and which depends on the key
+
+
+def test_a_bf16_linear_keeps_its_kernel_gradient_in_float32():
+    """In bf16 compute a Linear multiplies bf16 operands, but its kernel's gradient is the
+    float32 sum of the bf16 products (what the official fp32 .grad holds, and what devices then
+    reduce): rounding it to bf16 first would be off by ~2^-9 relative."""
+    graphdef, params = nnx.split(L.dense(64, 48, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 64))
+    w = jax.random.normal(jax.random.PRNGKey(2), (4, 32, 48))
+
+    def loss(params):
+        return jnp.sum(nnx.merge(graphdef, params)(x).astype(jnp.float32) * w)
+
+    grad = jax.grad(loss)(params)["kernel"].value
+    assert grad.dtype == jnp.float32
+    xb = np.asarray(x.astype(jnp.bfloat16), np.float64).reshape(-1, 64)
+    wb = np.asarray(w.astype(jnp.bfloat16), np.float64).reshape(-1, 48)
+    assert rel_err(grad, xb.T @ wb) < 1e-6
 
 
 def test_bf16_compute_keeps_fp32_params_and_close_loss(tiny):
@@ -408,7 +452,8 @@ def test_bf16_compute_keeps_fp32_params_and_close_loss(tiny):
 def test_shifted_windows_attend_within_their_region(shift, expected):
     from mixmae_jax.models.swin import SwinBlock
 
-    block = SwinBlock(8, 2, 4, (8, 8), shift=shift, rngs=nnx.Rngs(0))
+    block = SwinBlock(8, 2, 4, (8, 8), shift=shift, mlp_ratio=4.0, qkv_bias=True,
+                      rngs=nnx.Rngs(0))
     x = np.random.default_rng(0).standard_normal((1, 8, 8, 8), dtype=np.float32)
     y = x.copy()
     y[0, 0, 0, 0] += 5.0  # one channel (a shift of all channels would vanish in the LayerNorm)
@@ -426,7 +471,7 @@ def test_alternating_shifted_blocks_scan_in_pairs_with_the_same_numbers():
         cfg = mixmim_model("B")
         cfg.update(img_size=32, embed_dim=16, depths=(4,), num_heads=(2,), window_sizes=(4,),
                    shift_windows=True, scan_blocks=scan)
-        return nnx.split(SwinEncoder(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+        return nnx.split(swin.encoder(cfg, rngs=nnx.Rngs(0)), nnx.Param)
 
     (g_scan, params), (g_unrolled, _) = build(True), build(False)
     shifts = [b.shift for b in nnx.merge(g_scan, params).layers[0].blocks]

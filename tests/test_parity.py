@@ -44,7 +44,7 @@ from mixmae_jax.interop import from_torch, to_torch
 from mixmae_jax.interop import keymap as K
 from mixmae_jax.interop.mixmim_layout import MixMIMLayout
 from mixmae_jax.methods.mixmim import MixMIMModel, dual_reconstruction_loss
-from mixmae_jax.models.classifier import SwinClassifier
+from mixmae_jax.models.classifier import build_classifier
 from mixmae_jax.train.step import bind
 
 # Which official keys are constants does not depend on the size.
@@ -84,7 +84,9 @@ def torch_pretrain(cfg, state_dict, dtype=torch.float32):
 def loss_and_grads(graphdef, norm_pix=True):
     def loss_fn(params, images, mask):
         model = bind(graphdef, params)
-        z, stages = model.encode_mixed(images, mask, 1, return_stages=True)
+        tokens, source_ids = model.mixed_tokens(images, mask, 1)
+        stages = model.encoder.stage_outputs(tokens, source_ids)
+        z = model.encoder.encode(tokens, source_ids)
         rec = model.reconstruct(z, mask)
         loss, aux = dual_reconstruction_loss(images, rec, mask, 1, model.encoder.stride,
                                              norm_pix)
@@ -231,7 +233,7 @@ def test_mixmim_b_loss_parity():
 
 def test_finetune_features_parity():
     cfg = tiny_cfg("3stage")
-    graphdef, abstract = abstract_model(lambda: SwinClassifier(cfg, 10, rngs=nnx.Rngs(0)))
+    graphdef, abstract = abstract_model(lambda: build_classifier(cfg, 10, rngs=nnx.Rngs(0)))
     params = random_params(abstract, seed=7)
     state_dict = to_torch.params_to_state_dict(params, MixMIMLayout(cfg), format="finetune",
                                                num_classes=10)
@@ -243,8 +245,7 @@ def test_finetune_features_parity():
     images = np.random.default_rng(8).standard_normal((3, 64, 64, 3), dtype=np.float32)
     def features_and_logits(params, images):
         model = bind(graphdef, params)
-        feats = model.forward_features(images)
-        return feats, model.head(feats.mean(axis=1))
+        return model.encoder(images), model(images)
 
     feats, logits = jax.jit(features_and_logits, compiler_options=FAST_COMPILE)(params, images)
     exact = {}
@@ -352,7 +353,7 @@ def test_round_trip_is_bit_exact(name, fmt):
         build = lambda: MixMIMModel(cfg, rngs=nnx.Rngs(0))  # noqa: E731
     else:
         tmodel = R.MixMIMFinetuneTorch.from_model_config(cfg, num_classes=10)
-        build = lambda: SwinClassifier(cfg, 10, rngs=nnx.Rngs(0))  # noqa: E731
+        build = lambda: build_classifier(cfg, 10, rngs=nnx.Rngs(0))  # noqa: E731
     sd = random_torch_state_dict(tmodel, seed=11)
     _, template = abstract_model(build)
     params, rep = from_torch.state_dict_to_params(sd, MixMIMLayout(cfg), template)
@@ -430,7 +431,7 @@ def test_to_torch_missing_extra_and_wrong_shape_params_are_named():
                 "layers.0.blocks.0.attn.gate.weight"):
         assert key in msg
     # A classifier's params have no decoder: a pretraining export names every decoder key.
-    _, cls_abstract = abstract_model(lambda: SwinClassifier(cfg, 10, rngs=nnx.Rngs(0)))
+    _, cls_abstract = abstract_model(lambda: build_classifier(cfg, 10, rngs=nnx.Rngs(0)))
     msg = _conversion_error(to_torch.params_to_state_dict, random_params(cls_abstract, 0),
                             MixMIMLayout(cfg))
     assert "mask_token" in msg and "decoder_pred.weight" in msg and "head.weight" in msg
@@ -524,7 +525,7 @@ def test_finetune_file_into_pretraining_template_keeps_fresh_decoder():
 
 def test_pretraining_file_into_finetuning_template(tiny_pretrain_sd):
     cfg, sd, _ = tiny_pretrain_sd
-    template = random_params(abstract_model(lambda: SwinClassifier(cfg, 10, rngs=nnx.Rngs(0)))[1],
+    template = random_params(abstract_model(lambda: build_classifier(cfg, 10, rngs=nnx.Rngs(0)))[1],
                              seed=13)
     params, rep = from_torch.state_dict_to_params(sd, MixMIMLayout(cfg), template)
     assert rep.file_format == "pretrain" and set(rep.kept_fresh) == {"head.kernel", "head.bias"}
@@ -539,7 +540,7 @@ def test_finetune_head_with_another_number_of_classes():
     cfg = tiny_cfg("2stage")
     torch.manual_seed(0)
     sd = R.MixMIMFinetuneTorch.from_model_config(cfg, num_classes=10).state_dict()
-    template = random_params(abstract_model(lambda: SwinClassifier(cfg, 5, rngs=nnx.Rngs(0)))[1],
+    template = random_params(abstract_model(lambda: build_classifier(cfg, 5, rngs=nnx.Rngs(0)))[1],
                              seed=14)
     msg = _conversion_error(from_torch.state_dict_to_params, sd, MixMIMLayout(cfg), template)
     assert "head.weight" in msg and "head.bias" in msg and "drop head.weight" in msg

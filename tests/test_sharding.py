@@ -8,6 +8,7 @@ from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 from jax_subprocess import run_python
 
+from mixmae_jax.models.paths import path_name
 from mixmae_jax.train import distributed, sharding
 
 MESH_2x4 = AbstractMesh((2, 4), ("data", "fsdp"))
@@ -17,7 +18,7 @@ MESH_8x1 = AbstractMesh((8, 1), ("data", "fsdp"))
 def _specs(tree, mesh, rules):
     specs = sharding.param_specs(tree, mesh, rules)
     flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))[0]
-    return {sharding.path_str(p): s for p, s in flat}
+    return {path_name(p, "/"): s for p, s in flat}
 
 
 def _shapes(**shapes):
@@ -114,7 +115,7 @@ def test_optimizer_state_follows_params():
     }
     shardings = sharding.state_shardings(state, MESH_2x4, [(r"kernel$", "fsdp")])
     flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
-    specs = {sharding.path_str(p): s.spec for p, s in flat}
+    specs = {path_name(p, "/"): s.spec for p, s in flat}
     kernels = {k for k, s in specs.items() if s != P()}
     assert kernels == {
         "params/a/kernel",

@@ -42,8 +42,8 @@ from mixmae_jax.interop import from_torch, to_torch
 from mixmae_jax.interop import keymap as K
 from mixmae_jax.interop.simmim_layout import SimMIMLayout
 from mixmae_jax.methods import get_method
-from mixmae_jax.methods.simmim import SimMIMModel, masked_l1_loss
-from mixmae_jax.models.classifier import SwinClassifier
+from mixmae_jax.methods.simmim import SimMIMModel, masked_l1_loss, masked_tokens
+from mixmae_jax.models.classifier import build_classifier
 from mixmae_jax.train import optim
 from mixmae_jax.train.step import bind, init_params
 
@@ -103,7 +103,9 @@ def tiny_run():
     def loss_fn(params, images, mask):
         model = bind(graphdef, params)
         token_mask, pixel_mask = method.upsampled(mask, model)
-        z, stages = model.encode_masked(images, token_mask, return_stages=True)
+        enc = model.encoder
+        tokens = masked_tokens(enc, enc.embed(images), token_mask)
+        stages, z = enc.stage_outputs(tokens), enc.encode(tokens)
         x_rec = model.decode(z)
         return masked_l1_loss(images, x_rec, pixel_mask), (z, stages, x_rec, token_mask)
 
@@ -258,7 +260,7 @@ def test_round_trip_is_bit_exact(fmt):
     if fmt == "pretrain":
         build = lambda: SimMIMModel(cfg, rngs=nnx.Rngs(0))  # noqa: E731
     else:
-        build = lambda: SwinClassifier(cfg, 10, rngs=nnx.Rngs(0))  # noqa: E731
+        build = lambda: build_classifier(cfg, 10, rngs=nnx.Rngs(0))  # noqa: E731
     sd = random_torch_state_dict(tmodel, seed=11)
     _, template = abstract_model(build)
     params, rep = from_torch.state_dict_to_params(sd, layout, template)
@@ -381,7 +383,7 @@ def test_pretraining_export_to_finetune_format_and_back():
     np.testing.assert_array_equal(sd["norm.weight"].numpy(), params["encoder"]["norm"]["scale"])
 
     pre = to_torch.params_to_state_dict(params, layout)
-    template = random_params(abstract_model(lambda: SwinClassifier(cfg, 10,
+    template = random_params(abstract_model(lambda: build_classifier(cfg, 10,
                                                                    rngs=nnx.Rngs(0)))[1], 1)
     out, rep = from_torch.state_dict_to_params(pre, layout, template)
     assert rep.file_format == "pretrain" and rep.template_format == "finetune"
@@ -400,7 +402,7 @@ def test_odd_shifted_window_classifier_parity():
     cfg = tiny_config().model
     cfg.update(img_size=24, depths=(2, 2), num_heads=(2, 4), window_sizes=(3, 3))
     layout = SimMIMLayout(cfg)
-    graphdef, abstract = abstract_model(lambda: SwinClassifier(cfg, 5, rngs=nnx.Rngs(0)))
+    graphdef, abstract = abstract_model(lambda: build_classifier(cfg, 5, rngs=nnx.Rngs(0)))
     params = random_params(abstract, seed=4)
     sd = to_torch.params_to_state_dict(params, layout, format="finetune", num_classes=5)
     tmodel = R.SimMIMFinetuneTorch.from_model_config(dict(cfg.to_dict(), ape=False),

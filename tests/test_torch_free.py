@@ -37,6 +37,7 @@ import sys
 import numpy as np
 from flax import nnx
 from mixmae_jax.config import load_config
+from mixmae_jax.interop import layout_for
 from mixmae_jax.tasks.layer_decay import lr_scales
 from mixmae_jax.methods import get_method
 from mixmae_jax.models import get_model_module
@@ -96,6 +97,8 @@ for name in names:
     if name not in EDGE:
         importlib.import_module(name)
 assert "torch" not in sys.modules
+# the PyTorch formats' libraries load only where a conversion uses them
+assert not {"safetensors", "transformers", "timm"} & set(sys.modules), sys.modules.keys()
 print(len(names) - len(EDGE), "modules")
 '''
 

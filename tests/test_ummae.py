@@ -15,6 +15,7 @@ from recipes import load
 
 from mixmae_jax import config as config_lib
 from mixmae_jax.methods import get_method
+from mixmae_jax.methods import ummae as U
 from mixmae_jax.models import layers as L
 
 BACKBONES = ("ummae_swin_t.py", "ummae_pvt_s.py", "ummae_vit_b.py")
@@ -53,7 +54,7 @@ def test_official_mask_counts(name, grid, kept, secondary):
     assert slot.shape == (5, g, g) and sm.shape == (5, g, g)
     assert set(np.unique(slot)) <= {0, 1, 2, 3}
     assert (sm.reshape(5, -1).sum(axis=1) == secondary).all()
-    mask = np.asarray(L.removed_units(plan["slot"]))
+    mask = np.asarray(U.removed_units(plan["slot"]))
     for i in range(5):
         for a in range(g):
             for b in range(g):
@@ -80,10 +81,10 @@ def test_compaction_equals_a_brute_force_gather():
     b, g, u, c = 2, 3, 2, 5
     x = rng.standard_normal((b, 2 * g * u, 2 * g * u, c)).astype(np.float32)
     slot = rng.integers(0, 4, (b, g, g)).astype(np.int32)
-    out = np.asarray(L.compact_kept_units(jnp.asarray(x), jnp.asarray(slot), u))
+    out = np.asarray(U.compact_kept_units(jnp.asarray(x), jnp.asarray(slot), u))
     coords = np.stack(np.meshgrid(np.arange(2 * g * u), np.arange(2 * g * u), indexing="ij"), -1)
-    cout = np.asarray(L.compact_kept_units(jnp.asarray(coords[None]), jnp.asarray(slot), u))
-    ids = np.asarray(L.kept_unit_ids(jnp.asarray(slot)))
+    cout = np.asarray(U.compact_kept_units(jnp.asarray(coords[None]), jnp.asarray(slot), u))
+    ids = np.asarray(U.kept_unit_ids(jnp.asarray(slot)))
     for i in range(b):
         for a in range(g):
             for bb in range(g):
@@ -98,7 +99,7 @@ def test_compaction_equals_a_brute_force_gather():
 
 def test_ids_where_lists_positions_in_row_major_order():
     mask = jnp.asarray([[0, 1, 1, 0, 1], [1, 0, 0, 1, 1]], jnp.float32)
-    np.testing.assert_array_equal(L.ids_where(mask, 3), [[1, 2, 4], [0, 3, 4]])
+    np.testing.assert_array_equal(U.ids_where(mask, 3), [[1, 2, 4], [0, 3, 4]])
 
 
 # -- the model ----------------------------------------------------------------------------------
@@ -109,7 +110,7 @@ def test_removed_units_do_not_change_the_encoder_output(tiny_setup):
     method, model, images = tiny_setup
     plan = method.make_plan(jax.random.key(5), images.shape[0], 1)
     unit = method.unit_size()
-    mask = L.removed_units(plan["slot"])
+    mask = U.removed_units(plan["slot"])
     pixel_mask = L.upsample_grid(mask, unit)[..., None]
     noisy = images + pixel_mask * 5.0 * jax.random.normal(jax.random.key(6), images.shape)
 
@@ -137,7 +138,7 @@ def test_secondary_masking_hides_the_kept_units_it_hits(tiny_setup):
     # (SM units are kept units, never targets: the loss sees their pixels through nothing)
     grad = jax.jit(jax.grad(loss), compiler_options=FAST_COMPILE)(images)
     assert float(jnp.abs(grad * pixel_sm).max()) == 0.0
-    visible = (1 - L.upsample_grid(L.removed_units(plan["slot"]), method.unit_size()))[..., None]
+    visible = (1 - L.upsample_grid(U.removed_units(plan["slot"]), method.unit_size()))[..., None]
     assert float(jnp.abs(grad * visible * (1 - pixel_sm)).max()) > 0.0
 
 
@@ -186,7 +187,7 @@ def test_continuous_bias_is_the_mlp_of_log_spaced_differences():
     """bias[m, h, i, j] = MLP(sign(d) log(1 + |d|))[h] with d = coords[j] - coords[i]."""
     from mixmae_jax.models.ummae_swin import WindowAttention
 
-    attn = WindowAttention(8, 2, 4, rngs=nnx.Rngs(0))
+    attn = WindowAttention(8, 2, 4, qkv_bias=True, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
     coords = rng.integers(0, 20, (3, 5, 2)).astype(np.float32) / 2
     got = np.asarray(attn.position_bias(jnp.asarray(coords)))
@@ -251,7 +252,7 @@ def plan_to_arrays(method, plan):
     """The official convention of a plan: mask (B, G, G) 1 = removed, vis_mask 1 = SM."""
     b = plan["slot"].shape[0]
     grid = method.unit_grid()
-    mask = np.asarray(L.removed_units(plan["slot"])).astype(np.int64)
+    mask = np.asarray(U.removed_units(plan["slot"])).astype(np.int64)
     vis = np.asarray(method.secondary_units(plan)).reshape(b, grid, grid).astype(np.int64)
     return mask, vis
 

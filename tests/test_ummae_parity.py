@@ -32,17 +32,16 @@ from references import ummae as R
 from mixmae_jax.interop import from_torch, layout_for, to_torch
 from mixmae_jax.interop import keymap as K
 from mixmae_jax.methods import get_method
+from mixmae_jax.methods.ummae import removed_units
 from mixmae_jax.models import layers as L
-from mixmae_jax.models.pvt import PVTClassifier
-from mixmae_jax.models.ummae_swin import UMSwinClassifier
+from mixmae_jax.models.classifier import build_classifier
 from mixmae_jax.train.step import bind
 
 PRETRAIN = {"ummae_swin_t.py": R.UMSwinPretrainTorch, "ummae_pvt_s.py": R.UMPVTPretrainTorch,
             "ummae_vit_b.py": R.UMViTPretrainTorch,
             "simmim_ummae_swin_t.py": R.SimMIMUMSwinTorch,
             "simmim_ummae_pvt_s.py": R.SimMIMPVTTorch}
-FINETUNE = {"ummae_swin": (UMSwinClassifier, R.UMSwinFinetuneTorch),
-            "pvt": (PVTClassifier, R.UMPVTFinetuneTorch)}
+FINETUNE = {"ummae_swin": R.UMSwinFinetuneTorch, "pvt": R.UMPVTFinetuneTorch}
 
 
 def reference(name, config):
@@ -61,7 +60,7 @@ def torch_masks(method, plan):
     if "slot" not in plan:  # SimMIM: one mask
         return torch.from_numpy(np.asarray(plan["mask"]).reshape(len(plan["mask"]), -1) > 0),
     b = plan["slot"].shape[0]
-    mask = np.asarray(L.removed_units(plan["slot"])).reshape(b, -1) > 0
+    mask = np.asarray(removed_units(plan["slot"])).reshape(b, -1) > 0
     vis = np.asarray(method.secondary_units(plan)) > 0
     return torch.from_numpy(mask), torch.from_numpy(vis)
 
@@ -163,10 +162,10 @@ def test_finetune_classifier_parity(model_name, name):
     """The finetuning models (full grid: window 8 of a 16-token map, sr 4,2,1 in the tiny
     geometry) give the reference's logits from the same exported params."""
     cfg = load(name, "tiny").model
-    jax_cls, torch_cls = FINETUNE[model_name]
+    torch_cls = FINETUNE[model_name]
     method = get_method(load(name, "tiny"))
     layout = layout_for(method.config)
-    graphdef, abstract = abstract_model(lambda: jax_cls(cfg, num_classes=7, rngs=nnx.Rngs(0)))
+    graphdef, abstract = abstract_model(lambda: build_classifier(cfg, 7, rngs=nnx.Rngs(0)))
     params = random_params(abstract, seed=4)
     sd = to_torch.params_to_state_dict(params, layout, format="finetune", num_classes=7)
     images = np.random.default_rng(5).standard_normal((2, 64, 64, 3), dtype=np.float32)
@@ -221,7 +220,7 @@ def test_pretraining_export_loads_strictly_into_the_finetune_geometry(name, wind
     key, value = window_or_sr
     ft_cfg = config.model.copy_and_resolve_references()
     ft_cfg[key] = value
-    jax_cls, torch_cls = FINETUNE[config.model.name]
+    torch_cls = FINETUNE[config.model.name]
     tmodel = torch_cls.from_model_config(ft_cfg, num_classes=10)
     tmodel.load_state_dict(sd, strict=True)
     assert not any(k.startswith(("decoder", "mask_token", "vis_mask_token", "norm.")) for k in sd)
@@ -230,7 +229,7 @@ def test_pretraining_export_loads_strictly_into_the_finetune_geometry(name, wind
     if config.model.name == "pvt":  # the frozen table becomes the learned one's start
         table = L.sincos_pos_embed_2d(64, 64, 64)
         np.testing.assert_array_equal(sd["pos_embed"].numpy()[0], table)
-    _, template = abstract_model(lambda: jax_cls(ft_cfg, num_classes=10, rngs=nnx.Rngs(0)))
+    _, template = abstract_model(lambda: build_classifier(ft_cfg, 10, rngs=nnx.Rngs(0)))
     ft_sd = random_torch_state_dict(tmodel, seed=8)
     params, _ = from_torch.state_dict_to_params(ft_sd, layout, template)
     assert_exports_back_exactly(params, ft_sd, layout, "finetune", 10)

@@ -47,6 +47,8 @@ def load_torch_checkpoint(path, *, trust_pickle: bool = False) -> dict[str, torc
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--checkpoint {path}: no such file")
+    if str(path).endswith(".safetensors"):
+        return read_safetensors(path)[0]
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -74,6 +76,72 @@ def load_torch_checkpoint(path, *, trust_pickle: bool = False) -> dict[str, torc
         raise K.ConversionError(f"{path}: not a readable PyTorch checkpoint (torch.load: "
                                 f"{type(e).__name__}: {e})") from e
     return _extract_state_dict(obj, path)
+
+
+def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a `.safetensors` file: plain tensors, nothing to unpickle, so no
+    --trust-pickle."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - no __iter__
+            metadata = dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise K.ConversionError(f"{path}: not a readable .safetensors file ({e})") from e
+    if not tensors:
+        raise K.ConversionError(f"{path}: a .safetensors file without tensors")
+    return tensors, metadata
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """What `read_checkpoint` found: tensors in the official layout ("pth", "safetensors") or
+    in a library's ("transformers", "timm", with its config.json), and the file's metadata."""
+
+    kind: str
+    tensors: dict
+    foreign_config: dict | None = None
+    metadata: dict = dataclasses.field(default_factory=dict)
+
+
+WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def read_checkpoint(path, *, trust_pickle: bool = False) -> Checkpoint:
+    """An official `.pth` / `.safetensors`, or a transformers or timm folder (config.json and
+    model.safetensors, or pytorch_model.bin read like a .pth)."""
+    import json
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        if path.endswith(".safetensors") and os.path.isfile(path):
+            tensors, metadata = read_safetensors(path)
+            return Checkpoint("safetensors", tensors, metadata=metadata)
+        return Checkpoint("pth", load_torch_checkpoint(path, trust_pickle=trust_pickle))
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise K.ConversionError(f"--checkpoint {path}: a folder without config.json (a "
+                                "transformers or timm checkpoint folder has one)")
+    try:
+        with open(config_file) as f:
+            foreign = json.load(f)
+    except (OSError, ValueError) as e:
+        raise K.ConversionError(f"{config_file}: not a readable JSON config ({e})") from e
+    if not isinstance(foreign, dict) or not ("architecture" in foreign or "model_type" in foreign):
+        raise K.ConversionError(f"{config_file}: neither a transformers config (model_type) nor a "
+                                "timm config (architecture)")
+    kind = "timm" if "architecture" in foreign else "transformers"
+    weights = [os.path.join(path, w) for w in WEIGHTS if os.path.isfile(os.path.join(path, w))]
+    if not weights:
+        sharded = os.path.isfile(os.path.join(path, "model.safetensors.index.json"))
+        raise K.ConversionError(f"--checkpoint {path}: no {' or '.join(WEIGHTS)}" + (
+            " (a sharded checkpoint: merge it into one model.safetensors)" if sharded else ""))
+    if weights[0].endswith(".safetensors"):
+        tensors, metadata = read_safetensors(weights[0])
+    else:
+        tensors, metadata = load_torch_checkpoint(weights[0], trust_pickle=trust_pickle), {}
+    return Checkpoint(kind, tensors, foreign, metadata)
 
 
 def _extract_state_dict(obj, path) -> dict[str, torch.Tensor]:
@@ -148,7 +216,8 @@ def _rebuild(template, flat_values: dict, prefix: str = ""):
 
 
 def state_dict_to_params(state_dict, layout: K.Layout, template_params, *,
-                         format: str | None = None, allow_ape_mismatch: bool = False):
+                         format: str | None = None, allow_ape_mismatch: bool = False,
+                         absent=frozenset()):
     """Official state_dict -> (params pure dict shaped like `template_params`, ConversionReport).
 
     template_params: the target model's params (`nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])`
@@ -159,6 +228,8 @@ def state_dict_to_params(state_dict, layout: K.Layout, template_params, *,
     format: what the file is, "pretrain" or "finetune"; None detects it (pretraining-only keys
       present -> pretrain).
     allow_ape_mismatch: accept fixed position tables that are not the sin-cos table (warns).
+    absent: official keys the file's model has no place for (a transformers ViTModel has no
+      decoder, ViTMAE no `vis_mask_token`): not missing; the template keeps its values.
     Returned leaves are host numpy arrays with the template's dtypes.
     """
     sd = _extract_state_dict(state_dict, "state_dict")
@@ -221,14 +292,15 @@ def state_dict_to_params(state_dict, layout: K.Layout, template_params, *,
     # change the number of classes): then the template keeps its head. All of it or none.
     head_optional = fmt == "finetune" and not any(k.startswith("head.") for k in sd)
     for name in expected:
-        if name not in sd and not (head_optional and name.startswith("head.")):
+        if name not in sd and name not in absent and not (
+                head_optional and name.startswith("head.")):
             problems.append(f"{name}: missing from the state_dict")
 
     for path, leaf in flat_template.items():
         if path in values:
             continue
         name = flax_to_torch.get(path)
-        if name is not None and (name in sd or (
+        if name is not None and name not in absent and (name in sd or (
                 name in expected and not (head_optional and name.startswith("head.")))):
             continue  # already reported as missing or bad
         if not _is_concrete(leaf):

@@ -24,7 +24,7 @@ from flax import nnx
 
 from mixmae_jax.models import layers as L
 from mixmae_jax.models.layers import square_side
-from mixmae_jax.models.loading import flatten, unflatten  # noqa: F401 - K.unflatten for callers
+from mixmae_jax.models.paths import flatten, unflatten  # noqa: F401 - K.unflatten for callers
 
 FORMATS = ("pretrain", "finetune")
 # MAE-style decoders (MAE's and MixMIM's) are flat official names: decoder_embed, decoder_blocks,

@@ -154,3 +154,94 @@ def save_torch_checkpoint(state_dict, path) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def _own_storage(tensors) -> collections.OrderedDict:
+    """Contiguous CPU tensors, none sharing storage with another (safetensors refuses
+    aliases)."""
+    out, seen = collections.OrderedDict(), set()
+    for k, v in tensors.items():
+        v = v.detach().cpu().contiguous()
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in seen:
+            v = v.clone()
+        seen.add(v.untyped_storage().data_ptr())
+        out[k] = v
+    return out
+
+
+def _atomic(path, write) -> None:
+    """`write(tmp)` a sibling temp file, fsync it, and rename it over `path` (never half a
+    file, never a touched existing file on failure)."""
+    path = os.path.abspath(os.fspath(path))
+    directory = os.path.dirname(path)
+    try:
+        mode = os.stat(path).st_mode & 0o777
+    except FileNotFoundError:
+        mode = 0o644
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                               dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def save_safetensors(tensors, path, metadata: dict[str, str] | None = None) -> None:
+    """Write tensors to a `.safetensors` file atomically, with string metadata (what a reader
+    needs: method, model, image size, the run's config as JSON)."""
+    from safetensors.torch import save_file
+
+    bad = [str(k) for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise K.ConversionError("tensors must be torch.Tensor; bad entries: " + ", ".join(bad))
+    meta = {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}}
+    tensors = _own_storage(tensors)
+    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+EXPORT_FILES = ("config.json", "model.safetensors")
+
+
+def save_export_dir(path, config: dict, tensors, metadata: dict[str, str] | None = None) -> None:
+    """A transformers / timm checkpoint folder: config.json and model.safetensors, written into
+    a sibling temp folder that then replaces `path`. An existing `path` must be such a folder
+    (or empty): anything else in it is refused, never deleted."""
+    import json
+    import shutil
+
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise FileExistsError(f"--out {path}: a file; this target writes a folder "
+                                  f"({' + '.join(EXPORT_FILES)})")
+        other = sorted(set(os.listdir(path)) - set(EXPORT_FILES))
+        if other:
+            raise FileExistsError(f"--out {path}: a folder holding other files ({', '.join(other)})"
+                                  f"; choose a new or empty folder")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
+    try:
+        save_safetensors(tensors, os.path.join(tmp, "model.safetensors"), metadata)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.chmod(tmp, 0o755)
+        old = None
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old.", dir=parent)
+            os.replace(path, os.path.join(old, "x"))
+        os.replace(tmp, path)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

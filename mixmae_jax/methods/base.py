@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mixmae_jax import models
+
 
 class Method(abc.ABC):
     name: str = ""
@@ -36,9 +38,9 @@ class Method(abc.ABC):
 
     def __init__(self, config):
         self.config = config
-        self.model_cfg = config.model
+        self.model_cfg = models.with_defaults(config.model)  # an old snapshot may lack a key
         self.cfg = config.method
-        self.dtype = jnp.dtype(config.get("compute_dtype", "float32"))
+        self.dtype = jnp.dtype(config.compute_dtype)
 
     @property
     def compute_dtype(self):

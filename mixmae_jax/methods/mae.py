@@ -18,39 +18,8 @@ from flax import nnx
 from mixmae_jax.methods import base
 from mixmae_jax.methods.targets import patch_targets, pixels_of
 from mixmae_jax.models import layers as L
-from mixmae_jax.models.vit import Block, ViTEncoder, pos_embed_with_cls, run_blocks
-
-
-class MAEDecoder(nnx.Module):
-    """decoder_embed -> mask tokens at the removed positions -> + sin-cos -> blocks -> pred."""
-
-    def __init__(self, cfg, *, scan: bool, dtype=None, rngs: nnx.Rngs):
-        dim = cfg.decoder_dim
-        self.grid = cfg.img_size // cfg.patch_size
-        self.dim, self.scan = dim, scan
-        eps = cfg.get("ln_eps", 1e-6)
-        self.mask_token = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, 1, dim)))
-        self.embed = L.dense(cfg.embed_dim, dim, dtype=dtype, rngs=rngs)
-        self.blocks = nnx.List([Block(dim, cfg.decoder_num_heads, cfg.mlp_ratio, eps=eps,
-                                      dtype=dtype, rngs=rngs) for _ in range(cfg.decoder_depth)])
-        self.norm = L.layer_norm(dim, eps=eps, rngs=rngs)
-        self.pred = L.dense(dim, cfg.patch_size**2 * cfg.in_chans, dtype=dtype, rngs=rngs)
-
-    def __call__(self, latent, ids_restore, fill_offset=None):
-        """latent (B, 1 + K, C) with cls first; ids_restore (B, L) -> (B, L, p*p*3).
-        fill_offset: (B, 1, C) added to each sample's mask tokens, or None."""
-        x = self.embed(latent).astype(jnp.float32)
-        b, k = x.shape[0], x.shape[1] - 1
-        n = ids_restore.shape[1]
-        fill = jnp.broadcast_to(self.mask_token[...], (b, n - k, self.dim))
-        if fill_offset is not None:
-            fill = fill + fill_offset
-        shuffled = jnp.concatenate([x[:, 1:], fill], axis=1)  # kept tokens, then mask tokens
-        restored = jnp.take_along_axis(shuffled, ids_restore[..., None], axis=1)
-        x = jnp.concatenate([x[:, :1], restored], axis=1) + pos_embed_with_cls(self.dim, self.grid)
-        x = run_blocks(self.blocks, x, (0.0,) * len(self.blocks), None, remat="none",
-                       scan=self.scan)
-        return self.pred(self.norm(x)).astype(jnp.float32)[:, 1:]
+from mixmae_jax.models import vit
+from mixmae_jax.models.decoder import MAEDecoder
 
 
 class MAEModel(nnx.Module):
@@ -58,8 +27,12 @@ class MAEModel(nnx.Module):
     `decoder` (official `decoder_*`, `mask_token`)."""
 
     def __init__(self, cfg, *, dtype=None, rngs: nnx.Rngs):
-        self.encoder = ViTEncoder(cfg, dtype=dtype, rngs=rngs)
-        self.decoder = MAEDecoder(cfg, scan=self.encoder.scan, dtype=dtype, rngs=rngs)
+        self.encoder = vit.encoder(cfg, dtype=dtype, rngs=rngs)
+        grid = cfg.img_size // cfg.patch_size
+        self.decoder = MAEDecoder(cfg.embed_dim, cfg.decoder_dim, cfg.decoder_depth,
+                                  cfg.decoder_num_heads, grid, cfg.patch_size**2 * cfg.in_chans,
+                                  mlp_ratio=cfg.mlp_ratio, eps=cfg.ln_eps,
+                                  scan=self.encoder.scan, dtype=dtype, rngs=rngs)
 
     def __call__(self, images, plan, rng=None):
         """(B, L, p*p*3) predictions for every patch, from the kept patches of `plan`."""

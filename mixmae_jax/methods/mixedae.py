@@ -37,6 +37,7 @@ from flax import nnx
 
 from mixmae_jax.methods import base
 from mixmae_jax.methods.mae import MAEModel
+from mixmae_jax.methods.masks import random_ranks
 from mixmae_jax.methods.targets import patch_targets, pixels_of
 from mixmae_jax.models import layers as L
 
@@ -64,40 +65,31 @@ def kth_largest(x, k: int, iters: int = 32):
     return jnp.min(jnp.where(x >= lo, x, jnp.inf), axis=-1, keepdims=True)
 
 
-def homologous_attention(qkv, num_heads: int, mode: str, k: int, labels, num_cls: int):
-    """timm-style attention (logits scaled after q.k) in one of the homologous modes.
+def homologous(labels, mode: str, k: int, num_cls: int):
+    """MixedAE's rule on one layer's attention logits (`layers.attention`'s `restrict`).
 
-    qkv (M, T, 3C); labels (M, T) source of each token (the S cls tokens first). Returns
-    (out (M, T, C), recognition): over patch queries and heads, the share of each query's top
-    N/S keys (by logit, among all T keys) that share its source."""
-    m, t, c3 = qkv.shape
-    qkv = qkv.reshape(m, t, 3, num_heads, c3 // (3 * num_heads))
-    q, kk, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    logits = jnp.einsum("nqhd,nkhd->nhqk", q, kk, preferred_element_type=jnp.float32)
-    logits = logits * (q.shape[-1] ** -0.5)
-    same = labels[:, None, :, None] == labels[:, None, None, :]
-    fixed = jax.lax.stop_gradient(logits)
-    k_rec = (t - num_cls) // num_cls
-    top = fixed >= kth_largest(fixed, k_rec)
-    hits = jnp.sum(top & same, axis=-1) / jnp.sum(top, axis=-1)
-    recognition = jnp.mean(hits[:, :, num_cls:].astype(jnp.float32))
-    if mode == "oracle":
-        logits = logits + (~same).astype(jnp.float32) * L.NEG_INF
-    elif mode == "topk" and k < t:
-        keep = top if k == k_rec else fixed >= kth_largest(fixed, k)
-        logits = jnp.where(keep, logits, L.NEG_INF)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("nhqk,nkhd->nqhd", probs, v)
-    return out.reshape(m, t, c3 // 3), recognition
+    labels (M, T): the source of each token (the S = num_cls cls tokens first). The rule takes the
+    scaled logits (M, heads, T, T) and returns them restricted by `mode` ("topk": each query
+    keeps its k largest per head, the rest NEG_INF; "oracle": only its own source's keys; "full":
+    all), with the recognition accuracy: over patch queries and heads, the share of each query's
+    top N/S keys (by logit, among all T keys) that share its source."""
 
+    def rule(logits):
+        t = logits.shape[-1]
+        same = labels[:, None, :, None] == labels[:, None, None, :]
+        fixed = jax.lax.stop_gradient(logits)
+        k_rec = (t - num_cls) // num_cls
+        top = fixed >= kth_largest(fixed, k_rec)
+        hits = jnp.sum(top & same, axis=-1) / jnp.sum(top, axis=-1)
+        recognition = jnp.mean(hits[:, :, num_cls:].astype(jnp.float32))
+        if mode == "oracle":
+            logits = logits + (~same).astype(jnp.float32) * L.NEG_INF
+        elif mode == "topk" and k < t:
+            keep = top if k == k_rec else fixed >= kth_largest(fixed, k)
+            logits = jnp.where(keep, logits, L.NEG_INF)
+        return logits, recognition
 
-def mixed_block(block, x, labels, mode: str, k: int, num_cls: int):
-    """A ViT `Block` (its own params) with homologous attention; MixedAE pretraining has no
-    stochastic depth."""
-    out, recognition = homologous_attention(block.attn.qkv(block.norm1(x)), block.attn.num_heads,
-                                            mode, k, labels, num_cls)
-    x = x + block.attn.proj(out).astype(jnp.float32)
-    return x + block.mlp(block.norm2(x)).astype(jnp.float32), recognition
+    return rule
 
 
 class MixedAEModel(MAEModel):
@@ -167,7 +159,7 @@ class Method(base.Method):
         check(m.decoder_dim % 4 == 0 and m.decoder_dim % m.decoder_num_heads == 0,
               "model.decoder_dim", f"{m.decoder_dim} must be divisible by 4 and by "
               f"model.decoder_num_heads={m.decoder_num_heads}")
-        accum = config.optim.get("grad_accum_steps", 1)
+        accum = config.optim.grad_accum_steps
         micro = config.batch_size // max(1, num_devices * accum)
         check(micro % s == 0, "batch_size",
               f"{config.batch_size}: each device's micro-batch ({micro} images) must be a "
@@ -183,8 +175,7 @@ class Method(base.Method):
         positions per source (a random permutation cut into S chunks). Mixed samples never span
         device groups: each is S consecutive images of one device's batch."""
         s, n = self.cfg.num_sources, self.num_patches()
-        noise = jax.random.uniform(rng, (batch_size // s, n))
-        rank = jnp.argsort(jnp.argsort(noise, axis=1), axis=1)
+        rank = random_ranks(rng, (batch_size // s, n))
         return {"source": (rank // (n // s)).astype(jnp.int32)}
 
     def unmix_ids(self, source):
@@ -216,18 +207,18 @@ class Method(base.Method):
         x = jnp.concatenate([cls, mixed], axis=1)
         labels = jnp.concatenate([jnp.broadcast_to(jnp.arange(s), (g, s)), source], axis=1)
         modes, k = self.layer_modes(), self.topk()
-        recognition = []
+        # The encoder's own blocks, the homologous rule as their context (no stochastic depth in
+        # MixedAE pretraining). One mode for every layer: the blocks run as one scan.
         if len(set(modes)) == 1:
-            def call(blk, x):
-                return mixed_block(blk, x, labels, modes[0], k, s)
-
-            x, recognition = L.apply_blocks(enc.blocks, x, call, scan=enc.scan, with_aux=True)
+            groups = [(enc.blocks, modes[0])]
         else:
-            for blk, mode in zip(enc.blocks, modes):
-                x, r = mixed_block(blk, x, labels, mode, k, s)
-                recognition.append(r)
-            recognition = jnp.stack(recognition)
-        return enc.norm(x), recognition
+            groups = [([block], mode) for block, mode in zip(enc.blocks, modes)]
+        recognition = []
+        for blocks, mode in groups:
+            x, r = L.apply_blocks(blocks, x, homologous(labels, mode, k, s), remat=enc.remat,
+                                  scan=enc.scan, with_aux=True)
+            recognition.append(r)
+        return enc.norm(x), jnp.concatenate(recognition)
 
     def reconstruct(self, model: MixedAEModel, latent, source):
         """Each image's predictions (B, N, p*p*3) from its own cls and tokens."""

@@ -1,4 +1,4 @@
-"""Token mixing shared by the mixing methods (MixMIM now, MixedAE later).
+"""MixMIM's pairing and mixing mask, drawn per device group.
 
 "Groups" are the device-local batches of the official per-GPU implementation: the batch is split
 into `num_groups` equal consecutive chunks (one per data-parallel device, because the global batch
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from mixmae_jax.methods.masks import random_subset
 
 
 def partner(x, num_groups: int):
@@ -39,15 +41,7 @@ def draw_mask(rng, batch_size: int, num_groups: int, num_cells: int, mask_ratio:
         count = jnp.floor(num_cells * ratio).astype(jnp.int32)
     else:  # Python arithmetic, exactly the official int(L * r)
         count = int(num_cells * mask_ratio)
-    noise = jax.random.uniform(noise_rng, (rows, num_cells))
-    rank = jnp.argsort(jnp.argsort(noise, axis=-1), axis=-1)
-    mask = (rank < count).astype(jnp.float32)
+    mask = random_subset(noise_rng, (rows, num_cells), count).astype(jnp.float32)
     if not per_sample:
         mask = jnp.repeat(mask, per_group, axis=0)
     return mask
-
-
-def mix(tokens, partner_tokens, token_mask):
-    """Official arithmetic `x * (1 - m) + x.flip(0) * m`, token_mask broadcast over channels."""
-    m = token_mask[..., None].astype(tokens.dtype)
-    return tokens * (1.0 - m) + partner_tokens * m

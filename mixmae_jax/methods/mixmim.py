@@ -15,31 +15,35 @@ from flax import nnx
 from mixmae_jax.methods import base, mixing
 from mixmae_jax.methods.targets import patch_targets, pixels_of
 from mixmae_jax.models import layers as L
-from mixmae_jax.models.decoder import MaskedDecoder
-from mixmae_jax.models.swin import SwinEncoder
+from mixmae_jax.models import swin
+from mixmae_jax.models.decoder import MixMIMDecoder
 
 
 class MixMIMModel(nnx.Module):
     """Pretraining model: `encoder` (official `patch_embed`, `layers`, `norm`) + `decoder`."""
 
     def __init__(self, cfg, *, dtype=None, rngs: nnx.Rngs):
-        self.encoder = SwinEncoder(cfg, dtype=dtype, rngs=rngs)
+        self.encoder = swin.encoder(cfg, dtype=dtype, rngs=rngs)
         enc = self.encoder
-        self.decoder = MaskedDecoder(enc.out_dim, cfg.decoder_dim, cfg.decoder_depth,
+        self.decoder = MixMIMDecoder(enc.out_dim, cfg.decoder_dim, cfg.decoder_depth,
                                      cfg.decoder_num_heads, enc.final_grid,
                                      enc.stride**2 * cfg.in_chans, mlp_ratio=cfg.mlp_ratio,
                                      scan=enc.scan, dtype=dtype, rngs=rngs)
 
-    def encode_mixed(self, images, mask, num_groups: int, rng=None, return_stages=False):
-        """Mix each image with its partner (mask: (B, L_final), 1 = partner) and encode."""
+    def mixed_tokens(self, images, mask, num_groups: int):
+        """(tokens, source ids), both on the stage-1 grid: each image's patch embeddings mixed
+        with its partner's (mask: (B, L_final), 1 = partner), and where each token comes from."""
         enc = self.encoder
         b = images.shape[0]
         tokens = enc.embed(images)
         fg = enc.final_grid
         token_mask = L.upsample_grid(mask.reshape(b, fg, fg), enc.grid // fg)
-        mixed = mixing.mix(tokens, mixing.partner(tokens, num_groups), token_mask)
-        return enc.encode(mixed, source_ids=token_mask.astype(jnp.int32), rng=rng,
-                          return_stages=return_stages)
+        mixed = L.blend(tokens, mixing.partner(tokens, num_groups), token_mask)
+        return mixed, token_mask.astype(jnp.int32)
+
+    def encode_mixed(self, images, mask, num_groups: int, rng=None):
+        """Mix each image with its partner and encode, attention within each source."""
+        return self.encoder.encode(*self.mixed_tokens(images, mask, num_groups), rng=rng)
 
     def reconstruct(self, z, mask):
         """Both branches in one decoder pass: (rec1, rec2), each (B, L, stride*stride*3).

@@ -11,14 +11,14 @@ pixel grid (x32: the loss).
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from mixmae_jax.methods import base
+from mixmae_jax.methods.masks import random_subset
+from mixmae_jax.models import get_model_module, swin
 from mixmae_jax.models import layers as L
-from mixmae_jax.models.swin import SwinEncoder
 
 LOSS_EPS = 1e-5  # official: sum(|x - x_rec| * m) / (sum(m) + 1e-5) / in_chans
 
@@ -34,12 +34,18 @@ def swin_init_pass(module: nnx.Module, rngs: nnx.Rngs) -> None:
                 node.bias[...] = jnp.zeros_like(node.bias[...])
 
 
+def masked_tokens(encoder, tokens, token_mask):
+    """Patch embeddings where token_mask (B, G, G) is 1 replaced by the encoder's mask token
+    (the official `x * (1 - w) + mask_token * w`)."""
+    return L.blend(tokens.astype(jnp.float32), encoder.mask_token[...].reshape(-1), token_mask)
+
+
 class SimMIMModel(nnx.Module):
     """Pretraining model: `encoder` (official `encoder.*`, with `mask_token`) and `decoder`
     (official `decoder.0`: Conv2d(C_last, stride**2 * 3, 1), then PixelShuffle(stride))."""
 
     def __init__(self, cfg, *, dtype=None, rngs: nnx.Rngs):
-        self.encoder = SwinEncoder(cfg, mask_token=True, dtype=dtype, rngs=rngs)
+        self.encoder = swin.encoder(cfg, mask_token=True, dtype=dtype, rngs=rngs)
         swin_init_pass(self.encoder, rngs)
         enc = self.encoder
         self.decoder = nnx.Conv(enc.out_dim, enc.stride**2 * cfg.in_chans, (1, 1),
@@ -47,12 +53,10 @@ class SimMIMModel(nnx.Module):
                                 kernel_init=L.conv_kernel_init,
                                 bias_init=L.conv_bias_init(enc.out_dim), rngs=rngs)
 
-    def encode_masked(self, images, token_mask, rng=None, return_stages=False):
-        """Patch embeddings where token_mask (B, G, G) is 1 replaced by the mask token, encoded:
-        (B, L_final, C_last) after the final norm."""
+    def encode_masked(self, images, token_mask, rng=None):
+        """(B, L_final, C_last) after the final norm, from `masked_tokens`."""
         enc = self.encoder
-        tokens = enc.replace_masked(enc.embed(images), token_mask)
-        return enc.encode(tokens, rng=rng, return_stages=return_stages)
+        return enc.encode(masked_tokens(enc, enc.embed(images), token_mask), rng=rng)
 
     def decode(self, z):
         """(B, L_final, C_last) -> x_rec (B, H, W, 3): 1x1 conv, pixel shuffle by the stride."""
@@ -72,20 +76,15 @@ class UnitSimMIMModel(nnx.Module):
     2x2 units it covers, unit*unit*3 pixels each."""
 
     def __init__(self, cfg, *, dtype=None, rngs: nnx.Rngs):
-        from mixmae_jax.models.pvt import PVTEncoder
-        from mixmae_jax.models.ummae_swin import UMSwinEncoder
-
-        encoder = {"ummae_swin": UMSwinEncoder, "pvt": PVTEncoder}[cfg.name]
-        self.encoder = encoder(cfg, mask_token=True, dtype=dtype, rngs=rngs)
+        self.encoder = get_model_module(cfg.name).encoder(cfg, mask_token=True, dtype=dtype,
+                                                          rngs=rngs)
         self.unit = cfg.unit_size
         self.decoder_pred = L.dense(self.encoder.out_dim, 4 * self.unit**2 * cfg.in_chans,
                                     dtype=dtype, rngs=rngs)
 
     def __call__(self, images, token_mask, rng=None):
         enc = self.encoder
-        w = token_mask[..., None].astype(jnp.float32)
-        tokens = enc.embed(images) * (1.0 - w) + enc.mask_token[...].reshape(-1) * w
-        z = enc.encode_full(tokens, rng)
+        z = enc.encode_full(masked_tokens(enc, enc.embed(images), token_mask), rng)
         b, n2, _ = z.shape
         n = int(round(n2**0.5))
         y = self.decoder_pred(z).astype(jnp.float32).reshape(b, n, n, -1)
@@ -121,8 +120,6 @@ class Method(base.Method):
             check(m.ape == "none", "model.ape", f"{m.ape!r}: the official SimMIM Swin has no "
                   "absolute position embedding ('none')")
         else:
-            from mixmae_jax.models import get_model_module
-
             stride = m.patch_size * 2 ** (len(m.depths) - 1)
             check(stride == 2 * m.unit_size, "model.unit_size",
                   f"{m.unit_size}: the decoder's PixelShuffle(2) turns each final-stage token "
@@ -175,9 +172,7 @@ class Method(base.Method):
         """Per-sample masks (num_groups plays no part): (B, g, g) float32, exactly
         `num_masked()` ones per sample, a uniformly random subset (argsort of uniform noise)."""
         g = self.mask_grid()
-        noise = jax.random.uniform(rng, (batch_size, g * g))
-        rank = jnp.argsort(jnp.argsort(noise, axis=1), axis=1)
-        mask = (rank < self.num_masked()).astype(jnp.float32)
+        mask = random_subset(rng, (batch_size, g * g), self.num_masked()).astype(jnp.float32)
         return {"mask": mask.reshape(batch_size, g, g)}
 
     def upsampled(self, mask, model: SimMIMModel):

@@ -3,7 +3,7 @@ works on pyramid encoders (UM-MAE's Swin and PVT) and, as the paper's control, o
 
 * Uniform sampling: the unit grid (16x16 units of 16 px at 256; 14x14 for ViT-B at 224) is cut
   into 2x2 blocks and each block keeps one random unit (`slot`), so exactly 25% is kept and the
-  kept units pack into a half-resolution 2-D grid (`layers.compact_kept_units`), on which the
+  kept units pack into a half-resolution 2-D grid (`compact_kept_units`), on which the
   pyramid encoder runs unchanged; every token keeps its true coordinates (Swin's position bias)
   or its position embedding (PVT, ViT). The official code draws the slots in the data loader from
   a balanced pool of rows; here an independent uniform slot per block is drawn on device (the
@@ -34,30 +34,85 @@ from flax import nnx
 
 from mixmae_jax.methods import base
 from mixmae_jax.methods.mae import MAEModel
+from mixmae_jax.methods.masks import random_subset
 from mixmae_jax.methods.targets import patch_targets, pixels_of
 from mixmae_jax.models import layers as L
+from mixmae_jax.models import pvt, ummae_swin
 from mixmae_jax.models.decoder import UnitDecoder
-from mixmae_jax.models.pvt import PVTEncoder
-from mixmae_jax.models.ummae_swin import UMSwinEncoder, token_coords
+from mixmae_jax.models.ummae_swin import token_coords
 
 POS_ORDERS = ("true", "official")
+
+# ---------------------------------------------------------------------------------------------
+# Uniform sampling (UM-MAE): one kept mask unit per 2x2 block of units.
+# ---------------------------------------------------------------------------------------------
+# slot (B, g, g) int in {0, 1, 2, 3} names the kept unit of each block: row di = slot // 2,
+# column dj = slot % 2, i.e. unit (2a + di, 2b + dj) of the (2g, 2g) unit grid.
+
+
+def compact_kept_units(x, slot, unit: int):
+    """The kept units of a (B, 2g*unit, 2g*unit, ...) map packed into (B, g*unit, g*unit, ...).
+
+    unit: tokens per unit side. Compact unit (a, b) is unit (2a + di, 2b + dj) of the input: the
+    same values the official dilated all-ones convolution sums out of otherwise zeroed blocks,
+    here a selection (exact, and its gradient is zero on removed units). x may have a batch of 1
+    (a constant such as the coordinate grid), broadcast against slot.
+    """
+    b, g = slot.shape[0], slot.shape[1]
+    rest = x.shape[3:]
+    x = x.reshape(x.shape[0], g, 2, unit, g, 2, unit, *rest)
+    tail = (1,) * len(rest)
+    di = (slot // 2).reshape(b, g, 1, g, 1, 1, *tail)
+    dj = (slot % 2).reshape(b, g, 1, g, 1, *tail)
+    x = jnp.where(di == 0, x[:, :, 0], x[:, :, 1])  # (B, g, unit, g, 2, unit, ...)
+    x = jnp.where(dj == 0, x[:, :, :, :, 0], x[:, :, :, :, 1])  # (B, g, unit, g, unit, ...)
+    return x.reshape(b, g * unit, g * unit, *rest)
+
+
+def removed_units(slot):
+    """(B, 2g, 2g) float32 unit mask, 1 = removed (three of every 2x2 block)."""
+    b, g = slot.shape[0], slot.shape[1]
+    kept = jax.nn.one_hot(slot, 4, dtype=jnp.float32).reshape(b, g, g, 2, 2)
+    return 1.0 - kept.transpose(0, 1, 3, 2, 4).reshape(b, 2 * g, 2 * g)
+
+
+def kept_unit_ids(slot):
+    """(B, g*g) row-major ids on the (2g, 2g) unit grid of the kept units, in compact order."""
+    b, g = slot.shape[0], slot.shape[1]
+    a = jnp.arange(g)
+    rows = 2 * a[None, :, None] + slot // 2
+    cols = 2 * a[None, None, :] + slot % 2
+    return (rows * 2 * g + cols).reshape(b, g * g)
+
+
+def ids_where(mask, count: int):
+    """(B, count) ascending positions of the first `count` ones of a (B, L) 0/1 mask (the
+    row-major order of boolean indexing, with a static count)."""
+    return jnp.argsort(1.0 - mask, axis=1, stable=True)[:, :count].astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models.
+# ---------------------------------------------------------------------------------------------
 
 
 class PyramidUMModel(nnx.Module):
     """Pretraining model of a pyramid encoder: `encoder` (runs on the compact grid) + `decoder`
     over the unit grid."""
 
-    def __init__(self, encoder, cfg, *, dtype=None, rngs: nnx.Rngs):
+    def __init__(self, encoder, cfg, *, decoder_mlp_ratio: float, dtype=None, rngs: nnx.Rngs):
         self.encoder = encoder
         self.tokens_per_unit = cfg.unit_size // cfg.patch_size
-        self.decoder = UnitDecoder(encoder.out_dim, cfg, cfg.img_size // cfg.unit_size,
-                                   scan=encoder.scan, dtype=dtype, rngs=rngs)
+        self.decoder = UnitDecoder(encoder.out_dim, cfg.decoder_dim, cfg.decoder_depth,
+                                   cfg.decoder_num_heads, cfg.img_size // cfg.unit_size,
+                                   cfg.unit_size**2 * cfg.in_chans, mlp_ratio=decoder_mlp_ratio,
+                                   eps=cfg.ln_eps, scan=encoder.scan, dtype=dtype, rngs=rngs)
 
     def compact_tokens(self, images, plan):
         """Stage-1 tokens of the kept units on the compact grid, secondary-masked ones replaced
         by the encoder's token."""
         u = self.tokens_per_unit
-        tokens = L.compact_kept_units(self.encoder.embed(images), plan["slot"], u)
+        tokens = compact_kept_units(self.encoder.embed(images), plan["slot"], u)
         if not hasattr(self.encoder, "vis_mask_token"):
             return tokens
         sm = L.upsample_grid(plan["sm"], u)[..., None] > 0
@@ -73,25 +128,28 @@ class PyramidUMModel(nnx.Module):
 
 class UMSwinModel(PyramidUMModel):
     def __init__(self, cfg, *, secondary: bool, dtype=None, rngs: nnx.Rngs):
-        enc = UMSwinEncoder(cfg, compact=True, vis_mask_token=secondary, dtype=dtype, rngs=rngs)
-        super().__init__(enc, cfg, dtype=dtype, rngs=rngs)
+        enc = ummae_swin.encoder(cfg, compact=True, vis_mask_token=secondary, dtype=dtype,
+                                 rngs=rngs)
+        # The official Swin decoder's blocks take the encoder's mlp_ratio.
+        super().__init__(enc, cfg, decoder_mlp_ratio=cfg.mlp_ratio, dtype=dtype, rngs=rngs)
 
     def encode(self, images, plan, rng=None):
         enc = self.encoder
-        coords = L.compact_kept_units(jnp.asarray(token_coords(enc.grid, enc.grid)),
+        coords = compact_kept_units(jnp.asarray(token_coords(enc.grid, enc.grid)),
                                       plan["slot"], self.tokens_per_unit)
         return enc.encode(self.compact_tokens(images, plan), coords, rng)
 
 
 class UMPVTModel(PyramidUMModel):
     def __init__(self, cfg, *, secondary: bool, dtype=None, rngs: nnx.Rngs):
-        enc = PVTEncoder(cfg, vis_mask_token=secondary, dtype=dtype, rngs=rngs)
-        super().__init__(enc, cfg, dtype=dtype, rngs=rngs)
+        enc = pvt.encoder(cfg, vis_mask_token=secondary, dtype=dtype, rngs=rngs)
+        super().__init__(enc, cfg, decoder_mlp_ratio=cfg.decoder_mlp_ratio, dtype=dtype,
+                         rngs=rngs)
 
     def encode(self, images, plan, rng=None):
         """Secondary-masked units carry their true position: the sin-cos table is compacted
         with the primary mask and added after the replacement (official)."""
-        pos = L.compact_kept_units(self.encoder.position_map(), plan["slot"],
+        pos = compact_kept_units(self.encoder.position_map(), plan["slot"],
                                    self.tokens_per_unit)
         return self.encoder.encode(self.compact_tokens(images, plan) + pos, rng)
 
@@ -189,16 +247,15 @@ class Method(base.Method):
         g = self.unit_grid() // 2
         k_slot, k_sm = jax.random.split(rng)
         slot = jax.random.randint(k_slot, (batch_size, g, g), 0, 4, dtype=jnp.int32)
-        noise = jax.random.uniform(k_sm, (batch_size, g * g))
-        rank = jnp.argsort(jnp.argsort(noise, axis=1), axis=1)
-        sm = (rank >= self.num_visible()).astype(jnp.float32).reshape(batch_size, g, g)
+        visible = random_subset(k_sm, (batch_size, g * g), self.num_visible())
+        sm = (~visible).astype(jnp.float32).reshape(batch_size, g, g)
         return {"slot": slot, "sm": sm}
 
     def unit_ids(self, slot):
         """(removed-unit mask (B, G*G), masked ids (B, M), kept ids in compact order (B, K))."""
         b, n = slot.shape[0], self.unit_grid() ** 2
-        mask = L.removed_units(slot).reshape(b, n)
-        return mask, L.ids_where(mask, n - self.num_kept()), L.kept_unit_ids(slot)
+        mask = removed_units(slot).reshape(b, n)
+        return mask, ids_where(mask, n - self.num_kept()), kept_unit_ids(slot)
 
     def predict(self, model, images, plan, rng=None):
         """(predictions of the removed units (B, M, P), their ids (B, M), unit mask (B, G*G))."""
@@ -212,7 +269,7 @@ class Method(base.Method):
         else:
             pos_ids = kept_ids
             if self.cfg.decoder_pos_order == "official":  # kept units in row-major order
-                pos_ids = L.ids_where(1.0 - mask, self.num_kept())
+                pos_ids = ids_where(1.0 - mask, self.num_kept())
             pred = model(images, plan, pos_ids, masked_ids, rng)
         return pred, masked_ids, mask
 
@@ -260,7 +317,7 @@ class Method(base.Method):
                              f"units in `vis_mask` (vis_mask_ratio {self.cfg.vis_mask_ratio}); got "
                              f"{counts.tolist()}")
         slot = np.argmin(blocks, axis=-1).astype(np.int32)  # the one 0 of each block
-        sm = L.compact_kept_units(jnp.asarray(vis, jnp.float32)[..., None], jnp.asarray(slot), 1)
+        sm = compact_kept_units(jnp.asarray(vis, jnp.float32)[..., None], jnp.asarray(slot), 1)
         return {"slot": jnp.asarray(slot), "sm": sm[..., 0]}
 
     def panels(self, model, images, plan):
@@ -285,7 +342,7 @@ class Method(base.Method):
     def secondary_units(self, plan):
         """(B, G*G) 1 on the units replaced by secondary masking (scattered from compact ids)."""
         b = plan["slot"].shape[0]
-        kept_ids = L.kept_unit_ids(plan["slot"])
+        kept_ids = kept_unit_ids(plan["slot"])
         sm = plan["sm"].reshape(b, -1)
         return jnp.zeros((b, self.unit_grid() ** 2)).at[jnp.arange(b)[:, None], kept_ids].set(sm)
 
@@ -301,11 +358,11 @@ class Method(base.Method):
 
     def full_grid_graph(self):
         m = self.model_cfg.copy_and_resolve_references()
-        secondary = self.cfg.vis_mask_ratio > 0
         if m.name == "ummae_swin":
             m.window_size = 2 * m.window_size
-            build = lambda: UMSwinEncoder(m, vis_mask_token=secondary, rngs=nnx.Rngs(0))  # noqa
         else:
             m.sr_ratios = tuple(m.full_sr_ratios)
-            build = lambda: PVTEncoder(m, vis_mask_token=secondary, rngs=nnx.Rngs(0))  # noqa
-        return nnx.split(nnx.eval_shape(build))[0]
+        module = {"ummae_swin": ummae_swin, "pvt": pvt}[m.name]
+        secondary = self.cfg.vis_mask_ratio > 0
+        return nnx.split(nnx.eval_shape(
+            lambda: module.encoder(m, vis_mask_token=secondary, rngs=nnx.Rngs(0))))[0]

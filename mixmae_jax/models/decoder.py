@@ -1,9 +1,15 @@
-"""Lightweight Transformer decoders: MixMIM's over the final-stage grid, UM-MAE's over the
-mask-unit grid.
+"""The MAE-style decoders: embed the encoder's tokens, put a mask token where a token is hidden,
+add a fixed sin-cos position table, run ViT blocks, norm, predict pixels. One base
+(`MaskedDecoder`: the parts and their order, so the init draws and parameter paths are shared);
+the methods differ only in how the tokens and mask tokens are laid out:
 
-Parameters sit under `decoder` and map onto the official flat names (`decoder_embed`,
-`decoder_blocks.{k}`, `decoder_norm`, `decoder_pred`, `mask_token`) through the converter's rename
-table. The sin-cos position tables are constants.
+* `MixMIMDecoder`: the whole final-stage grid, hidden tokens blended with the mask token;
+* `MAEDecoder`: the kept tokens plus mask tokens, unshuffled to the patch order (cls first);
+* `UnitDecoder`: UM-MAE's, each final-stage token expanded to the 2x2 kept units it covers.
+
+Parameters sit under `decoder` (`mask_token`, `embed`, `blocks`, `norm`, `pred`) and map onto the
+official flat names (`mask_token`, `decoder_embed`, `decoder_blocks.{k}`, `decoder_norm`,
+`decoder_pred`) through the interop's rename tables. The sin-cos tables are constants.
 """
 
 from __future__ import annotations
@@ -13,52 +19,93 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mixmae_jax.models import layers as L
-from mixmae_jax.models.vit import Block
+from mixmae_jax.models.vit import pos_embed_with_cls
+
+
+def normal_002(key, shape, dtype=jnp.float32):
+    """torch.nn.init.normal_(std=.02): MAE's and UM-MAE's mask token."""
+    return 0.02 * jax.random.normal(key, shape, dtype)
 
 
 class MaskedDecoder(nnx.Module):
-    """embed -> fill hidden positions with the mask token -> + sin-cos PE -> blocks -> pred."""
+    """mask_token, embed (in_dim -> embed_dim, default dim), blocks, norm, pred (-> out_dim);
+    a subclass assembles the (N, T, dim) tokens, `decode` runs the rest."""
+
+    def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, out_dim: int, *,
+                 mlp_ratio: float, eps: float, mask_token_init, embed_dim: int | None = None,
+                 scan: bool = True, dtype=None, rngs: nnx.Rngs):
+        self.dim, self.scan = dim, scan
+        self.mask_token = nnx.Param(mask_token_init(rngs.params(), (1, 1, dim), jnp.float32))
+        self.embed = L.dense(in_dim, embed_dim or dim, dtype=dtype, rngs=rngs)
+        self.blocks = nnx.List([L.Block(dim, num_heads, mlp_ratio, eps=eps, dtype=dtype,
+                                        rngs=rngs) for _ in range(depth)])
+        self.norm = L.layer_norm(dim, eps=eps, rngs=rngs)
+        self.pred = L.dense(dim, out_dim, dtype=dtype, rngs=rngs)
+
+    def decode(self, x, predict_from: int = 0):
+        """The blocks over all tokens, then norm and pred on the tokens from `predict_from`."""
+        x = L.apply_blocks(self.blocks, x, scan=self.scan)
+        return self.pred(self.norm(x[:, predict_from:])).astype(jnp.float32)
+
+
+class MixMIMDecoder(MaskedDecoder):
+    """MixMIM's, over the final-stage grid: embed -> the mask token at hidden positions -> + the
+    grid's sin-cos table -> blocks -> pred. Mask token trunc_normal(.02), LayerNorm eps 1e-5."""
 
     def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, grid: int,
-                 out_dim: int, *, mlp_ratio: float = 4.0, scan: bool = True, dtype=None,
+                 out_dim: int, *, mlp_ratio: float, scan: bool = True, dtype=None,
                  rngs: nnx.Rngs):
-        self.dim, self.grid, self.scan = dim, grid, scan
-        self.mask_token = nnx.Param(L.table_init(rngs.params(), (1, 1, dim), jnp.float32))
-        self.embed = L.dense(in_dim, dim, dtype=dtype, rngs=rngs)
-        self.blocks = nnx.List([Block(dim, num_heads, mlp_ratio, dtype=dtype, rngs=rngs)
-                                for _ in range(depth)])
-        self.norm = L.layer_norm(dim, rngs=rngs)
-        self.pred = L.dense(dim, out_dim, dtype=dtype, rngs=rngs)
+        super().__init__(in_dim, dim, depth, num_heads, out_dim, mlp_ratio=mlp_ratio,
+                         eps=L.LN_EPS, mask_token_init=L.table_init, scan=scan, dtype=dtype,
+                         rngs=rngs)
+        self.grid = grid
 
     def __call__(self, tokens, hidden):
         """tokens: (N, L, in_dim); hidden: (N, L) with 1 where the mask token replaces a token."""
-        x = self.embed(tokens).astype(jnp.float32)
-        h = hidden[..., None].astype(jnp.float32)
-        # Same arithmetic as the official `x * (1 - m) + mask_token * m` (bit-for-bit parity).
-        x = x * (1.0 - h) + self.mask_token[...] * h
-        x = x + L.sincos_pos_embed_2d(self.dim, self.grid, self.grid)
-        x = L.apply_blocks(self.blocks, x, lambda block, x: block(x), scan=self.scan)
-        return self.pred(self.norm(x)).astype(jnp.float32)
+        x = L.blend(self.embed(tokens).astype(jnp.float32), self.mask_token[...], hidden)
+        return self.decode(x + L.sincos_pos_embed_2d(self.dim, self.grid, self.grid))
 
 
-class UnitDecoder(nnx.Module):
-    """UM-MAE's decoder (`models_mae_swin.py` / `models_mae_pvt.py`): decoder_embed to 4x width,
+class MAEDecoder(MaskedDecoder):
+    """MAE's (`models_mae.py`): embed -> mask tokens at the removed positions (the inverse
+    permutation `ids_restore`) -> + the sin-cos table with its zero cls row -> blocks -> pred."""
+
+    def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, grid: int,
+                 out_dim: int, *, mlp_ratio: float, eps: float, scan: bool = True, dtype=None,
+                 rngs: nnx.Rngs):
+        super().__init__(in_dim, dim, depth, num_heads, out_dim, mlp_ratio=mlp_ratio, eps=eps,
+                         mask_token_init=normal_002, scan=scan, dtype=dtype, rngs=rngs)
+        self.grid = grid
+
+    def __call__(self, latent, ids_restore, fill_offset=None):
+        """latent (B, 1 + K, C) with cls first; ids_restore (B, L) -> (B, L, p*p*3).
+        fill_offset: (B, 1, C) added to each sample's mask tokens, or None."""
+        x = self.embed(latent).astype(jnp.float32)
+        b, k = x.shape[0], x.shape[1] - 1
+        n = ids_restore.shape[1]
+        fill = jnp.broadcast_to(self.mask_token[...], (b, n - k, self.dim))
+        if fill_offset is not None:
+            fill = fill + fill_offset
+        shuffled = jnp.concatenate([x[:, 1:], fill], axis=1)  # kept tokens, then mask tokens
+        restored = jnp.take_along_axis(shuffled, ids_restore[..., None], axis=1)
+        x = jnp.concatenate([x[:, :1], restored], axis=1) + pos_embed_with_cls(self.dim, self.grid)
+        return self.decode(x)[:, 1:]
+
+
+class UnitDecoder(MaskedDecoder):
+    """UM-MAE's (`models_mae_swin.py` / `models_mae_pvt.py`): decoder_embed to 4x width,
     PixelShuffle(2) turns each final-stage token into the 2x2 kept units it covers (one per
     2x2 block of the unit grid), then [kept latents + their position; mask tokens + theirs],
     blocks, norm, pred (unit*unit*3 pixels per unit).
     """
 
-    def __init__(self, in_dim: int, cfg, grid: int, *, scan: bool = True, dtype=None,
+    def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, grid: int,
+                 out_dim: int, *, mlp_ratio: float, eps: float, scan: bool = True, dtype=None,
                  rngs: nnx.Rngs):
-        dim, eps = cfg.decoder_dim, cfg.ln_eps
-        self.dim, self.grid, self.scan = dim, grid, scan
-        self.mask_token = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, 1, dim)))
-        self.embed = L.dense(in_dim, 4 * dim, dtype=dtype, rngs=rngs)
-        mlp_ratio = cfg.get("decoder_mlp_ratio", cfg.get("mlp_ratio", 4.0))
-        self.blocks = nnx.List([Block(dim, cfg.decoder_num_heads, mlp_ratio, eps=eps, dtype=dtype,
-                                      rngs=rngs) for _ in range(cfg.decoder_depth)])
-        self.norm = L.layer_norm(dim, eps=eps, rngs=rngs)
-        self.pred = L.dense(dim, cfg.unit_size**2 * cfg.in_chans, dtype=dtype, rngs=rngs)
+        super().__init__(in_dim, dim, depth, num_heads, out_dim, mlp_ratio=mlp_ratio, eps=eps,
+                         mask_token_init=normal_002, embed_dim=4 * dim, scan=scan, dtype=dtype,
+                         rngs=rngs)
+        self.grid = grid
 
     def __call__(self, latent, pos_ids, masked_ids):
         """latent (B, n*n, C) on the final-stage grid; pos_ids (B, K = 4n*n): the unit whose
@@ -72,5 +119,4 @@ class UnitDecoder(nnx.Module):
         kept = x + jnp.take(pos, pos_ids, axis=0)
         fill = self.mask_token[...] + jnp.take(pos, masked_ids, axis=0)
         x = jnp.concatenate([kept, fill], axis=1)
-        x = L.apply_blocks(self.blocks, x, lambda block, x: block(x), scan=self.scan)
-        return self.pred(self.norm(x[:, kept.shape[1]:])).astype(jnp.float32)
+        return self.decode(x, predict_from=kept.shape[1])

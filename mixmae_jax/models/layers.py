@@ -47,13 +47,42 @@ def conv_bias_init(fan_in: int):
     return init
 
 
+@jax.custom_vjp
+def _matmul_float32_kernel_grad(x, kernel):
+    """x @ kernel with the kernel cast to x's (compute) dtype, as autocast does; the kernel's
+    gradient is accumulated and returned in float32, so across devices it is reduced in float32
+    as the official code's fp32 .grad is (a bf16 product's gradient would be summed in bf16)."""
+    return jnp.matmul(x, kernel.astype(x.dtype))
+
+
+def _matmul_fwd(x, kernel):
+    return _matmul_float32_kernel_grad(x, kernel), (x, kernel)
+
+
+def _matmul_bwd(res, g):
+    x, kernel = res
+    dx = jnp.matmul(g, kernel.astype(g.dtype).T)
+    dk = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]),
+                             (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return dx, dk.astype(kernel.dtype)
+
+
+_matmul_float32_kernel_grad.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 class Linear(nnx.Linear):
     """nnx.Linear whose output keeps the batch split over every device (`parallel`): with its
     kernel sharded over "fsdp", the kernel is then gathered where it is used (FSDP), rather than
-    the activations moved to where the kernel's shards are."""
+    the activations moved to where the kernel's shards are. In a lower compute dtype its
+    kernel's gradient stays float32 (`_matmul_float32_kernel_grad`)."""
 
     def __call__(self, x):
-        return parallel.batch_sharded(super().__call__(x))
+        if self.dtype is None or jnp.dtype(self.dtype) == jnp.float32:
+            return parallel.batch_sharded(super().__call__(x))
+        y = _matmul_float32_kernel_grad(x.astype(self.dtype), self.kernel.value)
+        if self.bias is not None:
+            y = y + self.bias.value.astype(self.dtype)
+        return parallel.batch_sharded(y)
 
 
 def dense(in_dim: int, out_dim: int, *, rngs: nnx.Rngs, use_bias: bool = True, dtype=None,
@@ -81,6 +110,73 @@ class Mlp(nnx.Module):
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
 
 
+def blend(x, y, mask):
+    """x where mask is 0, y where it is 1 (mask: x's shape without the channel axis), with the
+    official arithmetic `x * (1 - m) + y * m` (a select would not match it bit for bit): MixMIM's
+    mixing and decoder input, SimMIM's mask token."""
+    m = mask[..., None].astype(x.dtype)
+    return x * (1.0 - m) + y * m
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks. Every block is called `block(x, context, rng, drop_rate)`: context is what the block
+# sees beside x (Swin's source ids, UM-MAE's token coordinates, an attention rule; or None),
+# rng its stochastic-depth key (None: off). drop_rate is an argument, not an attribute, so the
+# blocks of a stage share one structure and run as a scan (`apply_blocks`).
+# ---------------------------------------------------------------------------------------------
+
+
+class Attention(nnx.Module):
+    """timm ViT Attention: fused qkv, scale applied to the logits, then proj."""
+
+    def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool, dtype=None,
+                 rngs: nnx.Rngs):
+        self.num_heads = num_heads
+        self.qkv = dense(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.proj = dense(dim, dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, restrict=None):
+        """restrict: None, or a rule on the logits (`attention`); then (out, what it measured)."""
+        out = attend(self.qkv(x), self.num_heads, scale_queries=False, restrict=restrict)
+        if restrict is None:
+            return self.proj(out)
+        out, measured = out
+        return self.proj(out), measured
+
+
+class Block(nnx.Module):
+    """timm (0.3.2) ViT block, pre-norm: x + attn(norm1(x)), then x + mlp(norm2(x)). The ViT
+    encoder's, every decoder's and MixedAE's (with its top-k rule as the context)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, eps: float,
+                 qkv_bias: bool = True, dtype=None, rngs: nnx.Rngs):
+        self.norm1 = layer_norm(dim, eps=eps, rngs=rngs)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.norm2 = layer_norm(dim, eps=eps, rngs=rngs)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, context=None, rng=None, drop_rate=0.0):
+        """context: None, or a rule on the attention logits (`attention`'s `restrict`); with a
+        rule the result is (x, what the rule measured)."""
+        keys = branch_keys(rng)
+        y = self.attn(self.norm1(x), context)
+        if context is not None:
+            y, measured = y
+        x = x + drop_path(y.astype(jnp.float32), drop_rate, keys[0])
+        x = x + drop_path(self.mlp(self.norm2(x)).astype(jnp.float32), drop_rate, keys[1])
+        return x if context is None else (x, measured)
+
+
+class Encoder(nnx.Module):
+    """What every backbone's encoder offers. `embed(images)` and `encode(tokens, ...)` are split
+    because the methods act in between (mixing, masking, dropping tokens); `encoder(images, rng)`
+    gives the final tokens of the whole image, (B, L, out_dim), patch tokens only."""
+
+    def features(self, images):
+        """(B, out_dim): the mean of the final tokens of the whole image (frozen features)."""
+        return jnp.mean(self(images), axis=1)
+
+
 # model.remat: what the backward pass keeps of each encoder block and what it recomputes.
 #   "none": keep every intermediate (the most memory);
 #   "dots": keep the outputs of the weight matmuls (qkv, proj, fc1, fc2), recompute the rest (the
@@ -92,9 +188,8 @@ class Mlp(nnx.Module):
 REMAT_MODES = ("none", "dots", "full")
 
 
-def remat_mode(cfg) -> str:
-    """`cfg.remat` as one of REMAT_MODES (a bool from older configs: True is "full")."""
-    value = cfg.get("remat", "none")
+def remat_mode(value) -> str:
+    """`model.remat` as one of REMAT_MODES (a bool from older configs: True is "full")."""
     if isinstance(value, bool):
         return "full" if value else "none"
     if value not in REMAT_MODES:
@@ -103,12 +198,14 @@ def remat_mode(cfg) -> str:
     return value
 
 
-def apply_blocks(blocks, x, call, per_block=(), *, remat: str = "none", scan: bool = True,
-                 with_aux: bool = False):
-    """x -> call(block_j, x, *per_block[j]) for each block in turn.
+def apply_blocks(blocks, x, context=None, *, drop_rates=None, rng=None, first: int = 0,
+                 remat: str = "none", scan: bool = True, with_aux: bool = False):
+    """x -> block_j(x, context, key_j, drop_rates[j]) for each block in turn.
 
-    with_aux: `call` returns (x, aux) with aux a scalar (e.g. a per-layer metric); the result is
-    (x, aux of every block stacked in block order).
+    drop_rates: the blocks' stochastic-depth rates (None: none); key_j = `block_keys`' key of
+    block first + j, the block's index in its encoder (rng None: no drop path).
+    with_aux: the blocks return (x, aux) with aux a scalar (e.g. a per-layer metric); the result
+    is (x, aux of every block stacked in block order).
 
     Blocks that share one structure run as a `lax.scan` over their stacked params: the
     activation and its gradient are materialised between blocks. Unrolled, XLA fuses the
@@ -116,17 +213,22 @@ def apply_blocks(blocks, x, call, per_block=(), *, remat: str = "none", scan: bo
     blocks, which is quadratic in depth (measured on CPU: MixMIM-B's backward took ~1.7x as long;
     optimization barriers do not help, XLA:CPU removes them before fusion). It also compiles
     each stage's block once; blocks that alternate between two structures (Swin's unshifted /
-    shifted pairs) run as a scan over pairs. per_block: arrays with a leading axis of
-    len(blocks), or None.
+    shifted pairs) run as a scan over pairs.
     remat: what the backward pass recomputes (REMAT_MODES). scan=False unrolls
     (XLA's cost analysis counts a scanned body once, so FLOP counting lowers it unrolled).
     """
+    if not blocks:
+        return (x, jnp.zeros((0,), jnp.float32)) if with_aux else x
+    per_block = ()
+    if drop_rates is not None:
+        per_block = (block_keys(rng, drop_rates, first), jnp.asarray(drop_rates, jnp.float32))
     splits = [nnx.split(b) for b in blocks]
     graphdef = splits[0][0]
 
     def run(g, state, x, *args):
         # Blocks take and give the batch split over every device (see `Linear`).
-        out = call(nnx.merge(g, state), parallel.batch_sharded(x), *args)
+        block = nnx.merge(g, state)
+        out = block(parallel.batch_sharded(x), context, *args)
         out, aux = out if with_aux else (out, jnp.zeros((), jnp.float32))
         return parallel.batch_sharded(out), aux
 
@@ -173,6 +275,21 @@ def apply_blocks(blocks, x, call, per_block=(), *, remat: str = "none", scan: bo
         x, aux = run(g, state, x, *[None if a is None else a[j] for a in per_block])
         auxes.append(aux)
     return result(x, jnp.stack(auxes))
+
+
+def block_keys(rng, drop_rates, first: int = 0):
+    """(len(drop_rates), key) stochastic-depth keys, fold_in(rng, first + j): block i of an
+    encoder gets the same key however its blocks are grouped into calls. None when rng is None or
+    every rate is 0 (no drop path)."""
+    if rng is None or not any(drop_rates):
+        return None
+    index = jnp.arange(first, first + len(drop_rates))
+    return jax.vmap(lambda i: jax.random.fold_in(rng, i))(index)
+
+
+def branch_keys(rng):
+    """The keys of a block's two residual branches (attention, MLP); (None, None) without."""
+    return (None, None) if rng is None else tuple(jax.random.split(rng))
 
 
 def drop_path(x, rate, rng):
@@ -355,16 +472,16 @@ def _add_shared_bias_bwd(_, g):
 add_shared_bias.defvjp(_add_shared_bias_fwd, _add_shared_bias_bwd)
 
 
-def attend(qkv, num_heads: int, *, scale_queries: bool, bias=None, labels=None):
+def attend(qkv, num_heads: int, *, scale_queries: bool, bias=None, labels=None, restrict=None):
     """Multi-head attention on a fused qkv projection (N, T, 3*C) laid out [q | k | v] with
     heads contiguous inside each part; see `attention`."""
     n, t, c3 = qkv.shape
     qkv = qkv.reshape(n, t, 3, num_heads, c3 // (3 * num_heads))
     return attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], scale_queries=scale_queries,
-                     bias=bias, labels=labels)
+                     bias=bias, labels=labels, restrict=restrict)
 
 
-def attention(q, k, v, *, scale_queries: bool, bias=None, labels=None):
+def attention(q, k, v, *, scale_queries: bool, bias=None, labels=None, restrict=None):
     """Multi-head attention: q (N, Tq, heads, d), k and v (N, Tk, heads, d) -> (N, Tq, heads*d).
 
     scale_queries: MixMIM's window attention scales q before q.k^T; timm's ViT Attention scales
@@ -375,6 +492,9 @@ def attention(q, k, v, *, scale_queries: bool, bias=None, labels=None):
     labels: (N, T) integer ids or None; a query attends only to keys with the same label:
     cross-source pairs get NEG_INF added after the bias, as in the official code (an additive
     mask: XLA:CPU runs a broadcast select several times slower).
+    restrict: a rule applied last to the float32 logits (N, heads, Tq, Tk),
+    `restrict(logits) -> (logits, measured)` (MixedAE's top-k: keys a query may not see at
+    NEG_INF); the result is then (out, measured).
     Logits and softmax in float32 whatever the compute dtype.
     """
     n, _, num_heads, head_dim = q.shape
@@ -401,54 +521,9 @@ def attention(q, k, v, *, scale_queries: bool, bias=None, labels=None):
     if labels is not None:
         cross = labels[:, None, :, None] != labels[:, None, None, :]
         logits = logits + cross.astype(jnp.float32) * NEG_INF
+    if restrict is not None:
+        logits, measured = restrict(logits)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.swapaxes(jnp.matmul(probs, v), 1, 2)  # (N, Tq, heads, d)
-    return out.reshape(n, q.shape[2], num_heads * head_dim)
-
-
-# ---------------------------------------------------------------------------------------------
-# Uniform sampling (UM-MAE): one kept mask unit per 2x2 block of units.
-# ---------------------------------------------------------------------------------------------
-# slot (B, g, g) int in {0, 1, 2, 3} names the kept unit of each block: row di = slot // 2,
-# column dj = slot % 2, i.e. unit (2a + di, 2b + dj) of the (2g, 2g) unit grid.
-
-
-def compact_kept_units(x, slot, unit: int):
-    """The kept units of a (B, 2g*unit, 2g*unit, ...) map packed into (B, g*unit, g*unit, ...).
-
-    unit: tokens per unit side. Compact unit (a, b) is unit (2a + di, 2b + dj) of the input: the
-    same values the official dilated all-ones convolution sums out of otherwise zeroed blocks,
-    here a selection (exact, and its gradient is zero on removed units). x may have a batch of 1
-    (a constant such as the coordinate grid), broadcast against slot.
-    """
-    b, g = slot.shape[0], slot.shape[1]
-    rest = x.shape[3:]
-    x = x.reshape(x.shape[0], g, 2, unit, g, 2, unit, *rest)
-    tail = (1,) * len(rest)
-    di = (slot // 2).reshape(b, g, 1, g, 1, 1, *tail)
-    dj = (slot % 2).reshape(b, g, 1, g, 1, *tail)
-    x = jnp.where(di == 0, x[:, :, 0], x[:, :, 1])  # (B, g, unit, g, 2, unit, ...)
-    x = jnp.where(dj == 0, x[:, :, :, :, 0], x[:, :, :, :, 1])  # (B, g, unit, g, unit, ...)
-    return x.reshape(b, g * unit, g * unit, *rest)
-
-
-def removed_units(slot):
-    """(B, 2g, 2g) float32 unit mask, 1 = removed (three of every 2x2 block)."""
-    b, g = slot.shape[0], slot.shape[1]
-    kept = jax.nn.one_hot(slot, 4, dtype=jnp.float32).reshape(b, g, g, 2, 2)
-    return 1.0 - kept.transpose(0, 1, 3, 2, 4).reshape(b, 2 * g, 2 * g)
-
-
-def kept_unit_ids(slot):
-    """(B, g*g) row-major ids on the (2g, 2g) unit grid of the kept units, in compact order."""
-    b, g = slot.shape[0], slot.shape[1]
-    a = jnp.arange(g)
-    rows = 2 * a[None, :, None] + slot // 2
-    cols = 2 * a[None, None, :] + slot % 2
-    return (rows * 2 * g + cols).reshape(b, g * g)
-
-
-def ids_where(mask, count: int):
-    """(B, count) ascending positions of the first `count` ones of a (B, L) 0/1 mask (the
-    row-major order of boolean indexing, with a static count)."""
-    return jnp.argsort(1.0 - mask, axis=1, stable=True)[:, :count].astype(jnp.int32)
+    out = out.reshape(n, q.shape[2], num_heads * head_dim)
+    return out if restrict is None else (out, measured)

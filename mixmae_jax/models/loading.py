@@ -30,7 +30,8 @@ import dataclasses
 from collections.abc import Callable
 
 import numpy as np
-from flax import traverse_util
+
+from mixmae_jax.models.paths import flatten
 
 ENCODER = "encoder"
 
@@ -38,17 +39,6 @@ ENCODER = "encoder"
 class LoadError(ValueError):
     """The source does not fit the target; the message lists every offending tensor, one per
     line after the first."""
-
-
-def flatten(tree) -> dict[str, object]:
-    """Nested dict (str or int keys) -> {"a.0.b": leaf}."""
-    return {".".join(map(str, k)): v for k, v in traverse_util.flatten_dict(tree).items()}
-
-
-def unflatten(flat: dict[str, object]) -> dict:
-    """Inverse of `flatten`; all-digit components become int keys (nnx.List indices)."""
-    return traverse_util.unflatten_dict(
-        {tuple(int(p) if p.isdigit() else p for p in k.split(".")): v for k, v in flat.items()})
 
 
 def _rebuild(template, flat_values: dict, prefix: str = ""):

@@ -31,13 +31,8 @@ from flax import nnx
 
 from mixmae_jax.models import layers as L
 from mixmae_jax.models import loading
-from mixmae_jax.models.pyramid import (
-    PooledClassifier,
-    conv,
-    run_stages,
-    stage_blocks,
-    stem_kernel_init,
-)
+from mixmae_jax.models.classifier import PooledClassifier
+from mixmae_jax.models.pyramid import conv, run_stages, stage_blocks, stem_kernel_init
 from mixmae_jax.models.vit import resize_pos_embed
 
 VARIANTS = {
@@ -110,8 +105,8 @@ def check_grid(cfg, grid: int, what: str, check) -> None:
 class Attention(nnx.Module):
     """q from every token; k, v from avg-pool(sr) -> 1x1 conv `sr` -> LayerNorm `norm`."""
 
-    def __init__(self, dim: int, num_heads: int, sr_ratio: int, *, qkv_bias: bool = True,
-                 dtype=None, rngs: nnx.Rngs):
+    def __init__(self, dim: int, num_heads: int, sr_ratio: int, *, qkv_bias: bool, dtype=None,
+                 rngs: nnx.Rngs):
         self.num_heads, self.sr_ratio = num_heads, sr_ratio
         self.q = L.dense(dim, dim, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
         self.kv = L.dense(dim, 2 * dim, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
@@ -134,12 +129,12 @@ class Attention(nnx.Module):
 class PVTBlock(nnx.Module):
     """Pre-norm block; the first block of stages 2.. also holds the stage's `downsample`."""
 
-    def __init__(self, dim: int, num_heads: int, sr_ratio: int, mlp_ratio: float, *, cfg,
-                 merge_from: int | None = None, dtype=None, rngs: nnx.Rngs):
+    def __init__(self, dim: int, num_heads: int, sr_ratio: int, mlp_ratio: float, *,
+                 qkv_bias: bool, merge_from: int | None, dtype=None, rngs: nnx.Rngs):
         if merge_from is not None:
             self.downsample = Merge(merge_from, dim, dtype=dtype, rngs=rngs)
         self.norm1 = L.layer_norm(dim, rngs=rngs)
-        self.attn = Attention(dim, num_heads, sr_ratio, qkv_bias=cfg.qkv_bias, dtype=dtype,
+        self.attn = Attention(dim, num_heads, sr_ratio, qkv_bias=qkv_bias, dtype=dtype,
                               rngs=rngs)
         self.norm2 = L.layer_norm(dim, rngs=rngs)
         self.mlp = L.Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
@@ -147,11 +142,11 @@ class PVTBlock(nnx.Module):
     def __call__(self, x, context=None, rng=None, drop_rate=0.0):
         """x (B, H, W, C) float32 (context: unused, see `pyramid.run_stages`)."""
         b, h, w, c = x.shape
-        rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
+        keys = L.branch_keys(rng)
         y = self.attn(self.norm1(x)).astype(jnp.float32).reshape(b, h, w, c)
-        x = x + L.drop_path(y, drop_rate, rngs[0])
+        x = x + L.drop_path(y, drop_rate, keys[0])
         y = self.mlp(self.norm2(x))
-        return x + L.drop_path(y.astype(jnp.float32), drop_rate, rngs[1])
+        return x + L.drop_path(y.astype(jnp.float32), drop_rate, keys[1])
 
 
 class Merge(nnx.Module):
@@ -165,28 +160,31 @@ class Merge(nnx.Module):
 
 
 class PatchEmbed(nnx.Module):
-    def __init__(self, cfg, *, dtype=None, rngs: nnx.Rngs):
-        self.proj = conv(cfg.in_chans, cfg.embed_dims[0], cfg.patch_size, dtype=dtype,
-                         rngs=rngs, kernel_init=stem_kernel_init)
+    def __init__(self, patch: int, in_chans: int, dim: int, *, dtype=None, rngs: nnx.Rngs):
+        self.proj = conv(in_chans, dim, patch, dtype=dtype, rngs=rngs,
+                         kernel_init=stem_kernel_init)
 
     def __call__(self, images):
         return self.proj(images).astype(jnp.float32)
 
 
-class PVTEncoder(nnx.Module):
+class PVTEncoder(L.Encoder):
     """`patch_embed`, optional `vis_mask_token` / `mask_token`, `pos_embed` (learned only when
-    finetuning), flat `blocks`, optional `norm`."""
+    finetuning), flat `blocks`, optional `norm`. Arguments as `config.model`'s keys (`encoder`
+    reads them)."""
 
-    def __init__(self, cfg, *, vis_mask_token: bool = False, mask_token: bool = False,
-                 learned_pos: bool = False, final_norm: bool = True, dtype=None,
-                 rngs: nnx.Rngs):
-        depths, dims = tuple(cfg.depths), tuple(cfg.embed_dims)
-        self.patch_size, self.embed_dim = cfg.patch_size, dims[0]
-        self.grid = cfg.img_size // cfg.patch_size
+    def __init__(self, *, img_size: int, patch_size: int, in_chans: int, embed_dims, depths,
+                 num_heads, mlp_ratios, sr_ratios, qkv_bias: bool, ln_eps: float,
+                 drop_path_rate: float, remat, scan_blocks: bool, vis_mask_token: bool = False,
+                 mask_token: bool = False, learned_pos: bool = False, final_norm: bool = True,
+                 dtype=None, rngs: nnx.Rngs):
+        depths, dims = tuple(depths), tuple(embed_dims)
+        self.patch_size, self.embed_dim = patch_size, dims[0]
+        self.grid = img_size // patch_size
         self.num_stages = len(depths)
-        self.remat = L.remat_mode(cfg)
-        self.scan = bool(cfg.get("scan_blocks", True))
-        self.patch_embed = PatchEmbed(cfg, dtype=dtype, rngs=rngs)
+        self.remat = L.remat_mode(remat)
+        self.scan = bool(scan_blocks)
+        self.patch_embed = PatchEmbed(patch_size, in_chans, dims[0], dtype=dtype, rngs=rngs)
         if vis_mask_token:
             self.vis_mask_token = nnx.Param(0.02 * jax.random.normal(rngs.params(),
                                                                      (1, 1, dims[0])))
@@ -194,19 +192,19 @@ class PVTEncoder(nnx.Module):
             self.mask_token = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, 1, dims[0])))
         if learned_pos:
             self.pos_embed = nnx.Param(jnp.asarray(self.sincos_table())[None])
-        self.drop_rates = tuple(np.linspace(0.0, cfg.drop_path_rate, sum(depths)).tolist())
+        self.drop_rates = tuple(np.linspace(0.0, drop_path_rate, sum(depths)).tolist())
         self.stages = stage_blocks(depths)
         blocks = []
         for s, idx in enumerate(self.stages):
             for j in range(len(idx)):
                 merge = dims[s - 1] if (s > 0 and j == 0) else None
-                blocks.append(PVTBlock(dims[s], cfg.num_heads[s], cfg.sr_ratios[s],
-                                       cfg.mlp_ratios[s], cfg=cfg, merge_from=merge, dtype=dtype,
+                blocks.append(PVTBlock(dims[s], num_heads[s], sr_ratios[s], mlp_ratios[s],
+                                       qkv_bias=qkv_bias, merge_from=merge, dtype=dtype,
                                        rngs=rngs))
         self.blocks = nnx.List(blocks)
         self.out_dim = dims[-1]
         if final_norm:
-            self.norm = L.layer_norm(self.out_dim, eps=cfg.ln_eps, rngs=rngs)
+            self.norm = L.layer_norm(self.out_dim, eps=ln_eps, rngs=rngs)
 
     @property
     def stride(self) -> int:
@@ -245,18 +243,23 @@ class PVTEncoder(nnx.Module):
         """Full-grid encoding (finetuning, features)."""
         return self.encode_full(self.embed(images), rng)
 
-    def features(self, images):
-        """(B, C_last): the mean of the final tokens of the whole image (full grid)."""
-        return jnp.mean(self(images), axis=1)
+
+def encoder(cfg, *, dtype=None, rngs: nnx.Rngs, **options) -> PVTEncoder:
+    """The PVT of `config.model` (its pretraining sr ratios); options: `vis_mask_token`,
+    `mask_token`, `learned_pos`, `final_norm`."""
+    return PVTEncoder(
+        img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
+        embed_dims=cfg.embed_dims, depths=cfg.depths, num_heads=cfg.num_heads,
+        mlp_ratios=cfg.mlp_ratios, sr_ratios=cfg.sr_ratios, qkv_bias=cfg.qkv_bias,
+        ln_eps=cfg.ln_eps, drop_path_rate=cfg.drop_path_rate, remat=cfg.remat,
+        scan_blocks=cfg.scan_blocks, dtype=dtype, rngs=rngs, **options)
 
 
-class PVTClassifier(PooledClassifier):
-    """Finetuning model (`models_pvt.PVT`): learned `pos_embed`, mean over the final tokens,
-    `fc_norm`, `head`; no final `norm`."""
-
-    def __init__(self, cfg, num_classes: int = 1000, *, dtype=None, rngs: nnx.Rngs):
-        super().__init__(PVTEncoder(cfg, learned_pos=True, final_norm=False, dtype=dtype,
-                                    rngs=rngs), cfg.ln_eps, num_classes, dtype=dtype, rngs=rngs)
+def classifier(cfg, num_classes: int, *, dtype=None, rngs: nnx.Rngs) -> PooledClassifier:
+    """The finetuning model (`models_pvt.PVT`): learned `pos_embed`, no final `norm`; the mean
+    of the final tokens, `fc_norm`, `head`."""
+    enc = encoder(cfg, learned_pos=True, final_norm=False, dtype=dtype, rngs=rngs)
+    return PooledClassifier(enc, num_classes, fc_norm_eps=cfg.ln_eps, dtype=dtype, rngs=rngs)
 
 
 def load(source, source_cfg, target, target_cfg):

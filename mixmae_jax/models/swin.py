@@ -18,7 +18,6 @@ remat, scan_blocks, and the decoder of the method (decoder_*).
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -26,6 +25,7 @@ from flax import nnx
 
 from mixmae_jax.models import layers as L
 from mixmae_jax.models import loading
+from mixmae_jax.models.classifier import PooledClassifier
 
 # ---------------------------------------------------------------------------------------------
 # Variants.
@@ -94,7 +94,7 @@ def check_config(cfg, check) -> None:
     if cfg.ape == "sincos":
         check(cfg.embed_dim % 4 == 0, "model.embed_dim", f"{cfg.embed_dim} must be divisible "
               "by 4 (2-D sin-cos position embedding)")
-    ape_grid = cfg.get("ape_grid", 0)
+    ape_grid = cfg.ape_grid
     check(ape_grid >= 0 and (ape_grid == 0 or cfg.ape == "sincos"), "model.ape_grid",
           f"{ape_grid}: the grid of a resized sin-cos table (0: none), needs model.ape='sincos'")
     for s, res in enumerate(stage_resolutions(cfg)):
@@ -107,8 +107,8 @@ def check_config(cfg, check) -> None:
 
 
 class WindowAttention(nnx.Module):
-    def __init__(self, dim: int, num_heads: int, window: int, *, qkv_bias: bool = True,
-                 dtype=None, rngs: nnx.Rngs):
+    def __init__(self, dim: int, num_heads: int, window: int, *, qkv_bias: bool, dtype=None,
+                 rngs: nnx.Rngs):
         self.num_heads = num_heads
         self.window = window
         self.qkv = L.dense(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
@@ -142,8 +142,7 @@ class SwinBlock(nnx.Module):
     """Pre-norm block: x + attn(norm1(x)), then x + mlp(norm2(x)); no layer scale."""
 
     def __init__(self, dim: int, num_heads: int, window: int, resolution: tuple[int, int], *,
-                 shift: int = 0, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 dtype=None, rngs: nnx.Rngs):
+                 shift: int, mlp_ratio: float, qkv_bias: bool, dtype=None, rngs: nnx.Rngs):
         if min(resolution) <= window:  # official: the window shrinks to a small feature map
             window, shift = min(resolution), 0
         self.window, self.shift = window, shift
@@ -154,13 +153,9 @@ class SwinBlock(nnx.Module):
         self.mlp = L.Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
 
     def __call__(self, x, source_ids=None, rng=None, drop_rate=0.0):
-        """x: (B, H, W, C) float32; source_ids: (B, H, W) ints or None.
-
-        drop_rate (stochastic depth) is an argument, not an attribute, so that the blocks of a
-        stage share one structure and can run as a scan.
-        """
+        """x: (B, H, W, C) float32; source_ids (the context): (B, H, W) ints or None."""
         b, h, w, c = x.shape
-        rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
+        keys = L.branch_keys(rng)
         y = self.norm1(x)
         labels = source_ids
         if self.shift:
@@ -175,9 +170,9 @@ class SwinBlock(nnx.Module):
         y = L.window_reverse(self.attn(windows, win_labels), self.window, h, w)
         if self.shift:
             y = jnp.roll(y, (self.shift, self.shift), axis=(1, 2))
-        x = x + L.drop_path(y.astype(jnp.float32), drop_rate, rngs[0])
+        x = x + L.drop_path(y.astype(jnp.float32), drop_rate, keys[0])
         y = self.mlp(self.norm2(x))
-        return x + L.drop_path(y.astype(jnp.float32), drop_rate, rngs[1])
+        return x + L.drop_path(y.astype(jnp.float32), drop_rate, keys[1])
 
 
 class PatchMerging(nnx.Module):
@@ -213,36 +208,34 @@ class SwinStage(nnx.Module):
         self.downsample = downsample
 
 
-class SwinEncoder(nnx.Module):
-    """`embed` and `encode` are split because the methods act in between (MixMIM mixes two
-    images' tokens, SimMIM replaces masked tokens with `mask_token`)."""
+class SwinEncoder(L.Encoder):
+    """Arguments as `config.model`'s keys (`encoder` reads them); mask_token: SimMIM's, which
+    replaces masked patch embeddings (official trunc_normal .02)."""
 
-    def __init__(self, cfg, *, mask_token: bool = False, dtype=None, rngs: nnx.Rngs):
-        depths, heads, windows = tuple(cfg.depths), tuple(cfg.num_heads), tuple(cfg.window_sizes)
-        self.patch_size = cfg.patch_size
-        self.grid = cfg.img_size // cfg.patch_size
-        self.embed_dim = cfg.embed_dim
-        self.ape = cfg.get("ape", "sincos")
-        self.ape_grid = int(cfg.get("ape_grid", 0))
-        if mask_token:  # SimMIM: replaces masked patch embeddings (official trunc_normal .02)
-            self.mask_token = nnx.Param(L.table_init(rngs.params(), (1, 1, cfg.embed_dim),
+    def __init__(self, *, img_size: int, patch_size: int, in_chans: int, embed_dim: int,
+                 depths, num_heads, window_sizes, mlp_ratio: float, qkv_bias: bool,
+                 drop_path_rate: float, ape: str, ape_grid: int, shift_windows: bool, remat,
+                 scan_blocks: bool, mask_token: bool = False, dtype=None, rngs: nnx.Rngs):
+        depths = tuple(depths)
+        self.patch_size = patch_size
+        self.grid = img_size // patch_size
+        self.embed_dim = embed_dim
+        self.ape, self.ape_grid = ape, int(ape_grid)
+        if mask_token:
+            self.mask_token = nnx.Param(L.table_init(rngs.params(), (1, 1, embed_dim),
                                                      jnp.float32))
         self.num_stages = len(depths)
-        self.remat = L.remat_mode(cfg)
-        self.scan = bool(cfg.get("scan_blocks", True))
-        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim, dtype=dtype,
-                                      rngs=rngs)
+        self.remat = L.remat_mode(remat)
+        self.scan = bool(scan_blocks)
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, dtype=dtype, rngs=rngs)
         # Per-block stochastic depth, linear over all blocks (official schedule).
-        self.drop_rates = tuple(np.linspace(0.0, cfg.drop_path_rate, sum(depths)).tolist())
-        stages, dim, res, k = [], cfg.embed_dim, self.grid, 0
-        for s, (depth, nh, win) in enumerate(zip(depths, heads, windows)):
-            blocks = []
-            for j in range(depth):
-                shift = win // 2 if (cfg.get("shift_windows", False) and j % 2 == 1) else 0
-                blocks.append(SwinBlock(dim, nh, win, (res, res), shift=shift,
-                                        mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
-                                        dtype=dtype, rngs=rngs))
-                k += 1
+        self.drop_rates = tuple(np.linspace(0.0, drop_path_rate, sum(depths)).tolist())
+        stages, dim, res = [], embed_dim, self.grid
+        for s, (depth, nh, win) in enumerate(zip(depths, num_heads, window_sizes)):
+            blocks = [SwinBlock(dim, nh, win, (res, res),
+                                shift=win // 2 if (shift_windows and j % 2 == 1) else 0,
+                                mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, dtype=dtype, rngs=rngs)
+                      for j in range(depth)]
             last = s == self.num_stages - 1
             stages.append(SwinStage(blocks, None if last else PatchMerging(dim, dtype=dtype,
                                                                            rngs=rngs)))
@@ -261,51 +254,57 @@ class SwinEncoder(nnx.Module):
         """(B, H, W, 3) normalised images -> (B, H/p, W/p, C) tokens after the stem's LayerNorm."""
         return self.patch_embed(images)
 
-    def replace_masked(self, tokens, token_mask):
-        """SimMIM's input: tokens where token_mask = 1 become the mask token, with the official
-        arithmetic `x * (1 - w) + mask_token * w`. token_mask: (B, G, G)."""
-        w = token_mask[..., None].astype(jnp.float32)
-        return tokens.astype(jnp.float32) * (1.0 - w) + self.mask_token[...].reshape(-1) * w
-
-    def encode(self, tokens, source_ids=None, rng=None, return_stages: bool = False):
-        """Tokens (B, G, G, C) -> final normalised tokens (B, L, C_last).
+    def stage_outputs(self, tokens, source_ids=None, rng=None) -> list:
+        """[the input (+ APE), the output of each stage]: (B, h, w, C) maps, before the final
+        norm (`encode` normalises the last; the parity tests compare them all).
 
         source_ids: (B, G, G) ints on the stage-1 grid or None (unrestricted attention). Each
         2x2 merge group lies inside one source region, so later stages take every second id.
-        With return_stages, also returns [input (+ APE), output of each stage] for parity tests.
         """
         x = tokens.astype(jnp.float32)
         if self.ape == "sincos":
             ape = L.ape_table(self.embed_dim, self.grid, self.ape_grid)
             x = x + ape.reshape(self.grid, self.grid, self.embed_dim)
-        stages = [x]
-        first = 0
+        outputs, first = [x], 0
         for stage in self.layers:
             n = len(stage.blocks)
-            rates = self.drop_rates[first:first + n]
-            keys = None
-            if rng is not None and any(rates):
-                keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(first, first + n))
-            x = L.apply_blocks(
-                stage.blocks, x,
-                lambda blk, x, rate, key, ids=source_ids: blk(x, ids, key, rate),
-                (jnp.asarray(rates, jnp.float32), keys), remat=self.remat, scan=self.scan)
+            x = L.apply_blocks(stage.blocks, x, source_ids,
+                               drop_rates=self.drop_rates[first:first + n], rng=rng, first=first,
+                               remat=self.remat, scan=self.scan)
             first += n
             if stage.downsample is not None:
                 x = stage.downsample(x)
                 if source_ids is not None:
                     source_ids = source_ids[:, ::2, ::2]
-            stages.append(x)
+            outputs.append(x)
+        return outputs
+
+    def encode(self, tokens, source_ids=None, rng=None):
+        """Tokens (B, G, G, C) -> final normalised tokens (B, L, C_last); see `stage_outputs`."""
+        x = self.stage_outputs(tokens, source_ids, rng)[-1]
         b, h, w, c = x.shape
-        out = self.norm(x.reshape(b, h * w, c))
-        return (out, stages) if return_stages else out
+        return self.norm(x.reshape(b, h * w, c))
 
-    def __call__(self, images, source_ids=None, rng=None):
-        return self.encode(self.embed(images), source_ids, rng)
+    def __call__(self, images, rng=None):
+        return self.encode(self.embed(images), rng=rng)
 
-    def features(self, images):
-        """(B, C_last): the mean of the final normalised tokens of the whole image."""
-        return jnp.mean(self(images), axis=1)
+
+def encoder(cfg, *, dtype=None, rngs: nnx.Rngs, **options) -> SwinEncoder:
+    """The Swin of `config.model`; options: `mask_token`."""
+    return SwinEncoder(
+        img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
+        embed_dim=cfg.embed_dim, depths=cfg.depths, num_heads=cfg.num_heads,
+        window_sizes=cfg.window_sizes, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
+        drop_path_rate=cfg.drop_path_rate, ape=cfg.ape, ape_grid=cfg.ape_grid,
+        shift_windows=cfg.shift_windows, remat=cfg.remat, scan_blocks=cfg.scan_blocks,
+        dtype=dtype, rngs=rngs, **options)
+
+
+def classifier(cfg, num_classes: int, *, dtype=None, rngs: nnx.Rngs) -> PooledClassifier:
+    """The official fine-tuning model (MixMIM's `models_mixmim_ft`, SimMIM's Swin): the encoder
+    with its final norm, the mean of its final tokens, `head`."""
+    return PooledClassifier(encoder(cfg, dtype=dtype, rngs=rngs), num_classes, fc_norm_eps=None,
+                            dtype=dtype, rngs=rngs)
 
 
 # ---------------------------------------------------------------------------------------------

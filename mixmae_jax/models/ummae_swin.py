@@ -34,13 +34,8 @@ from flax import nnx
 
 from mixmae_jax.models import layers as L
 from mixmae_jax.models import loading
-from mixmae_jax.models.pyramid import (
-    PooledClassifier,
-    conv,
-    run_stages,
-    stage_blocks,
-    stem_kernel_init,
-)
+from mixmae_jax.models.classifier import PooledClassifier
+from mixmae_jax.models.pyramid import conv, run_stages, stage_blocks, stem_kernel_init
 from mixmae_jax.models.swin import shift_regions
 
 # mae_swin_tiny_256 / mae_swin_large_256 (dec512d8b64pmd) and swin_tiny_256 / swin_large_256.
@@ -130,7 +125,7 @@ def token_coords(h: int, w: int) -> np.ndarray:
 class WindowAttention(nnx.Module):
     """Window attention with the continuous relative position bias (`posmlp`)."""
 
-    def __init__(self, dim: int, num_heads: int, posmlp_dim: int, *, qkv_bias: bool = True,
+    def __init__(self, dim: int, num_heads: int, posmlp_dim: int, *, qkv_bias: bool,
                  dtype=None, rngs: nnx.Rngs):
         self.num_heads = num_heads
         self.qkv = L.dense(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
@@ -172,22 +167,23 @@ class PatchMerge(nnx.Module):
 class SwinBlock(nnx.Module):
     """Pre-norm block; the first block of stages 2.. also holds the stage's `downsample`."""
 
-    def __init__(self, dim: int, num_heads: int, window: int, shift: int, *, cfg,
-                 merge_from: int | None = None, dtype=None, rngs: nnx.Rngs):
+    def __init__(self, dim: int, num_heads: int, window: int, shift: int, *, posmlp_dim: int,
+                 mlp_ratio: float, qkv_bias: bool, merge_from: int | None, merge_eps: float,
+                 dtype=None, rngs: nnx.Rngs):
         if merge_from is not None:
-            self.downsample = PatchMerge(merge_from, dim, eps=cfg.ln_eps, dtype=dtype, rngs=rngs)
+            self.downsample = PatchMerge(merge_from, dim, eps=merge_eps, dtype=dtype, rngs=rngs)
         self.window, self.shift = window, shift
         self.norm1 = L.layer_norm(dim, rngs=rngs)  # official: plain nn.LayerNorm (1e-5)
-        self.attn = WindowAttention(dim, num_heads, cfg.posmlp_dim, qkv_bias=cfg.qkv_bias,
-                                    dtype=dtype, rngs=rngs)
+        self.attn = WindowAttention(dim, num_heads, posmlp_dim, qkv_bias=qkv_bias, dtype=dtype,
+                                    rngs=rngs)
         self.norm2 = L.layer_norm(dim, rngs=rngs)
-        self.mlp = L.Mlp(dim, int(dim * cfg.mlp_ratio), dtype=dtype, rngs=rngs)
+        self.mlp = L.Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
 
     def __call__(self, x, coords, rng=None, drop_rate=0.0):
-        """x (B, H, W, C) float32; coords (B or 1, H, W, 2)."""
+        """x (B, H, W, C) float32; coords (the context): (B or 1, H, W, 2)."""
         b, h, w, _ = x.shape
         window, shift = self.window, self.shift
-        rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
+        keys = L.branch_keys(rng)
         y = self.norm1(x)
         labels = None
         if shift:
@@ -200,59 +196,64 @@ class SwinBlock(nnx.Module):
         y = L.window_reverse(y, window, h, w)
         if shift:
             y = jnp.roll(y, (shift, shift), axis=(1, 2))
-        x = x + L.drop_path(y.astype(jnp.float32), drop_rate, rngs[0])
+        x = x + L.drop_path(y.astype(jnp.float32), drop_rate, keys[0])
         y = self.mlp(self.norm2(x))
-        return x + L.drop_path(y.astype(jnp.float32), drop_rate, rngs[1])
+        return x + L.drop_path(y.astype(jnp.float32), drop_rate, keys[1])
 
 
 class PatchEmbed(nnx.Module):
-    def __init__(self, cfg, *, dtype=None, rngs: nnx.Rngs):
-        self.proj = conv(cfg.in_chans, cfg.embed_dim, cfg.patch_size, dtype=dtype, rngs=rngs,
+    def __init__(self, patch: int, in_chans: int, dim: int, *, eps: float, dtype=None,
+                 rngs: nnx.Rngs):
+        self.proj = conv(in_chans, dim, patch, dtype=dtype, rngs=rngs,
                          kernel_init=stem_kernel_init)
-        self.norm = L.layer_norm(cfg.embed_dim, eps=cfg.ln_eps, rngs=rngs)
+        self.norm = L.layer_norm(dim, eps=eps, rngs=rngs)
 
     def __call__(self, images):
         return self.norm(self.proj(images).astype(jnp.float32))
 
 
-class UMSwinEncoder(nnx.Module):
+class UMSwinEncoder(L.Encoder):
     """`patch_embed`, optional `vis_mask_token` / `mask_token`, flat `blocks`, optional `norm`.
+    Arguments as `config.model`'s keys (`encoder` reads them); compact: the blocks run on the
+    compact grid of uniform sampling."""
 
-    `embed` and `encode` are split because the methods act in between (uniform sampling and
-    secondary masking, SimMIM's mask token)."""
-
-    def __init__(self, cfg, *, compact: bool = False, vis_mask_token: bool = False,
-                 mask_token: bool = False, final_norm: bool = True, dtype=None, rngs: nnx.Rngs):
-        depths, heads = tuple(cfg.depths), tuple(cfg.num_heads)
-        self.patch_size, self.embed_dim = cfg.patch_size, cfg.embed_dim
-        self.grid = cfg.img_size // cfg.patch_size
+    def __init__(self, *, img_size: int, patch_size: int, in_chans: int, embed_dim: int, depths,
+                 num_heads, window_size: int, posmlp_dim: int, mlp_ratio: float, qkv_bias: bool,
+                 ln_eps: float, drop_path_rate: float, remat, scan_blocks: bool,
+                 compact: bool = False, vis_mask_token: bool = False, mask_token: bool = False,
+                 final_norm: bool = True, dtype=None, rngs: nnx.Rngs):
+        depths = tuple(depths)
+        self.patch_size, self.embed_dim = patch_size, embed_dim
+        self.grid = img_size // patch_size
         # The grid the blocks run on fixes each block's window and shift (official clipping):
         # the compact grid of uniform sampling is half the token grid.
         self.run_grid = self.grid // 2 if compact else self.grid
         self.num_stages = len(depths)
-        self.remat = L.remat_mode(cfg)
-        self.scan = bool(cfg.get("scan_blocks", True))
-        self.patch_embed = PatchEmbed(cfg, dtype=dtype, rngs=rngs)
+        self.remat = L.remat_mode(remat)
+        self.scan = bool(scan_blocks)
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, eps=ln_eps, dtype=dtype,
+                                      rngs=rngs)
         if vis_mask_token:  # UM-MAE secondary masking (official N(0, .02))
             self.vis_mask_token = nnx.Param(
-                0.02 * jax.random.normal(rngs.params(), (1, 1, cfg.embed_dim)))
+                0.02 * jax.random.normal(rngs.params(), (1, 1, embed_dim)))
         if mask_token:  # the SimMIM baseline's mask token
             self.mask_token = nnx.Param(
-                0.02 * jax.random.normal(rngs.params(), (1, 1, cfg.embed_dim)))
-        self.drop_rates = tuple(np.linspace(0.0, cfg.drop_path_rate, sum(depths)).tolist())
+                0.02 * jax.random.normal(rngs.params(), (1, 1, embed_dim)))
+        self.drop_rates = tuple(np.linspace(0.0, drop_path_rate, sum(depths)).tolist())
         self.stages = stage_blocks(depths)
         blocks = []
         for s, idx in enumerate(self.stages):
-            dim, res = cfg.embed_dim * 2**s, self.run_grid // 2**s
+            dim, res = embed_dim * 2**s, self.run_grid // 2**s
             for j in range(len(idx)):
-                merge = cfg.embed_dim * 2 ** (s - 1) if (s > 0 and j == 0) else None
-                window, shift = stage_geometry(res, cfg.window_size, j % 2 == 1)
-                blocks.append(SwinBlock(dim, heads[s], window, shift, cfg=cfg, merge_from=merge,
-                                        dtype=dtype, rngs=rngs))
+                merge = embed_dim * 2 ** (s - 1) if (s > 0 and j == 0) else None
+                window, shift = stage_geometry(res, window_size, j % 2 == 1)
+                blocks.append(SwinBlock(dim, num_heads[s], window, shift, posmlp_dim=posmlp_dim,
+                                        mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, merge_from=merge,
+                                        merge_eps=ln_eps, dtype=dtype, rngs=rngs))
         self.blocks = nnx.List(blocks)
-        self.out_dim = cfg.embed_dim * 2 ** (self.num_stages - 1)
+        self.out_dim = embed_dim * 2 ** (self.num_stages - 1)
         if final_norm:
-            self.norm = L.layer_norm(self.out_dim, eps=cfg.ln_eps, rngs=rngs)
+            self.norm = L.layer_norm(self.out_dim, eps=ln_eps, rngs=rngs)
 
     @property
     def stride(self) -> int:
@@ -288,18 +289,23 @@ class UMSwinEncoder(nnx.Module):
         """Full-grid encoding (finetuning, features)."""
         return self.encode_full(self.embed(images), rng)
 
-    def features(self, images):
-        """(B, C_last): the mean of the final tokens of the whole image (full grid)."""
-        return jnp.mean(self(images), axis=1)
+
+def encoder(cfg, *, dtype=None, rngs: nnx.Rngs, **options) -> UMSwinEncoder:
+    """UM-MAE's Swin of `config.model`; options: `compact`, `vis_mask_token`, `mask_token`,
+    `final_norm`."""
+    return UMSwinEncoder(
+        img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
+        embed_dim=cfg.embed_dim, depths=cfg.depths, num_heads=cfg.num_heads,
+        window_size=cfg.window_size, posmlp_dim=cfg.posmlp_dim, mlp_ratio=cfg.mlp_ratio,
+        qkv_bias=cfg.qkv_bias, ln_eps=cfg.ln_eps, drop_path_rate=cfg.drop_path_rate,
+        remat=cfg.remat, scan_blocks=cfg.scan_blocks, dtype=dtype, rngs=rngs, **options)
 
 
-class UMSwinClassifier(PooledClassifier):
-    """Finetuning model (`models_swin.Swin`): blocks on the full grid, mean over the final
-    tokens, `fc_norm`, `head`; no final `norm`."""
-
-    def __init__(self, cfg, num_classes: int = 1000, *, dtype=None, rngs: nnx.Rngs):
-        super().__init__(UMSwinEncoder(cfg, final_norm=False, dtype=dtype, rngs=rngs),
-                         cfg.ln_eps, num_classes, dtype=dtype, rngs=rngs)
+def classifier(cfg, num_classes: int, *, dtype=None, rngs: nnx.Rngs) -> PooledClassifier:
+    """The finetuning model (`models_swin.Swin`): blocks on the full grid, no final `norm`; the
+    mean of the final tokens, `fc_norm`, `head`."""
+    enc = encoder(cfg, final_norm=False, dtype=dtype, rngs=rngs)
+    return PooledClassifier(enc, num_classes, fc_norm_eps=cfg.ln_eps, dtype=dtype, rngs=rngs)
 
 
 def load(source, source_cfg, target, target_cfg):

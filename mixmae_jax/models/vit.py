@@ -8,7 +8,7 @@ num_heads, mlp_ratio, qkv_bias, ln_eps (MAE: 1e-6), drop_path_rate, remat, scan_
 method's decoder (decoder_dim, decoder_depth, decoder_num_heads).
 
 Pretraining adds the fixed 2-D sin-cos table (a zero row for the cls token) as a constant;
-finetuning (`ViTClassifier`) learns `pos_embed`, initialised from that table as the official
+finetuning (`classifier`) learns `pos_embed`, initialised from that table as the official
 finetuning does when it loads a pretraining checkpoint.
 """
 
@@ -22,6 +22,7 @@ from flax import nnx
 
 from mixmae_jax.models import layers as L
 from mixmae_jax.models import loading
+from mixmae_jax.models.classifier import PooledClassifier
 
 # ViT-B/16, L/16, H/14 (MAE's mae_vit_*_patch*_dec512d8b factories).
 VARIANTS = {
@@ -71,49 +72,6 @@ def pos_embed_with_cls(dim: int, grid: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# timm (0.3.2) ViT block: also MixMIM's and MAE's decoder blocks.
-# ---------------------------------------------------------------------------------------------
-
-
-class Attention(nnx.Module):
-    """timm ViT Attention: fused qkv, scale applied to the logits, then proj."""
-
-    def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = True, dtype=None,
-                 rngs: nnx.Rngs):
-        self.num_heads = num_heads
-        self.qkv = L.dense(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
-        self.proj = L.dense(dim, dim, dtype=dtype, rngs=rngs)
-
-    def __call__(self, x):
-        return self.proj(L.attend(self.qkv(x), self.num_heads, scale_queries=False))
-
-
-class Block(nnx.Module):
-    """Pre-norm: x + attn(norm1(x)), then x + mlp(norm2(x)); optional stochastic depth."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, *,
-                 qkv_bias: bool = True, eps: float = L.LN_EPS, dtype=None, rngs: nnx.Rngs):
-        self.norm1 = L.layer_norm(dim, eps=eps, rngs=rngs)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, dtype=dtype, rngs=rngs)
-        self.norm2 = L.layer_norm(dim, eps=eps, rngs=rngs)
-        self.mlp = L.Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
-
-    def __call__(self, x, rng=None, drop_rate=0.0):
-        rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
-        x = x + L.drop_path(self.attn(self.norm1(x)).astype(jnp.float32), drop_rate, rngs[0])
-        return x + L.drop_path(self.mlp(self.norm2(x)).astype(jnp.float32), drop_rate, rngs[1])
-
-
-def run_blocks(blocks, x, drop_rates, rng, *, remat: str, scan: bool):
-    """The blocks in turn, each with its stochastic-depth rate and key (None: no drop path)."""
-    keys = None
-    if rng is not None and any(drop_rates):
-        keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(len(blocks)))
-    return L.apply_blocks(blocks, x, lambda blk, x, rate, key: blk(x, key, rate),
-                          (jnp.asarray(drop_rates, jnp.float32), keys), remat=remat, scan=scan)
-
-
-# ---------------------------------------------------------------------------------------------
 # Encoder.
 # ---------------------------------------------------------------------------------------------
 
@@ -135,31 +93,31 @@ class PatchEmbed(nnx.Module):
         return x.reshape(b, h * w, c)
 
 
-class ViTEncoder(nnx.Module):
-    """patch_embed -> (+ pos) -> [visible tokens] -> cls -> blocks -> norm (or fc_norm later)."""
+class ViTEncoder(L.Encoder):
+    """patch_embed -> (+ pos) -> [visible tokens] -> cls -> blocks -> norm (or fc_norm later).
+    Arguments as `config.model`'s keys (`encoder` reads them)."""
 
-    def __init__(self, cfg, *, final_norm: bool = True, learned_pos: bool = False, dtype=None,
-                 rngs: nnx.Rngs):
-        self.grid = cfg.img_size // cfg.patch_size
+    def __init__(self, *, img_size: int, patch_size: int, in_chans: int, embed_dim: int,
+                 depth: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, ln_eps: float,
+                 drop_path_rate: float, remat, scan_blocks: bool, final_norm: bool = True,
+                 learned_pos: bool = False, dtype=None, rngs: nnx.Rngs):
+        self.grid = img_size // patch_size
         self.num_patches = self.grid * self.grid
-        self.patch_size = cfg.patch_size
-        self.embed_dim = cfg.embed_dim
-        self.remat = L.remat_mode(cfg)
-        self.scan = bool(cfg.get("scan_blocks", True))
-        eps = cfg.get("ln_eps", 1e-6)
-        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim, dtype=dtype,
-                                      rngs=rngs)
+        self.patch_size = patch_size
+        self.embed_dim = self.out_dim = embed_dim
+        self.remat = L.remat_mode(remat)
+        self.scan = bool(scan_blocks)
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, dtype=dtype, rngs=rngs)
         # MAE: torch.nn.init.normal_(cls_token, std=.02)
-        self.cls_token = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, 1, cfg.embed_dim)))
+        self.cls_token = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, 1, embed_dim)))
         if learned_pos:
-            self.pos_embed = nnx.Param(jnp.asarray(pos_embed_with_cls(cfg.embed_dim,
-                                                                      self.grid))[None])
-        self.drop_rates = tuple(np.linspace(0.0, cfg.drop_path_rate, cfg.depth).tolist())
-        self.blocks = nnx.List([Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio,
-                                      qkv_bias=cfg.qkv_bias, eps=eps, dtype=dtype, rngs=rngs)
-                                for _ in range(cfg.depth)])
+            self.pos_embed = nnx.Param(jnp.asarray(pos_embed_with_cls(embed_dim, self.grid))[None])
+        self.drop_rates = tuple(np.linspace(0.0, drop_path_rate, depth).tolist())
+        self.blocks = nnx.List([L.Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias,
+                                        eps=ln_eps, dtype=dtype, rngs=rngs)
+                                for _ in range(depth)])
         if final_norm:
-            self.norm = L.layer_norm(cfg.embed_dim, eps=eps, rngs=rngs)
+            self.norm = L.layer_norm(embed_dim, eps=ln_eps, rngs=rngs)
 
     def position_table(self):
         """(1 + L, C): the learned table, or the fixed sin-cos one with its zero cls row."""
@@ -177,33 +135,31 @@ class ViTEncoder(nnx.Module):
         cls = self.cls_token[...] + self.position_table()[:1]
         x = jnp.concatenate([jnp.broadcast_to(cls, (tokens.shape[0], 1, self.embed_dim)),
                              tokens], axis=1)
-        x = run_blocks(self.blocks, x, self.drop_rates, rng, remat=self.remat, scan=self.scan)
+        x = L.apply_blocks(self.blocks, x, drop_rates=self.drop_rates, rng=rng,
+                           remat=self.remat, scan=self.scan)
         return self.norm(x) if hasattr(self, "norm") else x
 
-    def features(self, images):
-        """(B, C): the mean of the patch tokens of the whole image after the blocks (and the
-        final norm), the pooling MAE's finetuning uses."""
-        return jnp.mean(self.encode(self.embed(images))[:, 1:], axis=1)
-
-
-class ViTClassifier(nnx.Module):
-    """MAE finetuning model (`models_vit.VisionTransformer`, global_pool=True): mean of the patch
-    tokens after the blocks, `fc_norm`, `head`; learned `pos_embed`; no final `norm`."""
-
-    def __init__(self, cfg, num_classes: int = 1000, *, dtype=None, rngs: nnx.Rngs):
-        from mixmae_jax.models.classifier import head_init
-
-        self.encoder = ViTEncoder(cfg, final_norm=False, learned_pos=True, dtype=dtype, rngs=rngs)
-        self.fc_norm = L.layer_norm(cfg.embed_dim, eps=cfg.get("ln_eps", 1e-6), rngs=rngs)
-        self.head = L.dense(cfg.embed_dim, num_classes, dtype=dtype, kernel_init=head_init,
-                            rngs=rngs)
-
-    def forward_features(self, images, rng=None):
-        x = self.encoder.encode(self.encoder.embed(images), rng)
-        return self.fc_norm(jnp.mean(x[:, 1:], axis=1))
-
     def __call__(self, images, rng=None):
-        return self.head(self.forward_features(images, rng)).astype(jnp.float32)
+        """The patch tokens of the whole image after the blocks (and the final norm): what MAE's
+        finetuning pools."""
+        return self.encode(self.embed(images), rng)[:, 1:]
+
+
+def encoder(cfg, *, dtype=None, rngs: nnx.Rngs, **options) -> ViTEncoder:
+    """The ViT of `config.model`; options: `final_norm`, `learned_pos`."""
+    return ViTEncoder(
+        img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
+        embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, ln_eps=cfg.ln_eps,
+        drop_path_rate=cfg.drop_path_rate, remat=cfg.remat, scan_blocks=cfg.scan_blocks,
+        dtype=dtype, rngs=rngs, **options)
+
+
+def classifier(cfg, num_classes: int, *, dtype=None, rngs: nnx.Rngs) -> PooledClassifier:
+    """MAE's finetuning model (`models_vit.VisionTransformer`, global_pool=True): learned
+    `pos_embed`, no final `norm`; the mean of the patch tokens, `fc_norm`, `head`."""
+    enc = encoder(cfg, final_norm=False, learned_pos=True, dtype=dtype, rngs=rngs)
+    return PooledClassifier(enc, num_classes, fc_norm_eps=cfg.ln_eps, dtype=dtype, rngs=rngs)
 
 
 # ---------------------------------------------------------------------------------------------

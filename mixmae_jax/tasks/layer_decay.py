@@ -27,6 +27,7 @@ import re
 import jax
 
 from mixmae_jax.interop import keymap as K
+from mixmae_jax.models.paths import path_name
 
 RULES = ("blocks", "mixmim", "simmim")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
@@ -77,4 +78,4 @@ def lr_scales(params, layout: K.Layout, rule: str, decay: float):
     ids, num_layers = layer_ids(list(names.values()), rule)
     scales = {path: float(decay) ** (num_layers - ids[name]) for path, name in names.items()}
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: scales[".".join(str(getattr(k, "key", k)) for k in path)], params)
+        lambda path, _: scales[path_name(path)], params)

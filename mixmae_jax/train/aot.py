@@ -357,7 +357,7 @@ def total_bytes(collective_counts: dict) -> int:
     return sum(v["bytes"] for v in collective_counts.values() if isinstance(v, dict))
 
 
-def _tpu_estimate_seconds(compiled) -> float | None:
+def tpu_estimate_seconds(compiled) -> float | None:
     """XLA's TPU cost model of a loop-free program, with its one known defect undone: each
     `ConcatBitcast` custom call contributes -1 s."""
     cost = compiled.cost_analysis()
@@ -377,9 +377,10 @@ def _is_out_of_memory(error: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text or "out of memory" in text
 
 
-def compile_step(exp, batch_size: int) -> dict:
-    """Compiles `exp`'s train step for a global batch and reads it. Returns the memory figures
-    (or `out_of_memory` with the compiler's words), collectives and compile time."""
+def compile_step(exp, batch_size: int) -> tuple[dict, object]:
+    """Compiles `exp`'s train step for a global batch and reads it: (figures, the compiled
+    step). Figures: the memory (or `out_of_memory` with the compiler's words, and no compiled
+    step), the collectives and the compile time."""
     t0 = time.perf_counter()
     try:  # the step as the trainer runs it: its state donated
         compiled = exp.train_step.lower(exp.abstract_state,
@@ -389,7 +390,7 @@ def compile_step(exp, batch_size: int) -> dict:
             raise
         message = " ".join(str(e).split())
         return {"fits": False, "out_of_memory": message[:400],
-                "compile_s": time.perf_counter() - t0}
+                "compile_s": time.perf_counter() - t0}, None
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     figures = {
@@ -401,8 +402,8 @@ def compile_step(exp, batch_size: int) -> dict:
     }
     figures["total_bytes"] = (figures["argument_bytes"] + figures["output_bytes"]
                               - figures["alias_bytes"] + figures["temp_bytes"])
-    return {**figures, "collectives": collectives(compiled.as_text()), "compile_s": compile_s,
-            "_compiled": compiled}
+    figures.update(collectives=collectives(compiled.as_text()), compile_s=compile_s)
+    return figures, compiled
 
 
 def unrolled(config):
@@ -412,26 +413,20 @@ def unrolled(config):
     return config
 
 
-def model_flops(config, task_for, batch_size: int) -> float:
+def model_flops(config, make_task, batch_size: int) -> float:
     """FLOPs of one train step of the global batch: the model's (forward, backward, optimizer),
     from XLA's analysis of the step lowered for one CPU device, unrolled and without
     recomputation (so neither a loop nor remat changes the count). Nothing is compiled."""
-    import jax
 
     from mixmae_jax.train import experiment, sharding
 
     config = unrolled(config)
     config.model.remat = "none"
     config.batch_size = batch_size
-    cpu = jax.devices("cpu")[:1]
-    mesh = sharding.make_mesh(_SingleDevice, cpu)
-    exp = experiment.build(config, mesh, task=task_for(config), steps_per_epoch=1000)
+    exp = experiment.build(config, sharding.single_device_mesh(), task=make_task(config),
+                           steps_per_epoch=1000)
     lowered = exp.train_step_without_donation().lower(exp.abstract_state,
                                                       exp.abstract_batch(batch_size))
     cost = lowered.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     return float(cost.get("flops", 0.0))
-
-
-class _SingleDevice:
-    data, fsdp = 1, 1

@@ -139,12 +139,12 @@ def _is_protected(key: str) -> bool:
 
 
 def absent_key_defaults(config: Mapping) -> dict[str, Any]:
-    """{dotted key: value} the code uses for a key that a config lacks.
+    """{dotted key: value} a config that lacks the key ran with.
 
-    The code reads keys added after a run started with `cfg.get(key, default)`, the default
-    being the old behaviour, which is also the key's value in the model's `model_config()` (a
-    `model.*` key) or in `config.defaults()` (the others). A snapshot written before a key
-    existed therefore ran with that value.
+    A key is added with the old behaviour as its default, in the model's `model_config()` (a
+    `model.*` key, which `models.with_defaults` also fills into an old snapshot) or in
+    `config.defaults()` (the others): a snapshot written before the key existed ran with that
+    value.
     """
     out = _flatten(config_to_dict(config_lib.defaults()))
     name = config.get("model", {}).get("name")
@@ -158,7 +158,7 @@ def check_config_compatible(old: Mapping, new: Mapping, where: str = CONFIG_NAME
     """Raise ConfigMismatchError naming each unsafe change; return all changes otherwise.
 
     A key missing from `old` (a snapshot older than the key) that `new` sets to the value the
-    code used for its absence (`absent_key_defaults`) changes nothing, so it is allowed.
+    run had without it (`absent_key_defaults`) changes nothing, so it is allowed.
     """
     absent_defaults = absent_key_defaults(new)
     changes = config_changes(old, new)

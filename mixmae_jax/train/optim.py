@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mixmae_jax.models.paths import path_name
+
 
 def total_steps(config: Any, steps_per_epoch: int) -> int:
     """Optimizer updates in the run: `config.total_steps` if > 0, else epochs * steps_per_epoch."""
@@ -90,11 +92,9 @@ def make_schedule(peak: float, min_lr: float, warmup: int, total: int, *, warmup
 def decay_mask(params: Any, no_decay=()) -> Any:
     """True for tensors that get weight decay: every one with >= 2 dims (timm add_weight_decay),
     except those whose "/"-joined path matches a `no_decay` regex."""
-    from mixmae_jax.train.sharding import path_str
-
     patterns = [re.compile(p) for p in no_decay]
     return jax.tree_util.tree_map_with_path(
-        lambda path, p: len(p.shape) >= 2 and not any(r.search(path_str(path))
+        lambda path, p: len(p.shape) >= 2 and not any(r.search(path_name(path, "/"))
                                                      for r in patterns), params)
 
 

@@ -28,6 +28,7 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mixmae_jax.models.paths import path_name
 from mixmae_jax.parallel import BATCH_AXES, MESH_AXES
 
 # FSDP for the L/H configs: every tensor of at least 64 Ki elements (all the big Linear kernels) is
@@ -92,11 +93,6 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
 # ---------------------------------------------------------------------------------------------
 
 
-def path_str(path: Sequence[Any]) -> str:
-    """ "/"-joined keys of a pytree key path: ("encoder", 0, "kernel") -> "encoder/0/kernel"."""
-    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
-
-
 def expand_rules(rules: Sequence[Sequence]) -> tuple[tuple, ...]:
     """Rules with named sets expanded: ("FSDP_DEFAULT", axis) -> FSDP_RULES over `axis`."""
     out = []
@@ -140,16 +136,8 @@ def param_specs(params: Any, mesh: Any, rules: Sequence[tuple] = ()) -> Any:
     """PartitionSpecs for a params tree (arrays or ShapeDtypeStructs). `mesh` may be abstract."""
     axis_sizes, rules = dict(mesh.shape), expand_rules(rules)
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: _spec_for(path_str(path), tuple(x.shape), axis_sizes, rules), params
-    )
-
-
-def param_shardings(params: Any, mesh: jax.sharding.Mesh, rules: Sequence[tuple] = ()) -> Any:
-    """NamedShardings for a params tree, by `rules` (first match wins, default replicate)."""
-    return jax.tree.map(
-        lambda spec: NamedSharding(mesh, spec),
-        param_specs(params, mesh, rules),
-        is_leaf=lambda x: isinstance(x, P),
+        lambda path, x: _spec_for(path_name(path, "/"), tuple(x.shape), axis_sizes, rules),
+        params
     )
 
 

@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 
 from mixmae_jax import imaging
+from mixmae_jax.models.paths import path_name
 
 
 def graphdef_and_abstract_params(method, build=None):
@@ -38,17 +39,17 @@ def init_params(method, rng, build=None):
 
 
 def flat_arrays(tree) -> dict:
-    """{`jax.tree_util.keystr` path: numpy array} of a params pytree: the npz form of the
-    suite's toy encoder and the GPU check's references."""
+    """{parameter path ("layers.0.norm.scale"): numpy array} of a params pytree: the npz form
+    of the suite's toy encoder and the GPU check's references."""
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
+    return {path_name(p): np.asarray(v) for p, v in leaves}
 
 
 def from_flat_arrays(tree, arrays, source: str):
     """`tree` with every leaf taken from `flat_arrays`' dict (or an npz) `arrays`, which must hold
     each path at the leaf's shape; else a ValueError naming `source` and the path."""
     def pick(path, leaf):
-        key = jax.tree_util.keystr(path)
+        key = path_name(path)
         if key not in arrays or arrays[key].shape != leaf.shape:
             found = f"shape {arrays[key].shape}" if key in arrays else "absent"
             raise ValueError(f"{source}: no {tuple(leaf.shape)} array {key} ({found})")

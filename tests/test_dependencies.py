@@ -1,4 +1,4 @@
-"""The package's structure (shared/design.md, "Layout"): dependencies point one way, down the
+"""The package's dependencies (shared/design.md, "Layout"): dependencies point one way, down the
 layers below; nothing imports a layer above it, and no module imports itself back through
 others. Imports inside functions count: a lazy import is still a dependency."""
 
@@ -59,7 +59,7 @@ def _layer(module: str) -> int:
     for index, (_, names) in enumerate(LAYERS):
         if top in names:
             return index
-    raise AssertionError(f"{module}: in no layer of tests/test_layers.py (add it)")
+    raise AssertionError(f"{module}: in no layer of tests/test_dependencies.py (add it)")
 
 
 def test_every_module_is_in_a_layer():
