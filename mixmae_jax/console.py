@@ -185,8 +185,12 @@ def _status(result) -> int:
     return result if isinstance(result, int) else 0
 
 
-def _one_line(e: BaseException) -> str:
-    """The message on one line; an OSError as 'path: cause' (no errno)."""
+def _one_line(e: BaseException, limit: int = 4) -> str:
+    """The message on one line; an OSError as 'path: cause' (no errno). A message listing its
+    problems one a line (a conversion's missing tensors) keeps the first `limit` of them."""
     if isinstance(e, OSError) and e.strerror and e.filename is not None:
         return f"{e.filename}: {e.strerror}"
-    return " ".join(str(e).split()) or type(e).__name__
+    head, *items = str(e).strip().splitlines() or [""]
+    if len(items) > limit:
+        items = [*items[:limit], f"... and {len(items) - limit} more (--debug lists them)"]
+    return " ".join(" ".join([head, *items]).split()) or type(e).__name__

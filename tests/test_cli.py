@@ -597,3 +597,20 @@ def test_help_names_the_run_length_and_fine_tuning_examples(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "e.g. configs/finetune_mixmim_b.py" in text and "configs/demo.py:finetune" in text
     assert "e.g. configs/demo.py[:variant]" not in text
+
+
+def test_a_long_list_of_problems_is_one_short_line(capsys):
+    """An error listing its problems one a line (a conversion into the wrong config lists every
+    missing tensor) prints its first four and how many more, on one line."""
+    from mixmae_jax import console
+
+    def body():
+        raise ValueError("state_dict_to_params: 10 problem(s):\n" + "\n".join(
+            f"  blocks.{i}.attn.qkv.weight: missing from the state_dict" for i in range(10)))
+
+    assert console.run("mixmae-convert from-torch", body) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: state_dict_to_params: 10 problem(s): blocks.0.attn.qkv.weight")
+    assert "blocks.3." in err and "blocks.4." not in err, err
+    assert err.endswith("... and 6 more (--debug lists them)"), err
