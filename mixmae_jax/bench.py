@@ -59,15 +59,18 @@ def matmul_flops_per_sec(n: int = 2048, reps: int = 3) -> float:
 
 
 def _parse(argv):
-    from mixmae_jax.console import ArgumentParser, HelpFormatter
+    from mixmae_jax.console import ArgumentParser, HelpFormatter, positive
 
     p = ArgumentParser(prog="mixmae-bench", description=__doc__.split("\n\n")[0],
                        formatter_class=HelpFormatter)
     p.add_argument("--config", help="config file[:arg]")
-    p.add_argument("--batch", type=int, default=None, help="global batch (default: config's)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps after 2 warm-up steps")
+    p.add_argument("--batch", type=positive(int), default=None,
+                   help="global batch (default: config's)")
+    p.add_argument("--steps", type=positive(int), default=5,
+                   help="timed steps after 2 warm-up steps")
     p.add_argument("--input-only", action="store_true", help="time the input pipeline alone")
-    p.add_argument("--seconds", type=float, default=20.0, help="input-only: how long to read")
+    p.add_argument("--seconds", type=positive(float), default=20.0,
+                   help="input-only: how long to read")
     p.add_argument("--breakdown", action="store_true",
                    help="also time the forward loss and forward+backward alone")
     p.add_argument("--profile", default=None, help="write a jax.profiler trace of the timed "

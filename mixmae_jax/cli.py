@@ -405,8 +405,9 @@ def _add_feature_args(p) -> None:
     p.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's)")
     p.add_argument("--train-split", default="train", help="the labelled training features")
     p.add_argument("--test-split", default="test", help="the features evaluated")
-    p.add_argument("--batch", type=int, default=128, help="images per feature batch")
-    p.add_argument("--crop-pct", type=float, default=0.875,
+    p.add_argument("--batch", type=console.positive(int), default=128,
+                   help="images per feature batch")
+    p.add_argument("--crop-pct", type=console.positive(float), default=0.875,
                    help="resize the short side to size / crop_pct, then centre-crop")
 
 
@@ -420,15 +421,19 @@ def eval_main(argv=None):
     k = sub.add_parser("knn", help="weighted k-NN accuracy of the frozen features (cosine)",
                        formatter_class=HELP)
     _add_feature_args(k)
-    k.add_argument("--k", type=int, default=20, help="neighbours that vote")
-    k.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(sim / T)")
+    k.add_argument("--k", type=console.positive(int), default=20, help="neighbours that vote")
+    k.add_argument("--temperature", type=console.positive(float), default=0.07,
+                   help="vote weight exp(sim / T)")
     lp = sub.add_parser("linprobe", help="linear probe of the frozen features (MAE's BatchNorm "
                         "+ linear head, LARS, warmup + cosine)", formatter_class=HELP)
     _add_feature_args(lp)
-    lp.add_argument("--epochs", type=int, default=90, help="probe training epochs")
-    lp.add_argument("--warmup-epochs", type=int, default=10, help="linear warmup epochs")
-    lp.add_argument("--probe-batch", type=int, default=256, help="probe training batch")
-    lp.add_argument("--base-lr", type=float, default=None,
+    lp.add_argument("--epochs", type=console.positive(int), default=90,
+                    help="probe training epochs")
+    lp.add_argument("--warmup-epochs", type=console.at_least_zero, default=10,
+                    help="linear warmup epochs")
+    lp.add_argument("--probe-batch", type=console.positive(int), default=256,
+                    help="probe training batch")
+    lp.add_argument("--base-lr", type=console.positive(float), default=None,
                     help="lr = base_lr x batch / 256; default: the official 0.1 scaled by "
                     "1,281,167 (ImageNet-1k) / the training images, the same lr x steps as the "
                     "official probe (107 for the 1,200 digits)")

@@ -42,6 +42,28 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (`{self.prog} --help` lists the flags)\n")
 
 
+def positive(kind):
+    """An argparse type: a number of `kind` (int or float) above 0, refused by name otherwise
+    (a zero batch or temperature divides by zero, zero epochs trains nothing)."""
+
+    def parse(text: str):
+        value = kind(text)  # argparse names the flag and the text if this raises
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text}: must be > 0")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def at_least_zero(text: str) -> int:
+    """An argparse type: an int >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be >= 0")
+    return value
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Descriptions and epilogs as written; a flag's help ends with its default, if it has one."""
 

@@ -296,9 +296,18 @@ def test_every_tool_has_help(capsys, main, argv, flags):
      "argument --format: invalid choice: 'x'"),
     ("convert_main", ["to-pytorch"], "invalid choice: 'to-pytorch'"),
     ("visualize_main", ["--workdir", "w", "--out", "o.png"], "required: --images"),
-    ("eval_main", ["knn", "--workdir", "w", "--k", "ten"], "argument --k: invalid int value"),
+    ("eval_main", ["knn", "--workdir", "w", "--k", "ten"],
+     "argument --k: invalid positive int value"),
     ("eval_main", [], "required: command"),
-    ("bench_main", ["--steps", "x"], "argument --steps: invalid int value"),
+    ("bench_main", ["--steps", "x"], "argument --steps: invalid positive int value"),
+    # Numbers that would divide by zero or train nothing (they ran, or failed late, before).
+    ("eval_main", ["knn", "--workdir", "w", "--batch", "0"], "argument --batch: 0: must be > 0"),
+    ("eval_main", ["knn", "--workdir", "w", "--k", "0"], "argument --k: 0: must be > 0"),
+    ("eval_main", ["knn", "--workdir", "w", "--temperature", "0"],
+     "argument --temperature: 0: must be > 0"),
+    ("eval_main", ["linprobe", "--workdir", "w", "--epochs", "0"], "argument --epochs: 0: must"),
+    ("eval_main", ["linprobe", "--workdir", "w", "--warmup-epochs", "-1"], "-1: must be >= 0"),
+    ("bench_main", ["--batch", "0"], "argument --batch: 0: must be > 0"),
 ])
 def test_a_bad_command_line_is_one_error_line(capsys, main, argv, named):
     """argparse's refusals as every other refusal: one `error:` line naming the flag and where
