@@ -15,8 +15,6 @@ import torch
 from flax import nnx
 from parity import (
     FAST_COMPILE,
-    FWD_TOL,
-    GRAD_TOL,
     abstract_model,
     assert_exports_back_exactly,
     check_against_exact,
@@ -36,6 +34,7 @@ from mixmae_jax.methods import get_method
 from mixmae_jax.methods.mae import MAEModel, plan_from_order
 from mixmae_jax.models.classifier import build_classifier
 from mixmae_jax.models.vit import pos_embed_with_cls
+from mixmae_jax.numerics import FWD_TOL, GRAD_TOL
 from mixmae_jax.train.step import bind
 
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from numerics import assert_tensors_close, rel_err
+from numerics import assert_tensors_close
 from recipes import mixmim_config, mixmim_model
 
 from mixmae_jax.interop import keymap as K
@@ -21,6 +21,7 @@ from mixmae_jax.methods.mixmim import MixMIMModel
 from mixmae_jax.models import layers as L
 from mixmae_jax.models import swin
 from mixmae_jax.models.classifier import build_classifier
+from mixmae_jax.numerics import SAME_MATH_RTOL, rel_err
 from mixmae_jax.train.step import bind
 
 # Grid 16 -> 8 -> 4, windows 8/8/4: a stage-0 window (8x8 tokens) spans four 4x4-token mask cells,
@@ -29,10 +30,6 @@ TINY = dict(img_size=64, patch_size=4, embed_dim=16, depths=(1, 1, 2), num_heads
             window_sizes=(8, 8, 4), decoder_dim=32, decoder_depth=1, decoder_num_heads=2)
 # LLVM -O0 for these small graphs: same HLO and fp semantics, ~3x faster CPU compiles.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
-# Two fp32 programs for the same math (fused or not, scanned or rematerialised) each sit within
-# ~1e-6 of the exact answer at these sizes (test_parity.py measures it against float64), so they
-# differ by a few 1e-6 at most whatever the CPU; a real difference (a missing term) is O(1).
-SAME_MATH_RTOL = 1e-5
 
 
 def tiny_cfg():

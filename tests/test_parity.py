@@ -22,13 +22,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from flax import nnx
-from numerics import rel_err
 from parity import (
     FAST_COMPILE,
-    FLOOR,
-    FWD_TOL,
-    GRAD_TOL,
-    RATIO,
     abstract_model,
     assert_exports_back_exactly,
     check_against_exact,
@@ -45,6 +40,7 @@ from mixmae_jax.interop import keymap as K
 from mixmae_jax.interop.mixmim_layout import MixMIMLayout
 from mixmae_jax.methods.mixmim import MixMIMModel, dual_reconstruction_loss
 from mixmae_jax.models.classifier import build_classifier
+from mixmae_jax.numerics import FLOOR, FWD_TOL, GRAD_TOL, RATIO, rel_err
 from mixmae_jax.train.step import bind
 
 # Which official keys are constants does not depend on the size.

@@ -18,13 +18,8 @@ import pytest
 import references
 import torch
 from flax import nnx
-from numerics import rel_err
 from parity import (
     FAST_COMPILE,
-    FLOOR,
-    FWD_TOL,
-    GRAD_TOL,
-    RATIO,
     abstract_model,
     assert_exports_back_exactly,
     check_against_exact,
@@ -44,6 +39,7 @@ from mixmae_jax.interop.simmim_layout import SimMIMLayout
 from mixmae_jax.methods import get_method
 from mixmae_jax.methods.simmim import SimMIMModel, masked_l1_loss, masked_tokens
 from mixmae_jax.models.classifier import build_classifier
+from mixmae_jax.numerics import FLOOR, FWD_TOL, GRAD_TOL, RATIO, rel_err
 from mixmae_jax.train import optim
 from mixmae_jax.train.step import bind, init_params
 

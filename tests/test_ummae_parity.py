@@ -16,8 +16,6 @@ import torch
 from flax import nnx
 from parity import (
     FAST_COMPILE,
-    FWD_TOL,
-    GRAD_TOL,
     abstract_model,
     assert_exports_back_exactly,
     check_against_exact,
@@ -35,6 +33,7 @@ from mixmae_jax.methods import get_method
 from mixmae_jax.methods.ummae import removed_units
 from mixmae_jax.models import layers as L
 from mixmae_jax.models.classifier import build_classifier
+from mixmae_jax.numerics import FWD_TOL, GRAD_TOL
 from mixmae_jax.train.step import bind
 
 PRETRAIN = {"ummae_swin_t.py": R.UMSwinPretrainTorch, "ummae_pvt_s.py": R.UMPVTPretrainTorch,
