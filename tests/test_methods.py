@@ -138,6 +138,75 @@ def test_a_checkpoint_of_another_shape_is_refused_naming_each_key(interop):
         assert key in str(e.value), key
 
 
+def _same_tensors(got, want) -> bool:
+    """The tensors of `got` that `want` holds too are equal (SimMIM's pretraining names add
+    `encoder.` to its fine-tuning ones); that is most of `got`."""
+    pairs = [(k, n) for k in got for n in (k, f"encoder.{k}", k.removeprefix("encoder."))
+             if n in want]
+    assert len({k for k, _ in pairs}) > len(got) / 2, sorted(got)
+    return all(torch.equal(got[k], want[n]) for k, n in pairs)
+
+
+def test_a_file_of_the_other_format_loads_what_it_has(interop):
+    """A pretraining file into a classifier: the pretraining-only tensors skipped, the head kept
+    as the template has it; a fine-tuning file into the pretraining model: its head skipped, the
+    decoder kept as the template has it (an abstract template cannot supply it: refused by
+    name). What both have is the file's, bit for bit."""
+    layout, templates = interop["layout"], interop["templates"]
+    torch.manual_seed(0)
+    for fmt, other in (("pretrain", "finetune"), ("finetune", "pretrain")):
+        reference = references.build(layout, fmt, NUM_CLASSES)
+        # Its tables and indices as a file of the other format's model holds them (a learned
+        # fine-tuning pos_embed that left its sin-cos start is refused by a pretraining model).
+        tables = {k: torch.from_numpy(np.array(v))
+                  for k, v in layout.constant_entries(other).items()}
+        sd = {k: tables[k] if k in tables and tables[k].shape == v.shape else v
+              for k, v in random_torch_state_dict(reference, seed=5).items()}
+        template = random_params(templates[other], seed=13)  # concrete: stands in for an init
+        params, report = from_torch.state_dict_to_params(sd, layout, template)
+        assert (report.file_format, report.template_format) == (fmt, other)
+        assert report.skipped and report.kept_fresh
+        flat, flat_template = K.flatten(params), K.flatten(template)
+        assert all(np.array_equal(flat[p], flat_template[p]) for p in report.kept_fresh)
+        if other == "finetune":
+            assert {"head.kernel", "head.bias"} <= set(report.kept_fresh)
+        else:
+            assert {"head.weight", "head.bias"} <= {s.split(":")[0] for s in report.skipped}
+            with pytest.raises(K.ConversionError) as e:
+                from_torch.state_dict_to_params(sd, layout, templates["pretrain"])
+            assert all(f"({p})" in str(e.value) for p in report.kept_fresh)
+        fresh = {layout.torch_name(p, other) for p in report.kept_fresh}
+        back = to_torch.params_to_state_dict(params, layout, format=other,
+                                             num_classes=NUM_CLASSES)
+        assert _same_tensors({k: v for k, v in back.items() if k not in fresh
+                              and not layout.is_constant_key(k)}, sd)
+
+
+def test_params_that_do_not_fit_are_refused_by_the_export_naming_each(interop):
+    """Export of params with a missing tensor, one of another shape and one the layout does not
+    know: one ConversionError naming their official keys; a classifier's params have no
+    decoder, so its pretraining export names the decoder's keys."""
+    layout, templates = interop["layout"], interop["templates"]
+    flat = K.flatten(random_params(templates["pretrain"], seed=0))
+    kernels = [p for p in flat if p.endswith(".kernel") and len(flat[p].shape) == 2]
+    missing, reshaped = kernels[len(kernels) // 2], kernels[len(kernels) // 3]
+    del flat[missing]
+    flat[reshaped] = np.zeros((3, 3, 3), np.float32)
+    extra = reshaped.rsplit(".", 2)[0] + ".gate.kernel"
+    flat[extra] = np.zeros((4, 4), np.float32)
+    with pytest.raises(K.ConversionError) as e:
+        to_torch.params_to_state_dict(K.unflatten(flat), layout)
+    for path in (missing, reshaped):
+        assert layout.torch_name(path, "pretrain") in str(e.value), path
+    assert "gate" in str(e.value)
+    with pytest.raises(K.ConversionError) as e:
+        to_torch.params_to_state_dict(random_params(templates["finetune"], seed=0), layout)
+    finetune = layout.reference_layout("finetune", NUM_CLASSES)
+    decoder = [k for k in layout.reference_layout("pretrain", 0) if not layout.is_constant_key(k)
+               and k not in finetune and k.removeprefix("encoder.") not in finetune]
+    assert decoder and all(k in str(e.value) for k in decoder), decoder
+
+
 def _other_family(method):
     """A tiny recipe's model the method does not run."""
     for case in CASES:
