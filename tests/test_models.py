@@ -1,8 +1,7 @@
-"""Exact invariants of the Flax MixMIM model (no torch model involved).
-
-Cross-source attention has exactly zero effect; an all-zero mask gives the finetuning encoder;
-mask draws, pairing, constant tables and parameter counts match the official code.
-"""
+"""The models package (models/layers.py, swin.py, the model keys' defaults): relative-position
+indices and sin-cos tables against brute force, rematerialisation and scanned blocks change
+memory and program, not numbers; drop path; bf16 kernels' float32 gradients; shifted windows.
+The example model is MixMIM's tiny Swin (no torch model involved)."""
 
 import math
 
@@ -12,15 +11,13 @@ import numpy as np
 import pytest
 from flax import nnx
 from numerics import assert_tensors_close
+from parity import random_params
 from recipes import mixmim_config, mixmim_model
 
 from mixmae_jax.interop import keymap as K
-from mixmae_jax.interop.mixmim_layout import MixMIMLayout
-from mixmae_jax.methods import mixing
 from mixmae_jax.methods.mixmim import MixMIMModel
 from mixmae_jax.models import layers as L
 from mixmae_jax.models import swin
-from mixmae_jax.models.classifier import build_classifier
 from mixmae_jax.numerics import SAME_MATH_RTOL, rel_err
 from mixmae_jax.train.step import bind
 
@@ -36,24 +33,6 @@ def tiny_cfg():
     cfg = mixmim_model("B", 224)
     cfg.update(TINY)
     return cfg
-
-
-def random_params(abstract, seed):
-    """Random params with init-like scales and non-trivial norms/biases (numpy float32)."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for path, leaf in K.flatten(abstract).items():
-        noise = rng.standard_normal(tuple(leaf.shape), dtype=np.float32)
-        if path.endswith(".scale"):
-            out[path] = 1.0 + 0.2 * noise
-        elif path.endswith(".bias"):
-            out[path] = 0.1 * noise
-        elif path.endswith(".kernel"):
-            out[path] = noise * np.float32(np.sqrt(2.0 / (np.prod(leaf.shape[:-1]) +
-                                                          leaf.shape[-1])))
-        else:
-            out[path] = 0.5 * noise
-    return K.unflatten({k: v.astype(np.float32) for k, v in out.items()})
 
 
 @pytest.fixture(scope="module")
@@ -72,148 +51,6 @@ def tiny():
     cells[np.random.default_rng(2).permutation(16)[:8]] = 1.0
     return dict(cfg=cfg, params=params, encode=encode, images=images, cells=cells.reshape(4, 4),
                 mask=np.tile(cells, (4, 1)))
-
-
-def pixel_region(cells, value, stride=16):
-    """(H, W) bool: pixels of the final-grid cells whose mask equals `value`."""
-    return np.kron(cells == value, np.ones((stride, stride), bool))
-
-
-# ---------------------------------------------------------------------------------------------
-# Mixing: the other source has no influence at all.
-# ---------------------------------------------------------------------------------------------
-
-
-def test_partner_pixels_hidden_from_a_sample_have_exactly_no_effect(tiny):
-    images, mask, cells = tiny["images"], tiny["mask"], tiny["cells"]
-    z = np.asarray(tiny["encode"](tiny["params"], images, mask))
-    noise = 3.0 * np.random.default_rng(3).standard_normal(images.shape[1:], dtype=np.float32)
-    b = images.shape[0]
-    for i in range(b):
-        p = b - 1 - i  # partner of sample i (num_groups=1)
-        # Sample i takes its own image where m = 0: the partner's pixels there are hidden from it.
-        hidden = images.copy()
-        hidden[p] += np.where(pixel_region(cells, 0)[..., None], noise, 0.0)
-        z_hidden = np.asarray(tiny["encode"](tiny["params"], hidden, mask))
-        assert np.array_equal(z_hidden[i], z[i]), f"sample {i} saw hidden partner pixels"
-        assert not np.array_equal(z_hidden[p], z[p])  # the partner itself did change
-
-        # Partner pixels sample i does see (m = 1) change only its m = 1 tokens.
-        visible = images.copy()
-        visible[p] += np.where(pixel_region(cells, 1)[..., None], noise, 0.0)
-        z_visible = np.asarray(tiny["encode"](tiny["params"], visible, mask))
-        own = cells.reshape(-1) == 0
-        assert np.array_equal(z_visible[i][own], z[i][own])
-        assert not np.array_equal(z_visible[i][~own], z[i][~own])
-
-
-def test_all_zero_mask_equals_the_finetuning_encoder(tiny):
-    cfg, params, images = tiny["cfg"], tiny["params"], tiny["images"]
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_classifier(cfg, 10,
-                                                                         rngs=nnx.Rngs(0))),
-                                   nnx.Param)
-    cls_params = {"encoder": params["encoder"],
-                  "head": random_params(nnx.to_pure_dict(abstract), 1)["head"]}
-    feats = jax.jit(lambda p, x: bind(graphdef, p).encoder(x),
-                    compiler_options=FAST_COMPILE)(cls_params, images)
-    z = tiny["encode"](params, images, np.zeros_like(tiny["mask"]))
-    err = rel_err(z, feats)  # two compiled programs: equal up to fp32 summation order
-    print(f"\nall-zero mask vs the classifier's encoder: rel. error {err:.3g}")
-    assert err <= SAME_MATH_RTOL
-
-
-# ---------------------------------------------------------------------------------------------
-# Mask draws and pairing.
-# ---------------------------------------------------------------------------------------------
-
-
-draw_mask = jax.jit(mixing.draw_mask, static_argnums=(1, 2, 3, 4, 5, 6),
-                    compiler_options=FAST_COMPILE)
-
-
-@pytest.mark.parametrize("cells,ratio", [(49, 0.5), (16, 0.5), (49, 0.75), (64, 0.3), (10, 0.25),
-                                         (144, 0.5)])
-def test_draw_mask_counts_and_groups(cells, ratio):
-    batch, groups = 12, 3
-    for per_sample in (False, True):
-        m = np.asarray(draw_mask(jax.random.key(cells), batch, groups, cells, ratio,
-                                 per_sample=per_sample))
-        assert m.shape == (batch, cells) and m.dtype == np.float32
-        assert set(np.unique(m)) <= {0.0, 1.0}
-        assert (m.sum(axis=1) == int(cells * ratio)).all(), m.sum(axis=1)  # official int(L * r)
-        g = m.reshape(groups, batch // groups, cells)
-        if per_sample:
-            assert len({row.tobytes() for row in m}) > 1
-        else:  # the official shared mask: one per device-local group, identical rows inside
-            assert (g == g[:, :1]).all()
-            if math.comb(cells, int(cells * ratio)) > 10**6:  # groups draw their own masks
-                assert len({grp[0].tobytes() for grp in g}) == groups
-
-
-def test_draw_mask_with_a_ratio_range():
-    m = np.asarray(draw_mask(jax.random.key(0), 8, 2, 49, 0.5, range_mask_ratio=0.25))
-    counts = m.sum(axis=1)
-    assert ((counts >= int(49 * 0.5)) & (counts <= int(49 * 0.75))).all()
-    assert (m.reshape(2, 4, 49) == m.reshape(2, 4, 49)[:, :1]).all()
-
-
-def test_method_plan_draws_one_mask_per_device_group():
-    """The trainer's plan (base recipe, 7x7 final grid): each device group gets its own mask."""
-    from mixmae_jax.methods import get_method
-
-    method = get_method(mixmim_config())
-    m = np.asarray(jax.jit(method.make_plan, static_argnums=(1, 2))(jax.random.key(0), 32, 8)
-                   ["mask"])
-    assert m.shape == (32, 49) and (m.sum(axis=1) == 24).all()
-    groups = m.reshape(8, 4, 49)
-    assert (groups == groups[:, :1]).all()
-    assert len({g[0].tobytes() for g in groups}) == 8
-
-
-def test_groups_compute_what_separate_batches_compute(tiny):
-    """Loss and gradients of a batch in G groups equal the mean over G separate one-group batches:
-    pairing, masks and the loss never reach across a (device) group."""
-    from mixmae_jax.methods import get_method
-
-    config = mixmim_config()
-    config.model = tiny_cfg()
-    method = get_method(config)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: method.build_model(nnx.Rngs(0))), nnx.Param)
-    groups, per = 3, 2
-    images = np.random.default_rng(4).standard_normal((groups * per, 64, 64, 3), np.float32)
-    table = np.zeros((groups, 16), np.float32)
-    for g, count in enumerate((3, 8, 12)):  # a different mask and count per group
-        table[g, np.random.default_rng(5 + g).permutation(16)[:count]] = 1.0
-
-    @jax.jit
-    def loss_and_grads(params, images, mask):
-        n = images.shape[0] // per
-        def loss(p):
-            return method.loss(bind(graphdef, p), {"image": images}, {"mask": mask}, n)[0]
-
-        return jax.value_and_grad(loss)(params)
-
-    loss, grads = loss_and_grads(tiny["params"], images, np.repeat(table, per, axis=0))
-    parts = [loss_and_grads(tiny["params"], images[g * per:(g + 1) * per],
-                            np.repeat(table[g:g + 1], per, axis=0)) for g in range(groups)]
-    assert float(loss) == pytest.approx(np.mean([float(p[0]) for p in parts]), rel=SAME_MATH_RTOL)
-    mean = {k: np.mean([K.flatten(p[1])[k] for p in parts], axis=0, dtype=np.float64)
-            for k in K.flatten(grads)}
-    assert_tensors_close(K.flatten(grads), mean, SAME_MATH_RTOL, "grouped gradients")
-
-
-def test_partner_reverses_within_each_group_only():
-    b, groups = 12, 3
-    x = np.arange(b)
-    got = np.asarray(mixing.partner(jnp.asarray(x), groups))
-    n = b // groups
-    for i in range(b):
-        g, j = divmod(i, n)
-        assert got[i] == g * n + (n - 1 - j)
-        assert got[i] // n == g  # never across groups
-    assert np.array_equal(np.asarray(mixing.partner(jnp.asarray(x), 1)), x[::-1])
-    with pytest.raises(ValueError):
-        mixing.partner(jnp.asarray(x), 5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,72 +88,8 @@ def test_sincos_table_spot_checks():
 
 
 # ---------------------------------------------------------------------------------------------
-# Parameter counts against the official totals (frozen sin-cos tables included).
+# Rematerialisation, drop path, bf16, shifted windows, scanned blocks.
 # ---------------------------------------------------------------------------------------------
-
-PRETRAIN_TOTALS = {"B": 114_665_784, "L": 223_468_244, "H": 684_709_594}
-FINETUNE_TOTALS = {("B", 224): 88_344_352, ("L", 224): 197_396_668, ("H", 224): 659_262_658,
-                   ("B", 384): 89_577_440, ("L", 384): 199_246_300}
-
-
-def _numel(tree) -> int:
-    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))
-
-
-def _tables(cfg, pretrain: bool) -> int:
-    """The frozen sin-cos parameters of the official model (the int64 buffers are not params)."""
-    fmt = "pretrain" if pretrain else "finetune"
-    return sum(v.size for k, v in MixMIMLayout(cfg).constant_entries(fmt).items()
-               if not k.endswith("relative_position_index"))
-
-
-@pytest.fixture(scope="module")
-def abstract_pretrain():
-    """Abstract MixMIMModel params per size (nnx.eval_shape: nothing is allocated)."""
-    cache = {}
-
-    def get(variant):
-        if variant not in cache:
-            cfg = mixmim_model(variant, 224)
-            model = nnx.eval_shape(lambda: MixMIMModel(cfg, rngs=nnx.Rngs(0)))
-            cache[variant] = nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
-        return cache[variant]
-
-    return get
-
-
-@pytest.mark.parametrize("variant", ["B", "L", "H"])
-def test_pretraining_parameter_counts(abstract_pretrain, variant):
-    params = abstract_pretrain(variant)
-    total = _numel(params) + _tables(mixmim_model(variant, 224), pretrain=True)
-    assert total == PRETRAIN_TOTALS[variant]
-
-
-@pytest.mark.parametrize("variant", ["B", "L", "H"])
-def test_finetuning_parameter_counts_224(abstract_pretrain, variant):
-    # The classifier = the same Swin encoder + a Linear(C_final -> 1000) head; the classifier
-    # itself is counted directly at 384 below.
-    encoder = abstract_pretrain(variant)["encoder"]
-    cfg = mixmim_model(variant, 224)
-    head = (cfg.embed_dim * 8 + 1) * 1000
-    assert _numel(encoder) + head + _tables(cfg, pretrain=False) == FINETUNE_TOTALS[(variant, 224)]
-
-
-@pytest.mark.parametrize("variant", ["B", "L"])
-def test_finetuning_parameter_counts_384(variant):
-    cfg = mixmim_model(variant, 384)
-    model = nnx.eval_shape(lambda: build_classifier(cfg, 1000, rngs=nnx.Rngs(0)))
-    params = nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
-    assert set(params) == {"encoder", "head"}
-    assert _numel(params) + _tables(cfg, pretrain=False) == FINETUNE_TOTALS[(variant, 384)]
-
-
-def test_encoder_is_the_same_module_in_both_models():
-    cfg = tiny_cfg()
-    pre = nnx.split(nnx.eval_shape(lambda: MixMIMModel(cfg, rngs=nnx.Rngs(0))), nnx.Param)[1]
-    enc = nnx.split(nnx.eval_shape(lambda: swin.encoder(cfg, rngs=nnx.Rngs(0))), nnx.Param)[1]
-    shapes = jax.tree_util.tree_map(lambda x: x.shape, nnx.to_pure_dict(pre)["encoder"])
-    assert shapes == jax.tree_util.tree_map(lambda x: x.shape, nnx.to_pure_dict(enc))
 
 
 def test_remat_changes_memory_not_numbers(tiny):
@@ -414,29 +187,6 @@ def test_a_bf16_linear_keeps_its_kernel_gradient_in_float32():
     xb = np.asarray(x.astype(jnp.bfloat16), np.float64).reshape(-1, 64)
     wb = np.asarray(w.astype(jnp.bfloat16), np.float64).reshape(-1, 48)
     assert rel_err(grad, xb.T @ wb) < 1e-6
-
-
-def test_bf16_compute_keeps_fp32_params_and_close_loss(tiny):
-    """compute_dtype=bfloat16: bf16 matmuls, fp32 master weights, loss within bf16 precision."""
-    from mixmae_jax.methods import get_method
-
-    losses = {}
-    plan = {"mask": jnp.asarray(tiny["mask"])}
-    for dtype in ("float32", "bfloat16"):
-        config = mixmim_config()
-        config.model = tiny_cfg()
-        config.compute_dtype = dtype
-        method = get_method(config)
-        graphdef, abstract = nnx.split(nnx.eval_shape(lambda m=method: m.build_model(
-            nnx.Rngs(0))), nnx.Param)
-        dtypes = {x.dtype for x in jax.tree.leaves(nnx.to_pure_dict(abstract))}
-        assert dtypes == {jnp.dtype("float32")}
-        batch = {"image": tiny["images"]}
-        loss = jax.jit(lambda p, g=graphdef, m=method, x=batch: m.loss(bind(g, p), x, plan, 1)[0])(
-            tiny["params"])
-        losses[dtype] = float(loss)
-    assert losses["bfloat16"] != losses["float32"]  # bf16 really ran
-    assert abs(losses["bfloat16"] - losses["float32"]) < 2e-2 * abs(losses["float32"])
 
 
 @pytest.mark.parametrize("shift, expected", [
