@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # models shard over `fsdp` (their configs' FSDP rules), a chip's worth of model per shard group.
 B_TARGETS = ("v5e:16x16", "h100:1x2x8", "h100:1x1x8")
 LH_TARGETS = ("v5p:4x4x4", "v4:4x4x4", "h100:1x2x8")
-FSDP = {"v5p:4x4x4": 8, "v4:4x4x4": 16, "h100:1x2x8": 8}
+FSDP = {"v5p:4x4x4": 16, "v4:4x4x4": 16, "h100:1x2x8": 8}  # a mesh axis spans whole torus axes
 RECIPES = {
     # pretraining
     "mixmim_b": B_TARGETS, "mae_vit_b": B_TARGETS, "simmim_swin_b": B_TARGETS,
@@ -111,22 +111,31 @@ def _collectives(r: dict) -> str:
     return " + ".join(parts) + " GB" if parts else "none"
 
 
+def _extrapolated_fit(r: dict) -> int:
+    """The largest per-device batch if the temporaries grow in proportion to the batch and the
+    rest (parameters, optimizer state, code) stays: one compile's estimate, where `--fit`
+    compiles until it knows. Temporaries have a part that does not grow, so this errs low."""
+    fixed = r["total_bytes"] - r["temp_bytes"]
+    return int((r["usable_memory_bytes"] - fixed) // (r["temp_bytes"] / r["per_device_batch"]))
+
+
 def table(out: str) -> str:
-    """The Markdown table of every compiled row (newest record of each row)."""
+    """The Markdown table of every compiled row (newest record of each row); the largest batch
+    as `--fit` found it, or else (~) extrapolated from the one compile."""
     records = {}
     with open(out) as f:
         for line in f:
             if line.strip():
                 rec = json.loads(line)
                 records[_key(rec["row"])] = rec
-    head = ("| recipe | target | dtype | batch (per device) | memory per device: total / usable "
-            "| fits | collectives per step and device | XLA's estimate | compile |\n"
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+    head = ("| recipe | target | dtype | `model.remat` | batch (per device) | memory per device: "
+            "total / usable | fits | collectives per step and device | XLA's estimate | compile |\n"
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
     body = []
     for rec in records.values():
         row, r = rec["row"], rec["result"]
         if "error" in r:
-            body.append(f"| {row['recipe']} | {row['topology']} | {row['dtype']} | | "
+            body.append(f"| {row['recipe']} | {row['topology']} | {row['dtype']} | | | "
                         f"error: {r['error']} | | | | |")
             continue
         mesh = " x ".join(f"{k} {v}" for k, v in r["mesh"].items() if v > 1)
@@ -138,10 +147,13 @@ def table(out: str) -> str:
             memory, fits = "compiler: out of memory", "**no**"
         if r.get("fit_per_device_batch"):
             fits += f", up to {r['fit_per_device_batch']} per device"
+        elif "total_bytes" in r:
+            fits += f", ~{_extrapolated_fit(r)} per device"
         est = (f"{r['estimated_step_s']:.3f} s ({100 * r['estimated_mfu']:.0f}% MFU)"
                if r.get("estimated_step_s") else "")
         coll = _collectives(r) if "collectives" in r else ""
-        body.append(f"| {row['recipe']} | {row['topology']} ({mesh}) | {row['dtype']} | {batch} "
+        body.append(f"| {row['recipe']} | {row['topology']} ({mesh}) | {row['dtype']} "
+                    f"| {r.get('remat', '')} | {batch} "
                     f"| {memory} | {fits} | {coll} | {est} | {r['compile_s']:.0f} s |")
     return head + "\n".join(body) + "\n"
 

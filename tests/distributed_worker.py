@@ -60,7 +60,7 @@ def build(config, mesh, method=None, *, num_groups=None):
 
     from mixmae_jax.train import experiment, optim, sharding
     from mixmae_jax.train import step as step_lib
-    from mixmae_jax.train.trainer import Task
+    from mixmae_jax.tasks.pretrain import PretrainTask as Task
 
     class KeepGradient(Task):
         def __init__(self, config):

@@ -44,7 +44,7 @@ def test_parity_passes_its_own_references_and_names_a_wrong_gradient(refs, tmp_p
     # the same backend: only XLA's own run-to-run (here none) differences
     assert row["loss_rel_err"] <= 1e-7 and row["worst_grad_rel_err"] <= 1e-6
     data = dict(np.load(refs))
-    key = "mae_vit_b.py:tiny|grads|['encoder']['blocks'][1]['mlp']['fc1']['kernel']"
+    key = "mae_vit_b.py:tiny|grads|encoder.blocks.1.mlp.fc1.kernel"
     data[key] = data[key] * (1 + 1e-3)  # a gradient 0.1% off
     bad = str(tmp_path / "bad.npz")
     np.savez(bad, **data)

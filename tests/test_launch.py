@@ -7,6 +7,7 @@ workers, the srun tasks), fakes of gcloud / srun / scontrol / mixmae-pretrain on
 locally, so the quoting that reaches the remote shell is checked too, not just the text.
 """
 
+import json
 import os
 import re
 import shlex
@@ -457,3 +458,40 @@ def test_gpu_check_help_and_dry_runs():
                                                                                "float32"]
     assert bench[bench.index("--configs") + 1] == "mae_vit_b.py" and "/o/bench.log" in text[6]
     assert bench[bench.index("--batches") + 1] == ".gpu_carry/batches.json"
+
+
+def test_aot_table_rows_and_the_extrapolated_batch(tmp_path):
+    """launch/aot_table.py: every recipe on its targets in both dtypes (L/H with a mesh.fsdp the
+    torus can hold), and the table's columns from the JSON records; the one-compile batch
+    estimate is (usable - fixed) / (temp per image)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("aot_table", LAUNCH / "aot_table.py")
+    aot_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(aot_table)
+    rows = list(aot_table.rows())
+    configs = {p.stem for p in (ROOT / "configs").glob("*.py")}
+    assert {r["recipe"] for r in rows} <= configs
+    assert len(rows) == 2 * sum(len(t) for t in aot_table.RECIPES.values())
+    for r in rows:
+        if r["recipe"].endswith(aot_table.LARGE):
+            fsdp = int(r["overrides"][1].split("=")[1])
+            # a v4 or v5p 4x4x4 torus: a mesh axis spans whole physical axes (4, 16 or 64)
+            assert not r["topology"].endswith("4x4x4") or fsdp in (4, 16, 64), r
+    gib = 1 << 30
+    ok = {"mesh": {"data": 4, "fsdp": 1}, "batch": 32, "per_device_batch": 8, "remat": "dots",
+          "total_bytes": 3 * gib, "temp_bytes": 2 * gib, "usable_memory_bytes": 16 * gib,
+          "fits": True, "compile_s": 12.0,
+          "collectives": {"all-reduce": {"count": 3, "bytes": 5e8},
+                          "all-to-all": {"count": 0, "bytes": 0}}}
+    row = {"recipe": "mae_vit_b", "topology": "v5e:2x2", "dtype": "bfloat16", "overrides": []}
+    out = tmp_path / "t.jsonl"
+    out.write_text(json.dumps({"row": row, "wall_s": 1, "result": ok}) + "\n" + json.dumps(
+        {"row": {**row, "dtype": "float32"}, "wall_s": 1, "result": {"error": "mesh.fsdp: x"}})
+        + "\n")
+    lines = aot_table.table(str(out)).splitlines()
+    assert len(lines) == 4
+    # (16 - 1) GiB of room over 2 GiB / 8 images: 60 per device
+    assert lines[2] == ("| mae_vit_b | v5e:2x2 (data 4) | bfloat16 | dots | 32 (8) | 3.0 / 16.0 "
+                        "GiB | yes, ~60 per device | AR 0.50 GB |  | 12 s |")
+    assert "error: mesh.fsdp: x" in lines[3]

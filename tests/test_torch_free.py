@@ -37,6 +37,7 @@ import sys
 import numpy as np
 from flax import nnx
 from mixmae_jax.config import load_config
+from mixmae_jax.interop import layout_for
 from mixmae_jax.tasks.layer_decay import lr_scales
 from mixmae_jax.methods import get_method
 from mixmae_jax.models import get_model_module

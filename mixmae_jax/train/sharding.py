@@ -71,7 +71,16 @@ def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> jax
     shape = mesh_shape(mesh_cfg, len(devices))
     # Auto axes: jit in/out shardings drive the partitioning; jax.make_mesh defaults to Explicit
     # ("sharding in types"), which this codebase does not use.
-    return jax.make_mesh(shape, MESH_AXES, (AxisType.Auto,) * 2, devices=devices)
+    try:
+        return jax.make_mesh(shape, MESH_AXES, (AxisType.Auto,) * 2, devices=devices)
+    except NotImplementedError as e:  # a TPU torus: each mesh axis must map onto whole axes
+        coords = [getattr(d, "coords", None) for d in devices]
+        torus = ("x".join(str(1 + max(c[i] for c in coords)) for i in range(len(coords[0])))
+                 if all(coords) else "physical")
+        raise ValueError(
+            f"mesh.data={shape[0]} x mesh.fsdp={shape[1]} cannot be laid out on the {torus} "
+            "mesh of these devices: each mesh axis must span whole physical axes (its size the "
+            "product of some of theirs); choose mesh.fsdp accordingly") from e
 
 
 def single_device_mesh() -> jax.sharding.Mesh:
