@@ -58,9 +58,9 @@ def build(config, mesh, method=None, *, num_groups=None):
     import jax
     import optax
 
+    from mixmae_jax.tasks.pretrain import PretrainTask as Task
     from mixmae_jax.train import experiment, optim, sharding
     from mixmae_jax.train import step as step_lib
-    from mixmae_jax.tasks.pretrain import PretrainTask as Task
 
     class KeepGradient(Task):
         def __init__(self, config):
