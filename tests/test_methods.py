@@ -19,6 +19,7 @@ compiled step is in test_aot.py.
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -308,7 +309,8 @@ def test_a_mask_file_in_the_official_convention_gives_back_the_plan(tiny_model):
 def test_a_mask_file_that_does_not_fit_is_refused_naming_it(tiny_model):
     """The wrong shape, values other than the convention's and the wrong kind of file (an .npz
     archive where one array is expected, or the other way round): a ValueError naming --mask
-    and the file, never another error."""
+    and the file, never another error, and saying what is wrong (the shape it got and the grid
+    it must be on, the values allowed, both kinds of file)."""
     method, path = tiny_model["method"], "masks/m.npz"
     good = official_mask(method, tiny_model["plan"])
     if isinstance(good, dict):
@@ -318,10 +320,14 @@ def test_a_mask_file_that_does_not_fit_is_refused_naming_it(tiny_model):
     else:
         wrong_shape, wrong_values, wrong_kind = np.zeros((3, 5, 7), np.int64), 2 * good, {
             "mask": good}
+    g = np.shape(good["mask"] if isinstance(good, dict) else good)[-1]
+    says = {"shape": [r"\(3, 5, 7\)", rf"{g}x{g}|\({g}, {g}\)"],  # what it got, the grid
+            "values": [r"0 or 1|exactly"], "kind": [r"\.npy", r"\.npz"]}
     for what, mask in (("shape", wrong_shape), ("values", wrong_values), ("kind", wrong_kind)):
         with pytest.raises(ValueError, match=f"^--mask {path}: ") as e:
             method.mask_from_file(mask, BATCH, path)
         print(f"{tiny_model['name']} wrong {what}: {e.value}")
+        assert all(re.search(r, str(e.value)) for r in says[what]), (what, str(e.value))
 
 
 # ---------------------------------------------------------------------------------------------
