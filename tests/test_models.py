@@ -171,6 +171,18 @@ def test_drop_path_is_per_sample_and_off_without_an_rng(tiny):
     assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3  # and which depends on the key
 
 
+@pytest.mark.parametrize("rate", [0.25, jnp.float32(0.25)])  # a block's rate, python or traced
+def test_drop_path_keeps_the_expected_value(rate):
+    """timm's drop_path: a sample is zeroed with probability `rate`, the others divided by
+    1 - rate (so the expectation is unchanged); 4096 samples: the dropped share within 6 sigma
+    (6 * sqrt(.25 * .75 / 4096) = 0.041) of the rate."""
+    x = jnp.ones((4096, 3, 2), jnp.float32)
+    y = np.asarray(jax.jit(L.drop_path)(x, rate, jax.random.PRNGKey(3)))
+    dropped = (y == 0).all(axis=(1, 2))
+    assert np.array_equal(y[~dropped], np.full_like(y[~dropped], np.float32(1 / 0.75)))
+    assert abs(dropped.mean() - 0.25) < 0.041
+
+
 def test_a_bf16_linear_keeps_its_kernel_gradient_in_float32():
     """In bf16 compute a Linear multiplies bf16 operands, but its kernel's gradient is the
     float32 sum of the bf16 products (what the official fp32 .grad holds, and what devices then
