@@ -29,12 +29,14 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-no-deps.t
 	touch $@
 
 # A real pretraining run on the embedded photo crops (CPU, a few minutes), then a
-# reconstruction picture and a PyTorch checkpoint converted from the final step.
+# reconstruction picture and a PyTorch checkpoint converted from the final step (--overwrite:
+# a second `make demo` resumes the finished run and writes both again).
 demo: setup
 	$(BIN)/mixmae-pretrain --config configs/demo.py --workdir $(DEMO_DIR)
-	$(BIN)/mixmae-visualize --workdir $(DEMO_DIR) --out $(DEMO_DIR)/reconstruction.png \
+	$(BIN)/mixmae-visualize --workdir $(DEMO_DIR) --out $(DEMO_DIR)/reconstruction.png --overwrite \
 	  --images $$($(PY) -c "import skimage, os; d = os.path.join(os.path.dirname(skimage.__file__), 'data'); print(' '.join(os.path.join(d, f) for f in ('astronaut.png', 'chelsea.png', 'coffee.png', 'rocket.jpg')))")
-	$(BIN)/mixmae-convert to-torch --workdir $(DEMO_DIR) --out $(DEMO_DIR)/mixmim_demo_pretrain.pth
+	$(BIN)/mixmae-convert to-torch --workdir $(DEMO_DIR) --out $(DEMO_DIR)/mixmim_demo_pretrain.pth \
+	  --overwrite
 	@echo
 	@echo "Demo outputs:"
 	@echo "  checkpoints (Orbax):      $(DEMO_DIR)/checkpoints/"

@@ -9,6 +9,15 @@ r"""Demo: a real pretraining run on the embedded photo crops, on CPU, in a few m
 The variant is the method (default mixmim). Each is its method's recipe (configs/<method>_*.py)
 shrunk for a 2-core CPU: 64 px images, a narrow model, batch 32, 600 steps (MixedAE: 1500), a
 short warmup.
+
+`finetune` fine-tunes a demo run of the method (the same model) on the labelled digits,
+upscaled to 64 px, with the method's fine-tuning recipe shrunk as configs/digits.py's (300 steps
+of batch 32, a few minutes):
+
+  mixmae-finetune --config configs/demo.py:finetune --workdir workdirs/demo_ft \
+      --init workdirs/demo
+  mixmae-finetune --config configs/demo.py:mae,finetune --workdir workdirs/demo_mae_ft \
+      --init workdirs/demo_mae
 Expect the reconstruction loss to fall clearly within the run (see README for measured figures).
 
   mixmim: Swin, 3 stages (16x16 -> 8x8 -> 4x4 tokens), mask on the 4x4 final grid (8 of 16
@@ -26,8 +35,8 @@ Expect the reconstruction loss to fall clearly within the run (see README for me
           metrics.jsonl.
 """
 
-from configs import common, mae_vit_b, mixedae_vit_b, mixmim_b, simmim_swin_b, ummae_swin_t
-from mixmae_jax.config import ConfigError
+from configs import common, digits, mae_vit_b, mixedae_vit_b, mixmim_b, simmim_swin_b, ummae_swin_t
+from mixmae_jax.config import ConfigError, parse_arg
 
 # method: (its recipe, the run's steps, warmup steps). MixedAE's steps are cheap (a quarter of
 # the tokens per image) and recognition is slow to rise: 1500 steps take about the time of the
@@ -43,9 +52,13 @@ RECIPES = {
 
 
 def get_config(arg=None):
-    method = arg or "mixmim"
-    if method not in RECIPES:
-        raise ConfigError(f"unknown variant {method!r} (known: {', '.join(RECIPES)})")
+    opts = parse_arg(arg, **dict.fromkeys(RECIPES, False), finetune=False)
+    methods = [m for m in RECIPES if opts[m]]
+    if len(methods) > 1:
+        raise ConfigError(f"one method per run (got {', '.join(methods)})")
+    method = methods[0] if methods else "mixmim"
+    if opts["finetune"]:
+        return _finetune(method)
     recipe, steps, warmup = RECIPES[method]
     c = common.shrink(recipe.get_config(), "demo")  # the model sizes: configs/common.py SIZES
     if method == "simmim":
@@ -62,4 +75,22 @@ def get_config(arg=None):
     common.schedule(c, steps=steps, warmup=warmup)
     c.log_every = 25
     c.checkpoint_every = 200
+    return c
+
+
+def _finetune(method):
+    """The method's fine-tuning recipe on the demo's model: digits.py's labels=all recipe (its
+    base lr, no RandAugment) in 300 steps of batch 32, evaluated on the test split at the end."""
+    c = common.shrink(digits.METHODS[method][1].get_config(), "demo")
+    c.data.update(source="digits", split="train", shuffle_buffer=2048)
+    c.num_classes = 10
+    c.augment.randaug = ""
+    c.batch_size = 32
+    c.evals.eval.update(split="test", batch_size=597 + 3, crop_pct=1.0, every_steps=-1,
+                        every_epochs=0.0)
+    common.schedule(c, steps=300, warmup=30)
+    c.optim.base_lr = 2e-2 * c.optim.lr_batch_divisor / 256  # as configs/digits.py
+    c.optim.update(warmup_lr=0.0, min_lr=1e-6)
+    c.log_every = 25
+    c.checkpoint_every = 100
     return c

@@ -14,7 +14,6 @@ one JSON object with every figure.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -60,13 +59,18 @@ def matmul_flops_per_sec(n: int = 2048, reps: int = 3) -> float:
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="mixmae-bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from mixmae_jax.console import ArgumentParser, HelpFormatter, positive
+
+    p = ArgumentParser(prog="mixmae-bench", description=__doc__.split("\n\n")[0],
+                       formatter_class=HelpFormatter)
     p.add_argument("--config", help="config file[:arg]")
-    p.add_argument("--batch", type=int, default=None, help="global batch (default: config's)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps after 2 warm-up steps")
+    p.add_argument("--batch", type=positive(int), default=None,
+                   help="global batch (default: config's)")
+    p.add_argument("--steps", type=positive(int), default=5,
+                   help="timed steps after 2 warm-up steps")
     p.add_argument("--input-only", action="store_true", help="time the input pipeline alone")
-    p.add_argument("--seconds", type=float, default=20.0, help="input-only: how long to read")
+    p.add_argument("--seconds", type=positive(float), default=20.0,
+                   help="input-only: how long to read")
     p.add_argument("--breakdown", action="store_true",
                    help="also time the forward loss and forward+backward alone")
     p.add_argument("--profile", default=None, help="write a jax.profiler trace of the timed "
@@ -79,6 +83,8 @@ def _parse(argv):
                    "that fits the target's memory")
     t.add_argument("--no-estimate", action="store_true", help="TPU: skip the second, unrolled "
                    "compile that gives XLA's step-time estimate")
+    p.add_argument("--debug", action="store_true", help="show library output and the "
+                   "traceback of errors on the terminal (else: one error line)")
     p.epilog = ("Config overrides as for mixmae-pretrain: --config.KEY=VALUE, e.g. "
                 "--config.compute_dtype=bfloat16 (repeatable).\n\n" + AOT_HELP)
     args, rest = p.parse_known_args(argv)
@@ -388,7 +394,13 @@ def _aot_report(r: dict) -> str:
 
 
 def main(argv=None) -> int:
+    from mixmae_jax import console
+
     args = _parse(argv)
+    return console.run("mixmae-bench", lambda: _main(args), debug=args.debug)
+
+
+def _main(args) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.list_topologies or args.topology:
         from mixmae_jax.train import aot
@@ -399,19 +411,15 @@ def main(argv=None) -> int:
         aot.activate()  # before JAX starts: the CUDA plugin registers itself then
     from mixmae_jax import config as config_lib
 
-    try:
-        config = config_lib.load_config(args.config, args.overrides)
-        if args.batch:
-            config.batch_size = args.batch
-        if args.topology:
-            result = _compile_for_target(config, args)
-        elif args.input_only:
-            result = _input_only(config, args)
-        else:
-            result = _train_step(config, args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}")
-        return 2
+    config = config_lib.load_config(args.config, args.overrides)
+    if args.batch:
+        config.batch_size = args.batch
+    if args.topology:
+        result = _compile_for_target(config, args)
+    elif args.input_only:
+        result = _input_only(config, args)
+    else:
+        result = _train_step(config, args)
     print(_aot_report(result) if args.topology else _table(result))
     print(json.dumps(result))
     return 0

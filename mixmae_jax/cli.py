@@ -1,18 +1,40 @@
 """Console entry points: mixmae-pretrain, mixmae-finetune, mixmae-convert, mixmae-visualize,
 mixmae-eval, mixmae-bench.
 
-Errors a user can fix (bad config, bad files, incompatible resume) print one `error: ...` line and
-exit with status 2 instead of a traceback.
+Each runs through `console.run`: errors a user can fix (bad config, bad files, incompatible
+resume, an output it must not write) print one `error: ...` line and exit with status 2, library
+output goes to a log, `--debug` shows everything with tracebacks. Outputs follow `outputs.py`.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+from mixmae_jax import console, outputs
+
+HELP = console.HelpFormatter
+
+
+def _exit(status: int) -> None:
+    if status:
+        sys.exit(status)
+
+
+def _expand_paths(args, *names) -> None:
+    """`~` in path flags (a shell leaves `--workdir=~/x` as it is)."""
+    for name in names:
+        value = getattr(args, name, None)
+        if isinstance(value, list):
+            setattr(args, name, [outputs.expand(v) for v in value])
+        elif value is not None:
+            setattr(args, name, outputs.expand(value))
+
+
+def _add_debug(p) -> None:
+    p.add_argument("--debug", action="store_true", help="show library output and the traceback "
+                   "of errors on the terminal (else: one error line; library output in a log)")
 
 
 def _use_hugepage_malloc() -> None:
@@ -30,11 +52,6 @@ def _use_hugepage_malloc() -> None:
     os.execv(sys.executable, [sys.executable, *sys.argv])
 
 
-def _fail(e: Exception) -> None:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-
-
 # ---------------------------------------------------------------------------------------------
 # mixmae-pretrain: `--config file.py[:arg]` and `--config.key=value` overrides
 # ---------------------------------------------------------------------------------------------
@@ -48,7 +65,10 @@ examples:
       --config.data.manual_dir=/path/to/imagenet --config.compute_dtype=bfloat16
 
 Any config field can be overridden with --config.KEY=VALUE (e.g. --config.batch_size=256).
-An existing run in --workdir is resumed."""
+The run's length: --config.total_steps=N (steps; wins over the recipe's epochs) or
+--config.epochs=E with --config.total_steps=-1.
+An existing run in --workdir is resumed. Ctrl-C finishes the step in flight, saves it and exits
+(status 130); a second Ctrl-C exits at once, unsaved. Library output: WORKDIR/log.txt."""
 
 
 FINETUNE_USAGE = """
@@ -63,21 +83,25 @@ examples:
 
 --init takes a pretraining workdir (its newest intact step) or an official PyTorch checkpoint
 (pretraining or fine-tuning layout); without it the classifier starts from random weights.
-An existing run in --workdir is resumed (--init is then ignored)."""
+A demo run fine-tunes with its own config's variant: configs/demo.py:finetune (or
+:mae,finetune ...) on the labelled digits.
+An existing run in --workdir is resumed (--init is then ignored). The run's length, Ctrl-C and
+the log: as mixmae-pretrain (--config.total_steps=N or --config.epochs=E)."""
 
 
 def _train_main(argv, *, finetune: bool):
     if argv is None:
         _use_hugepage_malloc()
     prog = "mixmae-finetune" if finetune else "mixmae-pretrain"
-    p = argparse.ArgumentParser(
-        prog=prog, usage=FINETUNE_USAGE if finetune else PRETRAIN_USAGE,
+    p = console.ArgumentParser(
+        prog=prog, usage=FINETUNE_USAGE if finetune else PRETRAIN_USAGE, formatter_class=HELP,
         description="Fine-tune a pretrained encoder with its method's official recipe, "
         "evaluating top-1/top-5 on the eval split." if finetune else "Pretrain a model with a "
         "masked-image-modelling method (the config names both).")
-    p.add_argument("--config", required=True, help="config file, e.g. configs/demo.py[:variant]")
-    p.add_argument("--workdir", required=True, help="checkpoints, metrics and config snapshot "
-                   "(local or gs://); an existing run there is resumed")
+    example = "configs/finetune_mixmim_b.py" if finetune else "configs/demo.py[:variant]"
+    p.add_argument("--config", required=True, help=f"config file, e.g. {example}")
+    p.add_argument("--workdir", required=True, help="checkpoints, metrics, config snapshot and "
+                   "log (local or gs://); an existing run there is resumed")
     if finetune:
         p.add_argument("--init", default=None, help="pretraining workdir or official .pth to "
                        "start from (sets config.init)")
@@ -89,12 +113,17 @@ def _train_main(argv, *, finetune: bool):
                    help="this process's index (with --coordinator_address)")
     p.add_argument("--jax_distributed", action="store_true", help="call "
                    "jax.distributed.initialize() without arguments (Cloud TPU pods)")
-    p.add_argument("--debug", action="store_true", help="show the traceback of errors")
+    _add_debug(p)
     args, rest = p.parse_known_args(argv)
     overrides = [a for a in rest if a.startswith("--config.")]
     unknown = [a for a in rest if not a.startswith("--config.")]
     if unknown:
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    _expand_paths(args, "config", "workdir", "init")
+    _exit(console.run(prog, functools.partial(_train, args, overrides, finetune), debug=args.debug))
+
+
+def _train(args, overrides, finetune: bool) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from absl import logging
 
@@ -106,21 +135,17 @@ def _train_main(argv, *, finetune: bool):
     from mixmae_jax import config as config_lib
     from mixmae_jax import tasks
 
-    try:
-        config = config_lib.load_config(args.config, overrides)
-        is_finetune = config.get("task", "pretrain") == "finetune"
-        if is_finetune != finetune:
-            raise config_lib.ConfigError(
-                f"--config {args.config}: a {'fine-tuning' if is_finetune else 'pretraining'} "
-                f"config; run it with {'mixmae-finetune' if is_finetune else 'mixmae-pretrain'}")
-        if finetune and args.init is not None:
-            config.init = args.init
-        # Flushed, so a piped log keeps its order against SIGTERM's message on stderr.
-        tasks.train(config, args.workdir, print_fn=functools.partial(print, flush=True))
-    except USER_ERRORS as e:
-        if args.debug:
-            raise
-        _fail(e)
+    config = config_lib.load_config(args.config, overrides)
+    is_finetune = config.get("task", "pretrain") == "finetune"
+    if is_finetune != finetune:
+        raise config_lib.ConfigError(
+            f"--config {args.config}: a {'fine-tuning' if is_finetune else 'pretraining'} "
+            f"config; run it with {'mixmae-finetune' if is_finetune else 'mixmae-pretrain'}")
+    if finetune and args.init is not None:
+        config.init = args.init
+    # Flushed, so a piped log keeps its order against the signal notices on stderr.
+    result = tasks.train(config, args.workdir, print_fn=functools.partial(print, flush=True))
+    return 130 if result["stopped_by"] == "Ctrl-C" else 0  # a shell script stops there too
 
 
 def pretrain_main(argv=None):
@@ -152,6 +177,8 @@ def _to_torch(args) -> None:
     if args.to != "official" and (safetensors or args.out.endswith(".pth")):
         raise ValueError(f"--out {args.out}: --to {args.to} writes a folder (config.json + "
                          "model.safetensors); give a folder name")
+    args.out = outputs.check_out(args.out, inputs=[args.workdir], overwrite=args.overwrite,
+                                 folder_out=args.to != "official")
     config, params, step = restore_params(args.workdir, args.step, best=args.best)
     num_classes = args.num_classes
     if config.get("task", "pretrain") == "finetune":  # a trained classifier: its own head
@@ -193,6 +220,7 @@ def _from_torch(args, overrides) -> None:
 
     config = config_lib.load_config(args.config, overrides)
     config_lib.validate(config)
+    outputs.check_writable(args.workdir, "--workdir")
     if os.path.isdir(os.path.join(args.workdir, ckpt_lib.CHECKPOINT_DIR)) and os.listdir(
             os.path.join(args.workdir, ckpt_lib.CHECKPOINT_DIR)):
         raise FileExistsError(f"--workdir {args.workdir} already holds checkpoints; "
@@ -230,11 +258,11 @@ def _from_torch(args, overrides) -> None:
 
 
 def convert_main(argv=None):
-    p = argparse.ArgumentParser(
+    p = console.ArgumentParser(
         prog="mixmae-convert", description="Convert checkpoints between mixmae-jax (Orbax) and "
         "PyTorch: each method's official layout (.pth or .safetensors), Hugging Face "
         "transformers and timm (folders of config.json + model.safetensors).",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""examples:
+        formatter_class=HELP, epilog="""examples:
   mixmae-convert to-torch --workdir DIR [--step N] --out model.pth --format pretrain|finetune
   mixmae-convert to-torch --workdir DIR --out model.safetensors     # same tensors + metadata
   mixmae-convert to-torch --workdir MAE_DIR --to transformers --out vit-mae/  # ViTMAEForPreTraining
@@ -246,14 +274,16 @@ def convert_main(argv=None):
 `mixmae-convert to-torch --help` and `from-torch --help` list each command's flags.""")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("to-torch", help="Orbax workdir -> {'model': state_dict} .pth, "
-                       ".safetensors, or a transformers / timm folder")
-    t.add_argument("--workdir", required=True)
-    t.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
+                       ".safetensors, or a transformers / timm folder", formatter_class=HELP)
+    t.add_argument("--workdir", required=True, help="the mixmae-jax run to export (read only)")
+    t.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     t.add_argument("--best", action="store_true", help="a fine-tuning run's best-top-1 params "
                    "(DIR/best) instead of its checkpoints")
     t.add_argument("--out", required=True, help="--to official: FILE.pth ({'model': "
                    "state_dict}) or FILE.safetensors (the same tensors, with the method, model, "
-                   "image size and run config as metadata); --to transformers|timm: a folder")
+                   "image size and run config as metadata); --to transformers|timm: a folder. "
+                   "Never one of the run's own files")
+    t.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     t.add_argument("--to", choices=("official", "transformers", "timm"), default="official",
                    help="official: the method's official PyTorch model; transformers: "
                    "ViTMAEForPreTraining / ViTModel (MAE, MixedAE, UM-MAE ViT), "
@@ -267,12 +297,14 @@ def convert_main(argv=None):
                    help="classes of the fresh head (a fine-tuning run keeps its own)")
     f = sub.add_parser("from-torch", help="official .pth / .safetensors, or a transformers / "
                        "timm folder -> a workdir mixmae-pretrain resumes",
-                       epilog="Config overrides as for mixmae-pretrain: --config.KEY=VALUE.")
+                       epilog="Config overrides as for mixmae-pretrain: --config.KEY=VALUE.",
+                       formatter_class=HELP)
     f.add_argument("--checkpoint", required=True, help="an official .pth, an official "
                    ".safetensors (read without --trust-pickle: it holds only tensors), or a "
                    "transformers / timm folder (config.json + model.safetensors)")
     f.add_argument("--config", required=True, help="config file[:arg] describing the model")
-    f.add_argument("--workdir", required=True)
+    f.add_argument("--workdir", required=True, help="a new workdir (no checkpoints yet) for the "
+                   "imported step 0")
     f.add_argument("--trust-pickle", action="store_true",
                    help="allow .pth / .bin files that pickle more than tensors (the released "
                    "official checkpoints pickle `args`); only for files from a trusted source. "
@@ -280,19 +312,18 @@ def convert_main(argv=None):
     f.add_argument("--allow-ape-mismatch", action="store_true",
                    help="accept a file whose fixed position table is not the sin-cos table "
                    "(e.g. a 384 finetune file with a resized table); mixmae-jax uses sin-cos")
+    for sp in (t, f):
+        _add_debug(sp)
     args, rest = p.parse_known_args(argv)
     overrides = [a for a in rest if a.startswith("--config.")]
     unknown = [a for a in rest if not a.startswith("--config.")]
     if unknown or (overrides and args.command != "from-torch"):
         p.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    try:
-        if args.command == "to-torch":
-            _to_torch(args)
-        else:
-            _from_torch(args, overrides)
-    except USER_ERRORS as e:
-        _fail(e)
+    _expand_paths(args, "workdir", "out", "checkpoint", "config")
+    body = (functools.partial(_to_torch, args) if args.command == "to-torch" else
+            functools.partial(_from_torch, args, overrides))
+    _exit(console.run(f"mixmae-convert {args.command}", body, debug=args.debug))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,22 +332,24 @@ def convert_main(argv=None):
 
 
 def visualize_main(argv=None):
-    p = argparse.ArgumentParser(prog="mixmae-visualize", description="Run a pretraining "
-                                "checkpoint on images and write its reconstructions as a grid "
-                                "PNG (one row per image, the method's panels as columns).")
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--step", type=int, default=None)
-    p.add_argument("--images", nargs="+", required=True)
-    p.add_argument("--out", required=True)
+    p = console.ArgumentParser(prog="mixmae-visualize", formatter_class=HELP, description=(
+        "Run a pretraining checkpoint on images and write its reconstructions as a grid picture "
+        "(one row per image, the method's panels as labelled columns, the loss in the title)."))
+    p.add_argument("--workdir", required=True, help="a mixmae-pretrain workdir (read only)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    p.add_argument("--images", nargs="+", required=True, help="image files, one row each "
+                   "(short side resized, centre-cropped to the model's size)")
+    p.add_argument("--out", required=True, help="the picture to write: .png or .jpg (never one "
+                   "of the inputs or a run's own files)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--mask", default=None, help="the mask in the official code's convention "
                    "of the run's method (.npy, or .npz for several arrays; see the README); "
                    "default: drawn from --seed")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="draws the mask when --mask is not given")
+    _add_debug(p)
     args = p.parse_args(argv)
-    try:
-        _visualize(args)
-    except USER_ERRORS as e:
-        _fail(e)
+    _expand_paths(args, "workdir", "images", "out", "mask")
+    _exit(console.run("mixmae-visualize", functools.partial(_visualize, args), debug=args.debug))
 
 
 def _visualize(args) -> None:
@@ -327,12 +360,17 @@ def _visualize(args) -> None:
     from mixmae_jax.tasks import restore_params
     from mixmae_jax.train import step as step_lib
 
+    args.out = outputs.check_out(args.out, inputs=[*args.images, args.mask],
+                                 overwrite=args.overwrite)
+    outputs.image_format(args.out)
     config, params, step = restore_params(args.workdir, args.step, pretraining_only=True)
     method = get_method(config)
+    visualize.check_count(config, len(args.images))
     graphdef, _ = step_lib.graphdef_and_abstract_params(method)
     images = visualize.load_images(args.images, config.model.img_size)
     if args.mask:
-        plan = method.mask_from_file(visualize.load_mask(args.mask), len(images), args.mask)
+        mask = visualize.load_mask(args.mask, method.mask_arrays, method.mask_help)
+        plan = method.mask_from_file(mask, len(images), args.mask)
     else:  # one device group: the whole batch, as on one GPU
         plan = method.make_plan(jax.random.PRNGKey(args.seed), len(images), 1)
     names = []
@@ -344,9 +382,10 @@ def _visualize(args) -> None:
 
     loss, aux, columns = jax.jit(panels)(params, imaging.normalize(images), plan)
     columns = dict(zip(names, columns, strict=True))
-    visualize.save_grid({k: imaging.denormalize(v) for k, v in columns.items()}, args.out)
-    print(f"Wrote {args.out}: {len(images)} rows ({' | '.join(columns)}), {method.name}, "
-          f"step {step}")
+    visualize.save_grid({k: imaging.denormalize(v) for k, v in columns.items()}, args.out,
+                        title=f"{method.name}, step {step}, loss {float(loss):.4f}")
+    rows = f"{len(images)} row{'' if len(images) == 1 else 's'}"
+    print(f"Wrote {args.out}: {rows} ({' | '.join(columns)}), {method.name}, step {step}")
     if aux:
         print("  ".join(f"{k}: {float(v):.6f}" for k, v in aux.items()))
     print(f"loss: {float(loss):.6f}")
@@ -366,37 +405,45 @@ def _add_feature_args(p) -> None:
     p.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's)")
     p.add_argument("--train-split", default="train", help="the labelled training features")
     p.add_argument("--test-split", default="test", help="the features evaluated")
-    p.add_argument("--batch", type=int, default=128, help="images per feature batch")
-    p.add_argument("--crop-pct", type=float, default=0.875,
+    p.add_argument("--batch", type=console.positive(int), default=128,
+                   help="images per feature batch")
+    p.add_argument("--crop-pct", type=console.positive(float), default=0.875,
                    help="resize the short side to size / crop_pct, then centre-crop")
 
 
 def eval_main(argv=None):
-    p = argparse.ArgumentParser(
+    p = console.ArgumentParser(
         prog="mixmae-eval", description="Evaluate the frozen encoder of a pretraining workdir "
-        "on a labelled dataset.", epilog="mixmae-eval knn --workdir DIR [--data digits] "
-        "[--k 20] [--temperature 0.07];  mixmae-eval linprobe --workdir DIR [--epochs 90] "
-        "[--base-lr 0.1]")
+        "on a labelled dataset.", formatter_class=HELP,
+        epilog="mixmae-eval knn --workdir DIR [--data digits] [--k 20] [--temperature 0.07];  "
+        "mixmae-eval linprobe --workdir DIR [--epochs 90] [--base-lr LR]")
     sub = p.add_subparsers(dest="command", required=True)
-    k = sub.add_parser("knn", help="weighted k-NN accuracy of the frozen features (cosine)")
+    k = sub.add_parser("knn", help="weighted k-NN accuracy of the frozen features (cosine)",
+                       formatter_class=HELP)
     _add_feature_args(k)
-    k.add_argument("--k", type=int, default=20, help="neighbours that vote")
-    k.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(sim / T)")
+    k.add_argument("--k", type=console.positive(int), default=20, help="neighbours that vote")
+    k.add_argument("--temperature", type=console.positive(float), default=0.07,
+                   help="vote weight exp(sim / T)")
     lp = sub.add_parser("linprobe", help="linear probe of the frozen features (MAE's BatchNorm "
-                        "+ linear head, LARS, warmup + cosine)")
+                        "+ linear head, LARS, warmup + cosine)", formatter_class=HELP)
     _add_feature_args(lp)
-    lp.add_argument("--epochs", type=int, default=90)
-    lp.add_argument("--warmup-epochs", type=int, default=10)
-    lp.add_argument("--probe-batch", type=int, default=256, help="probe training batch")
-    lp.add_argument("--base-lr", type=float, default=0.1,
-                    help="lr = base_lr x batch / 256 (official 0.1 at batch 16384; raise it for "
-                    "small datasets)")
-    lp.add_argument("--seed", type=int, default=0)
+    lp.add_argument("--epochs", type=console.positive(int), default=90,
+                    help="probe training epochs")
+    lp.add_argument("--warmup-epochs", type=console.at_least_zero, default=10,
+                    help="linear warmup epochs")
+    lp.add_argument("--probe-batch", type=console.positive(int), default=256,
+                    help="probe training batch")
+    lp.add_argument("--base-lr", type=console.positive(float), default=None,
+                    help="lr = base_lr x batch / 256; default: the official 0.1 scaled by "
+                    "1,281,167 (ImageNet-1k) / the training images, the same lr x steps as the "
+                    "official probe (107 for the 1,200 digits)")
+    lp.add_argument("--seed", type=int, default=0, help="the probe's init and batch order")
+    for sp in (k, lp):
+        _add_debug(sp)
     args = p.parse_args(argv)
-    try:
-        _eval(args)
-    except USER_ERRORS as e:
-        _fail(e)
+    _expand_paths(args, "workdir", "data_dir")
+    _exit(console.run(f"mixmae-eval {args.command}", functools.partial(_eval, args),
+                      debug=args.debug))
 
 
 def _eval(args) -> None:
@@ -428,12 +475,13 @@ def _eval(args) -> None:
                                num_classes=num_classes)
         settings = {"k": args.k, "temperature": args.temperature}
     else:
-        from mixmae_jax.eval.linear_probe import linear_probe
+        from mixmae_jax.eval.linear_probe import default_base_lr, linear_probe
 
+        base_lr = args.base_lr if args.base_lr is not None else default_base_lr(len(xl))
         acc = linear_probe(xf, xl, qf, ql, num_classes=num_classes, epochs=args.epochs,
                            warmup_epochs=args.warmup_epochs, batch_size=args.probe_batch,
-                           base_lr=args.base_lr, seed=args.seed)
-        settings = {"epochs": args.epochs, "base_lr": args.base_lr}
+                           base_lr=base_lr, seed=args.seed)
+        settings = {"epochs": args.epochs, "base_lr": round(base_lr, 6)}
     print(f"{args.command} ({where}, {settings}): top-1 {acc['top1']:.4f}  top-5 "
           f"{acc['top5']:.4f}  ({len(ql)} test, {len(xl)} train, features {xf.shape[1]})")
     print(json.dumps({"eval": args.command, "method": method.name, "step": step,

@@ -135,7 +135,21 @@ def load_config(spec: str, overrides=()) -> ml_collections.ConfigDict:
             _check_override_keys(spec, overrides)
         raise ConfigError(f"--config: {e}") from e
     config.unlock()
+    _expand_user(config)
     return config
+
+
+# Keys holding local paths, at any depth (data.folder, evals.knn.data_dir, init, ...).
+PATH_KEYS = ("data_dir", "manual_dir", "folder", "init", "compilation_cache_dir")
+
+
+def _expand_user(config) -> None:
+    """`~` in path keys, as a shell would (it does not in `--config.data.folder=~/x`)."""
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            _expand_user(value)
+        elif key in PATH_KEYS and isinstance(value, str) and value.startswith("~"):
+            config[key] = os.path.expanduser(value)
 
 
 def _check_override_keys(spec: str, overrides) -> None:
@@ -212,8 +226,9 @@ def validate(config, *, num_devices: int = 1, process_count: int = 1,
            f"optim.grad_accum_steps {accum})")
     _check(config.compute_dtype in ("float32", "bfloat16"), "compute_dtype",
            f"{config.compute_dtype!r} (float32 or bfloat16)")
-    _check(config.epochs > 0 or config.total_steps > 0, "epochs",
-           "set epochs > 0 or total_steps > 0")
+    _check(config.epochs > 0 or config.total_steps > 0, "total_steps",
+           f"{config.total_steps} with epochs {config.epochs}: the run's length is total_steps "
+           "(> 0, in steps) or, with total_steps -1, epochs (> 0)")
     _check(config.optim.warmup_steps >= -1, "optim.warmup_steps",
            f"{config.optim.warmup_steps}: -1 (the warmup is optim.warmup_epochs) or >= 0")
     _check(config.log_every > 0 and config.checkpoint_every > 0, "log_every",

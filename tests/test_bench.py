@@ -38,7 +38,7 @@ def test_bench_reports_mfu_and_flops(capsys, config, flops_range):
 def test_bench_takes_and_names_config_overrides(capsys):
     demo = os.path.join(CONFIGS, "demo.py")
     assert bench.main(["--config", demo, "--config.no_such_key=1"]) == 2
-    assert "no_such_key" in capsys.readouterr().out
+    assert "no_such_key" in capsys.readouterr().err
 
 
 def test_compilation_cache_makes_a_repeated_run_compile_nothing(tmp_path):

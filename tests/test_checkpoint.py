@@ -3,6 +3,7 @@ changes between save and restore."""
 
 import json
 import os
+import re
 import shutil
 import signal
 
@@ -217,6 +218,8 @@ def test_config_snapshot_refuses_incompatible_changes(tmp_path):
     assert "optim.base_lr: 0.00015 -> 0.0003" in msg
     assert "model.depths: [2, 2, 18, 2] -> [2, 2, 6, 2]" in msg
     assert "log_every" not in msg and "2 key(s)" in msg
+    # One line, and no advice that fails (deleting config.json leads to Orbax's shape error).
+    assert "\n" not in msg and "delete" not in msg and "resume with the snapshot's values" in msg
     assert json.loads((tmp_path / "config.json").read_text()) == stored  # left untouched
 
     ok = _config()
@@ -290,6 +293,125 @@ def test_sigterm_requests_a_save_and_stop(tmp_path):
     finally:
         handler.uninstall()
     assert signal.getsignal(signal.SIGTERM) is not handler._on_signal
+
+
+def test_ctrl_c_requests_a_save_and_stop_as_sigterm_does(tmp_path):
+    """SIGINT sets the flag (no KeyboardInterrupt in the step in flight) and names itself."""
+    said = []
+    handler = checkpoint.install_preemption_handler(said.append)
+    try:
+        assert not handler.should_stop(0)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert handler.requested and handler.should_stop(1) and handler.stopped_by == "Ctrl-C"
+    finally:
+        handler.uninstall()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert said == ["Ctrl-C: the step in flight finishes and is saved, then the run exits "
+                    "(Ctrl-C again: exit at once, unsaved)"]
+
+
+_TWO_CTRL_C = """
+import sys, time
+from mixmae_jax.train import checkpoint
+handler = checkpoint.install_preemption_handler(lambda s: print(s, file=sys.stderr, flush=True))
+print("ready", flush=True)
+time.sleep(120)  # a long step: the main thread never returns to the loop in time
+print("the step ended", flush=True)
+"""
+
+
+def test_a_second_ctrl_c_exits_at_once(tmp_path):
+    """The first Ctrl-C lets the step in flight go on; the second ends the process at once
+    (status 130), saying so, though the main thread is still inside its step."""
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", _TWO_CTRL_C], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1.0)
+        assert proc.poll() is None, proc.stderr.read()  # the step in flight goes on
+        start = time.time()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        took = time.time() - start
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and took < 10, (proc.returncode, took, err)
+    assert "the step ended" not in out
+    assert err.strip().splitlines()[-1].startswith("Ctrl-C again: exiting at once"), err
+
+
+_TWO_PROCESSES = """
+import os, sys, time
+pid, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+import jax
+jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
+from mixmae_jax.train import checkpoint
+handler = checkpoint.install_preemption_handler(lambda s: None)
+open(os.path.join(out, f"ready{pid}"), "w").close()
+step = 0
+while not handler.should_stop(step):
+    step += 1
+    time.sleep(0.05)
+handler.uninstall()
+print(step, handler.stopped_by)
+"""
+
+
+def test_ctrl_c_on_one_of_two_processes_stops_both_at_one_step(tmp_path):
+    """With several processes a Ctrl-C goes through JAX's preemption service (as a SIGTERM of
+    the process that got it): every process stops at the same step."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = str(s.getsockname()[1])
+    procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESSES, str(i), port,
+                               str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not all(
+                os.path.exists(tmp_path / f"ready{i}") for i in range(2)):
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            time.sleep(0.2)
+        time.sleep(0.5)
+        procs[1].send_signal(signal.SIGINT)
+        outs = [p.communicate(timeout=60) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs
+    (step0, by0), (step1, by1) = (out.split() for out, _ in outs)
+    assert step0 == step1 and int(step0) > 0 and (by0, by1) == ("SIGTERM", "Ctrl-C"), outs
+
+
+def test_an_unreadable_step_is_named_in_plain_words(tmp_path):
+    """A truncated file: the message names it and its size, not TensorStore's spec or reprs."""
+    state = _state()
+    ckpt = checkpoint.Checkpointer(tmp_path, save_every=1, keep=1, config=_config())
+    ckpt.save(7, state, force=True)
+    ckpt.close()
+    data = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "checkpoints" / "7")
+            for f in fs if os.path.basename(d) == "d"]
+    assert data
+    for path in data:
+        os.truncate(path, 10)
+    ckpt = checkpoint.Checkpointer(tmp_path, save_every=1, keep=1, read_only=True)
+    with pytest.raises(checkpoint.CheckpointReadError) as err:
+        ckpt.restore_newest_intact(_abstract(state))
+    ckpt.close()
+    msg = str(err.value)
+    assert re.search(r"newest: \S+/checkpoints/7/\S+/d/\w+ is truncated: 10 of its \d+ bytes",
+                     msg), msg
+    assert "tensorstore_spec" not in msg and "<" not in msg and len(msg) < 400, msg
 
 
 # Orbax #3406: CheckpointManager.save asks JAX's preemption service for a sync point and raised

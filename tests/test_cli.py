@@ -198,7 +198,9 @@ def test_visualize_names_a_mask_file_that_is_no_array(imported, setup, tmp_path,
                             str(tmp_path / "x.png"), "--mask", str(notes)])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and re.match(r"error: --mask .*notes\.npy: not a numpy", err)
+    assert len(err.splitlines()) == 1 and re.match(r"error: --mask .*notes\.npy: not a numpy", err,
+                                                   re.IGNORECASE)
+    assert "allow_pickle" not in err  # numpy's advice, about another problem
 
 
 def test_pretrain_resumes_from_an_imported_checkpoint(setup, imported):
@@ -283,3 +285,341 @@ def test_every_tool_has_help(capsys, main, argv, flags):
     out = capsys.readouterr().out
     for flag in flags:
         assert flag in out, flag
+
+
+@pytest.mark.parametrize("main, argv, named", [
+    ("pretrain_main", ["--config", "c.py"], "the following arguments are required: --workdir"),
+    ("pretrain_main", ["--config", "c.py", "--workdir", "w", "--stpes", "3"], "--stpes"),
+    ("finetune_main", ["--config", "c.py", "--workdir", "w", "--int", "x"], "--int"),
+    ("convert_main", ["to-torch", "--workdir", "w"], "required: --out"),
+    ("convert_main", ["to-torch", "--workdir", "w", "--out", "o", "--format", "x"],
+     "argument --format: invalid choice: 'x'"),
+    ("convert_main", ["to-pytorch"], "invalid choice: 'to-pytorch'"),
+    ("visualize_main", ["--workdir", "w", "--out", "o.png"], "required: --images"),
+    ("eval_main", ["knn", "--workdir", "w", "--k", "ten"],
+     "argument --k: invalid positive int value"),
+    ("eval_main", [], "required: command"),
+    ("bench_main", ["--steps", "x"], "argument --steps: invalid positive int value"),
+    # Numbers that would divide by zero or train nothing (they ran, or failed late, before).
+    ("eval_main", ["knn", "--workdir", "w", "--batch", "0"], "argument --batch: 0: must be > 0"),
+    ("eval_main", ["knn", "--workdir", "w", "--k", "0"], "argument --k: 0: must be > 0"),
+    ("eval_main", ["knn", "--workdir", "w", "--temperature", "0"],
+     "argument --temperature: 0: must be > 0"),
+    ("eval_main", ["linprobe", "--workdir", "w", "--epochs", "0"], "argument --epochs: 0: must"),
+    ("eval_main", ["linprobe", "--workdir", "w", "--warmup-epochs", "-1"], "-1: must be >= 0"),
+    ("bench_main", ["--batch", "0"], "argument --batch: 0: must be > 0"),
+])
+def test_a_bad_command_line_is_one_error_line(capsys, main, argv, named):
+    """argparse's refusals as every other refusal: one `error:` line naming the flag and where
+    the flags are listed (not the usage block first), exit 2."""
+    with pytest.raises(SystemExit) as e:
+        getattr(cli, main)(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("error: ") and named in err and "--help` lists the flags" in err, err
+
+
+# ---------------------------------------------------------------------------------------------
+# What a new user runs into (issue 23): outputs, unwritable places, masks, help, the picture
+# ---------------------------------------------------------------------------------------------
+
+
+def _refused(main, argv, capsys) -> str:
+    """The one `error:` line of a refused command (exit status 2)."""
+    with pytest.raises(SystemExit) as e:
+        getattr(cli, main)([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+def _digest(path) -> bytes:
+    import hashlib
+
+    return hashlib.sha256(open(path, "rb").read()).digest()
+
+
+def _images(setup, n=2):
+    return sorted(str(p) for p in setup["folder"].iterdir())[:n]
+
+
+def test_out_never_replaces_a_run_file_or_an_input(setup, imported, capsys):
+    config_json = os.path.join(imported, "config.json")
+    before = _digest(config_json)
+    err = _refused("convert_main", ["to-torch", "--workdir", imported, "--out", config_json],
+                   capsys)
+    assert re.match(r"error: --out .*config\.json: config\.json belongs to the run in ", err), err
+    image = _images(setup)[0]
+    kept = _digest(image)
+    err = _refused("visualize_main", ["--workdir", imported, "--images", *_images(setup),
+                                      "--out", image], capsys)
+    assert "is one of the tool's inputs" in err, err
+    err = _refused("visualize_main", ["--workdir", imported, "--images", *_images(setup),
+                                      "--out", os.path.join(imported, "checkpoints", "x.png")],
+                   capsys)
+    assert "checkpoints belongs to the run" in err, err
+    assert _digest(config_json) == before and _digest(image) == kept
+
+
+def test_an_existing_out_is_replaced_only_with_overwrite(imported, tmp_path, capsys):
+    out = tmp_path / "model.pth"
+    out.write_bytes(b"an earlier export")
+    err = _refused("convert_main", ["to-torch", "--workdir", imported, "--out", out], capsys)
+    assert err.endswith("exists; pass --overwrite to replace it"), err
+    assert out.read_bytes() == b"an earlier export"
+    _convert("to-torch", "--workdir", imported, "--out", out, "--overwrite")
+    assert len(torch.load(out, weights_only=True)["model"]) > 10
+
+
+def test_a_corrupt_config_snapshot_is_named(setup, imported, tmp_path, capsys):
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(imported, workdir)
+    (workdir / "config.json").write_bytes(b"PK\x03\x04\x80\x81 a torch zip, say")
+    expected = (r"error: .*run/config\.json: the run's config snapshot cannot be read \(not "
+                r"text")
+    err = _refused("visualize_main", ["--workdir", workdir, "--images", *_images(setup),
+                                      "--out", tmp_path / "v.png"], capsys)
+    assert re.match(expected, err), err
+    err = _refused("pretrain_main", ["--config", setup["config"], "--workdir", workdir], capsys)
+    assert re.match(expected, err), err
+
+
+def test_visualize_writes_the_format_its_name_says(setup, imported, tmp_path, capsys):
+    out = tmp_path / "grid.jpg"
+    cli.visualize_main(["--workdir", imported, "--images", *_images(setup), "--out", str(out)])
+    assert out.read_bytes()[:3] == b"\xff\xd8\xff"  # JPEG, not PNG bytes under a .jpg name
+    assert Image.open(out).format == "JPEG"
+    err = _refused("visualize_main", ["--workdir", imported, "--images", *_images(setup),
+                                      "--out", tmp_path / "grid.foo"], capsys)
+    assert re.match(r"error: --out .*grid\.foo: unknown image type '\.foo'", err), err
+
+
+def test_unwritable_places_are_one_line(setup, imported, tmp_path, capsys):
+    """A path through a file: one line naming the flag, the path and the cause; nothing made."""
+    afile = tmp_path / "afile"
+    afile.write_text("a file, not a folder\n")
+    cases = [
+        ("pretrain_main", ["--config", setup["config"], "--workdir", afile / "w"], "--workdir"),
+        ("visualize_main", ["--workdir", imported, "--images", *_images(setup), "--out",
+                            afile / "x.png"], "--out"),
+        ("convert_main", ["to-torch", "--workdir", imported, "--out", afile / "x.pth"], "--out"),
+        ("convert_main", ["from-torch", "--checkpoint", setup["official"], "--config",
+                          setup["config"], "--workdir", afile / "w", "--trust-pickle"],
+         "--workdir"),
+    ]
+    for main, argv, flag in cases:
+        err = _refused(main, argv, capsys)
+        assert re.match(rf"error: {flag} .*afile/\S+: ", err) and "afile" in err, err
+        assert "not a directory" in err, err
+    assert afile.read_text() == "a file, not a folder\n"
+    assert sorted(os.listdir(tmp_path)) == ["afile"]
+
+
+_READ_ONLY = """
+import os, sys
+from mixmae_jax import cli
+shared, config, official, images = sys.argv[1:5]
+cases = [
+    ("pretrain_main", ["--config", config, "--workdir", os.path.join(shared, "run")]),
+    ("pretrain_main", ["--config", config, "--workdir", os.path.join(shared, "new", "w")]),
+    ("visualize_main", ["--workdir", os.path.join(shared, "run"), "--images", images,
+                        "--out", os.path.join(shared, "x.png")]),
+    ("convert_main", ["to-torch", "--workdir", os.path.join(shared, "run"),
+                      "--out", os.path.join(shared, "x.pth")]),
+    ("convert_main", ["from-torch", "--checkpoint", official, "--config", config,
+                      "--workdir", os.path.join(shared, "new"), "--trust-pickle"]),
+]
+for main, argv in cases:
+    try:
+        getattr(cli, main)(argv)
+        print("status 0")
+    except SystemExit as e:
+        print("status", e.code)
+"""
+
+
+def _listing(folder) -> dict[str, int]:
+    """Every file under `folder` with its size."""
+    return {os.path.join(d, f): os.path.getsize(os.path.join(d, f))
+            for d, _, files in os.walk(folder) for f in files}
+
+
+def test_read_only_places_are_one_line(setup, imported, tmp_path):
+    """A read-only workdir (a resume), a new workdir, --out and from-torch's --workdir in a
+    read-only folder: one line each naming the place and the cause, exit 2, before any
+    compile. Root writes anywhere, so as root the folder is a read-only mount (a private mount
+    namespace); otherwise its permissions are taken away."""
+    import shutil
+    import subprocess
+    import sys
+
+    shared = str(tmp_path / "shared")
+    shutil.copytree(imported, os.path.join(shared, "run"))
+    os.makedirs(os.path.join(shared, "new"))
+    for name in ("config", "official"):
+        shutil.copy(setup[name], shared)
+    image = shutil.copy(_images(setup)[0], shared)
+    config = os.path.join(shared, os.path.basename(setup["config"]))
+    official = os.path.join(shared, os.path.basename(setup["official"]))
+    argv = [sys.executable, "-c", _READ_ONLY, shared, config, official, image]
+    before = _listing(shared)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(os.path.dirname(cli.__file__)), os.path.dirname(__file__)]))
+    if os.geteuid() == 0:
+        mount = (f"mount --bind {shared} {shared} && mount -o remount,ro,bind {shared} "
+                 f"{shared} && exec \"$@\"")
+        if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode:
+            pytest.skip("root without a private mount namespace: no read-only place to try")
+        proc = subprocess.run(["unshare", "-m", "sh", "-c", mount, "sh", *argv],
+                              capture_output=True, text=True, env=env)
+    else:
+        for d, _, _ in os.walk(shared):
+            os.chmod(d, 0o555)
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, env=env)
+        finally:
+            for d, _, _ in os.walk(shared):
+                os.chmod(d, 0o755)
+    assert proc.stdout.split("\n")[:-1] == ["status 2"] * 5, (proc.stdout, proc.stderr[-3000:])
+    errors = proc.stderr.strip().splitlines()
+    assert len(errors) == 5, proc.stderr[-3000:]
+    for line, flag in zip(errors, ["--workdir", "--workdir", "--out", "--out", "--workdir"],
+                          strict=True):
+        assert re.match(rf"error: {flag} \S+: cannot write in \S+ \((Permission denied|"
+                        r"Read-only file system)\)$", line), line
+    assert _listing(shared) == before  # nothing written, not even a log
+
+
+def test_an_unreachable_bucket_is_one_line(setup, capsys):
+    err = _refused("pretrain_main", ["--config", setup["config"], "--workdir",
+                                     "gs://mixmae-no-such-bucket-4e1f/run"], capsys)
+    assert re.match(r"error: --workdir gs://mixmae-no-such-bucket-4e1f/run: cannot write to "
+                    r"bucket mixmae-no-such-bucket-4e1f \(.+\)$", err), err
+
+
+def test_visualize_takes_a_mask_in_an_npz_and_names_what_it_cannot_use(setup, imported,
+                                                                     tmp_path, capsys):
+    mask = np.zeros((4, 4), np.int64)
+    mask.flat[[0, 3, 5, 6, 9, 10, 12, 15]] = 1
+    np.save(tmp_path / "m.npy", mask)
+    np.savez(tmp_path / "m.npz", mask=mask)
+    np.savez(tmp_path / "two.npz", mask=mask, vis_mask=mask)
+    losses = []
+    for name in ("m.npy", "m.npz"):
+        cli.visualize_main(["--workdir", imported, "--images", *_images(setup, 4), "--out",
+                            str(tmp_path / f"{name}.png"), "--mask", str(tmp_path / name)])
+        losses += [line for line in capsys.readouterr().out.splitlines()
+                   if line.startswith("loss: ")]
+    assert len(losses) == 2 and losses[0] == losses[1]
+    err = _refused("visualize_main", ["--workdir", imported, "--images", *_images(setup, 4),
+                                      "--out", tmp_path / "x.png", "--mask",
+                                      tmp_path / "two.npz"], capsys)
+    assert re.match(r"error: --mask .*two\.npz: an \.npz of 2 arrays \(mask, vis_mask\); the "
+                    r"run's method takes one array \(MixMIM: \.npy \(h, w\) 0/1", err), err
+
+
+def test_visualize_refuses_an_image_count_its_method_cannot_batch(setup, tmp_path, capsys):
+    """MixedAE mixes groups of method.num_sources images: one more is refused by name, before
+    anything runs."""
+    from recipes import load
+
+    from mixmae_jax.train import checkpoint as ckpt_lib
+
+    config = load("mixedae_vit_b.py", "tiny")
+    exp = tasks.build_experiment(config, steps_per_epoch=1)
+    ckpt = ckpt_lib.Checkpointer(tmp_path / "run", save_every=0, keep=0, config=config)
+    ckpt.save(0, exp.init_state(), force=True)
+    ckpt.close()
+    n = config.method.num_sources + 1
+    err = _refused("visualize_main", ["--workdir", tmp_path / "run", "--images",
+                                      *_images(setup, n), "--out", tmp_path / "x.png"], capsys)
+    assert re.match(rf"error: --images: {n} given, which this run cannot take as one batch "
+                    rf"\(.*multiple of method\.num_sources={n - 1}", err), err
+    assert not os.path.exists(tmp_path / "x.png")
+
+
+def test_the_picture_names_its_columns_and_the_loss(setup, imported, tmp_path):
+    """The grid's header holds text above every column (the panel names) and a title line; the
+    images start below it."""
+    out = tmp_path / "grid.png"
+    cli.visualize_main(["--workdir", imported, "--images", *_images(setup, 2), "--out",
+                        str(out)])
+    grid = np.asarray(Image.open(out).convert("L"))
+    size, pad, columns = 128, 2, 4  # 32 px images enlarged to 128; MixMIM's four panels
+    header = grid.shape[0] - 2 * (size + pad)
+    assert header >= 20, grid.shape  # two lines of text above the rows
+    for j in range(columns):
+        x = pad + j * (size + pad)
+        band = grid[:header, x:x + size]
+        assert (band < 128).sum() > 20, j  # dark text over column j
+    assert (grid[:header // 2, :] < 128).sum() > 20  # the title line
+
+
+def _parsers(monkeypatch):
+    """Every tool's and subcommand's argparse parser, as the tools build them."""
+    found = []
+
+    def capture(self, args=None, namespace=None):
+        found.append(self)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", capture)
+    from mixmae_jax import bench
+
+    for main in (cli.pretrain_main, cli.finetune_main, cli.convert_main, cli.visualize_main,
+                 cli.eval_main, bench.main):
+        with pytest.raises(SystemExit):
+            main([])
+    out = []
+    for p in found:
+        subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        out += [p] if not subs else list(subs[0].choices.values())
+    return out
+
+
+def test_every_flag_has_help_its_default_and_debug(monkeypatch):
+    parsers = _parsers(monkeypatch)
+    assert len(parsers) == 8  # pretrain, finetune, to-torch, from-torch, visualize, knn,
+    # linprobe, bench
+    for p in parsers:
+        flags = {a.option_strings[0]: a for a in p._actions if a.option_strings}
+        assert "--debug" in flags, p.prog
+        for flag, action in flags.items():
+            assert action.help, (p.prog, flag)
+        text = p.format_help()
+        for flag, action in flags.items():
+            shown = action.default not in (None, False, argparse.SUPPRESS)
+            if shown and "%(default)" not in (action.help or ""):
+                assert f"(default: {action.default})" in " ".join(text.split()), (p.prog, flag)
+
+
+def test_help_names_the_run_length_and_fine_tuning_examples(capsys):
+    with pytest.raises(SystemExit):
+        cli.pretrain_main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--config.total_steps=N" in text and "--config.epochs=E" in text
+    with pytest.raises(SystemExit):
+        cli.finetune_main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "e.g. configs/finetune_mixmim_b.py" in text and "configs/demo.py:finetune" in text
+    assert "e.g. configs/demo.py[:variant]" not in text
+
+
+def test_a_long_list_of_problems_is_one_short_line(capsys):
+    """An error listing its problems one a line (a conversion into the wrong config lists every
+    missing tensor) prints its first four and how many more, on one line."""
+    from mixmae_jax import console
+
+    def body():
+        raise ValueError("state_dict_to_params: 10 problem(s):\n" + "\n".join(
+            f"  blocks.{i}.attn.qkv.weight: missing from the state_dict" for i in range(10)))
+
+    assert console.run("mixmae-convert from-torch", body) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: state_dict_to_params: 10 problem(s): blocks.0.attn.qkv.weight")
+    assert "blocks.3." in err and "blocks.4." not in err, err
+    assert err.endswith("... and 6 more (--debug lists them)"), err

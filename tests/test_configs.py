@@ -22,7 +22,8 @@ from mixmae_jax.train.checkpoint import config_to_dict
 
 # Every config file and the variants it documents.
 VARIANTS = {
-    "demo.py": ["", "mae", "simmim", "ummae", "mixedae"],
+    "demo.py": ["", "mae", "simmim", "ummae", "mixedae", "finetune", "mae,finetune",
+                "simmim,finetune", "ummae,finetune", "mixedae,finetune"],
     "digits.py": ["", "toy", "seed=3"] + [f"method={m}{ft}" for m in
                                           ("mixmim", "mae", "mixedae", "ummae", "simmim")
                                           for ft in ("", ",finetune", ",finetune,labels=10")],
@@ -243,7 +244,8 @@ def test_unknown_variants_are_named_with_the_known_ones():
     _one_line_error(f"{CONFIGS}/mixmim_b.py:res=512", r"variant 'res=512': res is one of 224\|384")
     _one_line_error(f"{CONFIGS}/mixmim_b.py:tiny,res=384", "tiny is its own geometry")
     _one_line_error(f"{CONFIGS}/demo.py:foo", r"unknown variant 'foo' \(known: mixmim, mae, "
-                    "simmim, ummae, mixedae\\)")
+                    "simmim, ummae, mixedae, finetune\\)")
+    _one_line_error(f"{CONFIGS}/demo.py:mae,simmim", r"one method per run \(got mae, simmim\)")
     _one_line_error(f"{CONFIGS}/digits.py:method=foo",
                     r"method is one of mixmim\|mae\|mixedae\|ummae\|simmim")
     _one_line_error(f"{CONFIGS}/digits.py:seed=x", r"variant 'seed=x': seed is <int>")
@@ -288,3 +290,19 @@ def test_parse_arg_types_choices_and_flags():
     with pytest.raises(ConfigError, match=r"unknown variant 'big' \(known: tiny, res=224\|384, "
                        r"seed=<int>, lr=<float>, name=<str>\)"):
         parse_arg("big", **opts)
+
+
+def test_a_run_of_no_length_names_the_run_length_key():
+    """`--config.total_steps=0` on a step-counted recipe (the demo) is refused naming
+    total_steps, not read as its epochs' length."""
+    with pytest.raises(ConfigError, match=r"^total_steps: 0 with epochs 0\.0: the run's length "
+                       r"is total_steps \(> 0, in steps\)"):
+        config_lib.validate(load("demo.py", None, ["--config.total_steps=0"]))
+
+
+def test_tilde_in_path_keys_is_the_home_directory(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    c = load("demo.py", None, ["--config.data.folder=~/photos", "--config.data.data_dir=~/tfds",
+                               "--config.compilation_cache_dir=~/cache"])
+    assert (c.data.folder, c.data.data_dir, c.compilation_cache_dir) == (
+        f"{tmp_path}/photos", f"{tmp_path}/tfds", f"{tmp_path}/cache")

@@ -4,6 +4,7 @@ before compiling."""
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -428,16 +429,33 @@ def test_init_from_another_model_family_is_refused(tmp_path, monkeypatch):
         tasks.train(finetune_config(init=str(text)), str(tmp_path / "ft2"), **QUIET)
 
 
+def test_a_pickled_init_names_finetunes_own_switch(tmp_path):
+    """An official-style .pth that pickles `args`: the advice is mixmae-finetune's key, not
+    mixmae-convert's --trust-pickle flag, and nothing is written."""
+    import argparse
+
+    pth = tmp_path / "official.pth"
+    torch.save({"model": {}, "args": argparse.Namespace(lr=1)}, pth)
+    with pytest.raises(ValueError, match=r"^--init \S+official.pth pickles objects other than "
+                       r"tensors .* pass --config.init_trust_pickle=True: ") as e:
+        tasks.train(finetune_config(init=str(pth)), str(tmp_path / "ft"), **QUIET)
+    assert "--trust-pickle" not in str(e.value)
+    assert not os.path.exists(tmp_path / "ft")
+
+
 def test_init_of_another_depth_is_refused_naming_the_tensors(tmp_path, pretrain_workdir,
                                                            no_compiling):
-    """A workdir of the same family but another depth: the native load names the tensors that do
-    not fit and --init, before the train step compiles."""
+    """A workdir of the same family but another depth: the native load names --init, the model
+    setting in which they differ and the tensors that do not fit, before the run writes or
+    builds anything."""
     c = finetune_config(init=pretrain_workdir)
     c.model.depths = (1, 2)
-    with pytest.raises(ValueError, match=r"^--init .*: 13 tensor\(s\) do not fit this config's "
-                       r"mixmim swin classifier: encoder.layers.1.blocks.1.attn.proj.bias: "
+    with pytest.raises(ValueError, match=r"^--init .*: its encoder does not fit this config's "
+                       r"mixmim swin classifier; model.depths: \[1, 1\] there, \(1, 2\) here; "
+                       r"13 tensor\(s\) differ: encoder.layers.1.blocks.1.attn.proj.bias: "
                        r"missing from the source; .* \(and 9 more\)$"):  # the 13 of one block
-        tasks.train(c, str(tmp_path), **QUIET)
+        tasks.train(c, str(tmp_path / "ft"), **QUIET)
+    assert not os.path.exists(tmp_path / "ft")
 
 
 def test_evaluation_counts_every_example_once_on_8_devices():
@@ -540,3 +558,84 @@ def test_pretraining_tools_refuse_a_finetuning_workdir(tmp_path, pretrain_workdi
     assert "a fine-tuning run" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--best: .* is a pretraining run"):
         tasks.restore_params(pretrain_workdir, best=True)
+
+
+def _no_build(*a, **k):
+    raise AssertionError("built the experiment before refusing the input")
+
+
+def test_bad_init_and_data_are_refused_before_anything_is_written_or_built(
+        tmp_path, pretrain_workdir, monkeypatch, capsys):
+    """--init missing, of another family, of another depth, and class folders with an
+    unreadable image: one line each from mixmae-finetune, before the experiment is built, and
+    the new workdir is not created (no config.json, no checkpoints/)."""
+    from PIL import Image
+
+    from mixmae_jax import cli
+    from mixmae_jax.train import checkpoint as ckpt_lib
+
+    vit = load("mae_vit_b.py", "tiny")
+    exp = tasks.build_experiment(vit, steps_per_epoch=1)
+    ckpt = ckpt_lib.Checkpointer(tmp_path / "vit", save_every=0, keep=0, config=vit)
+    ckpt.save(0, exp.init_state(), force=True)  # a ViT run: its config and a step
+    ckpt.close()
+    folder = tmp_path / "folder"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("test", 4)):
+        for label in ("a", "b"):
+            (folder / split / label).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (40, 40, 3), np.uint8)).save(
+                    folder / split / label / f"{i}.png")
+    (folder / "train" / "a" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    monkeypatch.setattr(experiment, "build", _no_build)
+    config = tmp_path / "small.py"
+    config.write_text(f"""
+from configs import finetune_mixmim_b
+
+def get_config(arg=None):
+    c = finetune_mixmim_b.get_config("tiny")
+    c.model.update({SMALL_SWIN!r}, depths=(1, 2) if arg == "deep" else (1, 1))
+    c.data.image_size = 32
+    return c
+""")
+    folder_data = ["--config.data.source=folder", f"--config.data.folder={folder}",
+                   "--config.num_classes=2", "--config.batch_size=16"]
+    for i, (variant, extra, expected) in enumerate([
+        ("", ["--init", tmp_path / "nowhere"], r"error: --init \S+nowhere: no such workdir or "
+         "file$"),
+        ("", ["--init", tmp_path / "vit"], r"error: --init \S+vit: a mae run of "
+         r"model.name='vit', but this config fine-tunes model.name='swin'"),
+        (":deep", ["--init", pretrain_workdir], r"error: --init \S+: its encoder does not fit "
+         r".*model.depths: \[1, 1\] there, \(1, 2\) here; 13 tensor"),
+        ("", folder_data, r"error: image folder .*: cannot read or decode image "
+         r".*train/a/0\.png"),
+    ]):
+        workdir = tmp_path / f"ft{i}"
+        with pytest.raises(SystemExit) as e:
+            cli.finetune_main(["--config", f"{config}{variant}", "--workdir", str(workdir),
+                               *map(str, extra)])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1, err
+        assert re.match(expected, err), err
+        assert not os.path.exists(workdir), os.listdir(workdir)
+
+
+@pytest.mark.parametrize("method", ["mixmim", "mae", "simmim", "ummae", "mixedae"])
+def test_a_demo_run_fine_tunes_with_the_demo_configs_variant(method):
+    """configs/demo.py:<method>,finetune is the demo model's classifier: the demo pretraining's
+    encoder loads into it tensor for tensor (a dry run: zero arrays of the right shapes)."""
+    from mixmae_jax.models import get_model_module
+    from mixmae_jax.tasks import finetune
+
+    arg = "" if method == "mixmim" else f"{method},"
+    pre, ft = load("demo.py", method if arg else None), load("demo.py", f"{arg}finetune")
+    finetune.validate(ft)
+    assert (ft.data.source, ft.num_classes, ft.model.img_size) == ("digits", 10, 64)
+    assert ft.total_steps > 0 and ft.epochs == 0
+    source = finetune._zeros(step_lib.graphdef_and_abstract_params(get_method(pre))[1])
+    ft_method = get_method(ft)
+    template = finetune._zeros(jax.eval_shape(lambda: step_lib.init_params(
+        ft_method, jax.random.PRNGKey(0), lambda rngs: ft_method.build_classifier(10, rngs))))
+    _, report = get_model_module(ft.model.name).load(source, pre.model, template, ft.model)
+    assert len(report.loaded) > 10 and not [p for p in report.fresh if "encoder" in p]

@@ -6,6 +6,8 @@ bool_masked_pos; classifier logits and encoder features equal this project's cla
 same params. Parameters are perturbed away from their init (LayerNorm weights not 1, biases not
 0), so a swapped or mis-cut tensor shows. Nothing is downloaded (tests/foreign.py)."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -427,3 +429,18 @@ def test_convert_cli_round_trips_a_transformers_folder(tmp_path, capsys):
     with open(f"{folder}/config.json") as a, open(back / "config.json") as b:
         assert json.load(a) == json.load(b)
     assert second.metadata["method"] == "mae" and second.metadata["image_size"] == "32"
+    # An existing export folder is replaced only with --overwrite; a file is not a folder.
+    again = ["to-torch", "--workdir", str(workdir), "--to", "transformers", "--out", str(back)]
+    before = (back / "model.safetensors").stat().st_mtime_ns
+    (tmp_path / "notes.txt").write_text("mine")
+    for argv, expected in [(again, r"error: --out \S+back: exists; pass --overwrite"),
+                           (again[:-1] + [str(tmp_path / "notes.txt")], r"error: --out \S+: "
+                            "is a file; this output is a folder")]:
+        with pytest.raises(SystemExit) as e:
+            cli.convert_main(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and re.match(expected, err), err
+    assert (back / "model.safetensors").stat().st_mtime_ns == before
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    cli.convert_main([*again, "--overwrite"])
+    assert read_checkpoint(back).tensors.keys() == first.tensors.keys()

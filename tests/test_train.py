@@ -141,6 +141,135 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, image_folder):
     assert out.index(progress[-1]) < out.index(saved[0])
 
 
+@pytest.mark.slow
+def test_ctrl_c_saves_the_step_in_flight_and_exits(tmp_path, image_folder):
+    """Ctrl-C (SIGINT) as SIGTERM: the step in flight finishes and is saved, one line says so,
+    no traceback; the exit status is 130, as after any Ctrl-C."""
+    workdir = str(tmp_path / "run")
+    cmd = [os.path.join(os.path.dirname(sys.executable), "mixmae-pretrain"),
+           "--config", os.path.join(REPO, "configs/mixmim_b.py") + ":tiny",
+           "--workdir", workdir, "--config.data.source=folder",
+           f"--config.data.folder={image_folder}", "--config.total_steps=100000",
+           "--config.checkpoint_every=100000", "--config.log_every=1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and os.path.getsize(metrics) > 0:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    saved = [line for line in out.splitlines() if "Interrupted (Ctrl-C): saved step" in line]
+    assert len(saved) == 1, out
+    step = int(saved[0].split("saved step ")[1].split(",")[0])
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == [str(step)]
+    assert _jsonl(workdir)[-1]["step"] == step
+    assert err.strip().splitlines() == ["Ctrl-C: the step in flight finishes and is saved, then "
+                                        "the run exits (Ctrl-C again: exit at once, unsaved)"]
+
+
+def test_resume_and_restart_speak_plainly_and_keep_the_metrics_one_run(tmp_path, image_folder):
+    """A resume prints its config changes on the run's own output (no `WARNING:root:`) and each
+    progress line once; a restart from step 0 (the earlier run died before its first checkpoint)
+    drops the earlier metrics and marks the restart for TensorBoard, as a resume does."""
+    from tensorboard.backend.event_processing import plugin_event_accumulator
+
+    config = tiny_config(**{"data.source": "folder", "data.folder": image_folder,
+                            "total_steps": 2, "checkpoint_every": 2})
+    workdir = str(tmp_path)
+    tasks.train(config, workdir, print_fn=lambda s: None)
+    lines = []
+    config.total_steps = 3
+    tasks.train(config, workdir, print_fn=lines.append)
+    assert "Resuming with config change total_steps: 2 -> 3" in lines, lines
+    assert [line.split(" |")[0] for line in lines if line.startswith("step ")] == ["step 3/3"]
+    assert any(", 1 device, global batch 8, 5 steps/epoch, steps 2 -> 3" in line
+               for line in lines), lines
+    import shutil
+
+    shutil.rmtree(os.path.join(workdir, "checkpoints"))  # as if killed before its first save
+    lines = []
+    tasks.train(config, workdir, print_fn=lines.append)
+    assert "Dropped 3 lines of metrics.jsonl past step 0" in lines, lines
+    assert [r["step"] for r in _jsonl(workdir)] == [1, 2, 3]
+    acc = plugin_event_accumulator.EventAccumulator(os.path.join(workdir, "tensorboard"),
+                                                    purge_orphaned_data=True)
+    acc.Reload()
+    assert [e.step for e in acc.Tensors("loss")] == [1, 2, 3]
+
+
+def test_skipped_images_are_named_on_the_console(tmp_path, image_folder):
+    """data.skip_corrupt: the run names (and counts) what it skipped, not only metrics.jsonl."""
+    import shutil
+
+    folder = tmp_path / "images"
+    shutil.copytree(image_folder, folder)
+    names = sorted(os.listdir(folder))
+    for name in names[9:]:
+        os.remove(folder / name)
+    (folder / names[0]).write_bytes(b"\x89PNG\r\n\x1a\n cut short")  # 1 bad, 8 good
+    config = tiny_config(**{"data.source": "folder", "data.folder": str(folder),
+                            "data.skip_corrupt": True, "total_steps": 2})
+    lines = []
+    tasks.train(config, str(tmp_path / "run"), print_fn=lines.append)
+    skipped = [line for line in lines if line.startswith("Skipped ")]
+    assert skipped and re.fullmatch(  # met once per epoch, and prefetched ahead of the step
+        rf"Skipped (\d+) unreadable images? \(data.skip_corrupt\): "
+        rf"{re.escape(str(folder / names[0]))}( \(\1 times\))?; \1 so far", skipped[0]), skipped
+    assert _jsonl(str(tmp_path / "run"))[-1]["corrupt_images"] >= 1
+
+
+def _tool(*args, **kwargs):
+    cmd = [os.path.join(os.path.dirname(sys.executable), "mixmae-pretrain"), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+
+
+def test_library_output_stays_off_the_terminal(tmp_path, image_folder):
+    """TensorFlow's start-up lines and deprecation warnings go to the log, not around the one
+    error line (a refusal after TensorFlow started: too few images for a batch)."""
+    import shutil
+
+    folder = tmp_path / "few"
+    folder.mkdir()
+    for name in sorted(os.listdir(image_folder))[:3]:
+        shutil.copy(os.path.join(image_folder, name), folder)
+    proc = _tool("--config", os.path.join(REPO, "configs/mixmim_b.py") + ":tiny",
+                 "--workdir", tmp_path / "run", "--config.data.source=folder",
+                 f"--config.data.folder={folder}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: image folder '{folder}' has 3 usable images, fewer than one global batch "
+        "(batch_size=8); lower batch_size"], proc.stderr
+    assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_a_truncated_newest_checkpoint_is_reported_in_one_plain_line(tmp_path, image_folder):
+    """The quarantine of an unreadable newest step says which file is truncated, in one line on
+    the run's output; TensorStore's coroutine tracebacks and TensorFlow's lines go to log.txt,
+    so stderr stays empty."""
+    workdir = str(tmp_path / "run")
+    args = ["--config", os.path.join(REPO, "configs/mixmim_b.py") + ":tiny", "--workdir",
+            workdir, "--config.data.source=folder", f"--config.data.folder={image_folder}",
+            "--config.checkpoint_every=2", "--config.log_every=1"]
+    assert _tool(*args, "--config.total_steps=4").returncode == 0
+    for d, _, files in os.walk(os.path.join(workdir, "checkpoints", "4")):
+        for f in files:
+            if os.path.basename(d) == "d":
+                os.truncate(os.path.join(d, f), 10)
+    proc = _tool(*args, "--config.total_steps=5")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-3000:]
+    moved = [line for line in proc.stdout.splitlines() if "cannot be read" in line]
+    assert len(moved) == 1, proc.stdout
+    assert re.match(r"checkpoint step 4 \(\S+\) cannot be read \(\S+/d/\w+ is truncated: 10 of "
+                    r"its \d+ bytes\); moved to \S+/4\.unreadable$", moved[0]), moved[0]
+    assert "Resumed from step 2" in proc.stdout
+    assert "==== mixmae-pretrain" in open(os.path.join(workdir, "log.txt")).read()
+
+
 # ---------------------------------------------------------------------------------------------
 # Config validation (no compilation involved)
 # ---------------------------------------------------------------------------------------------
@@ -258,8 +387,8 @@ def test_a_full_disk_during_a_save_ends_with_one_clear_error_and_an_intact_check
     proc = subprocess.run([*cmd, "--config.total_steps=8"], capture_output=True, text=True,
                           preexec_fn=limit_file_size)
     assert proc.returncode == 2
-    # Orbax's writer threads also print their tracebacks on stderr, interleaved with ours
-    # (even within a line), so look for the message anywhere.
+    # Orbax's writer threads' tracebacks go to the run's log.txt: stderr holds our one line.
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]
     errors = re.findall(r"error: checkpoint step 4 could not be written in \S*checkpoints "
                         r"\((.*?)\); the newest intact checkpoint is step 2", proc.stderr)
     assert len(errors) == 1, proc.stderr[-3000:]

@@ -317,6 +317,7 @@ class TrainIterator(Iterator):
         self._start_position = start_step * self.local_batch_size
         self._consumed = 0  # stream positions consumed (yielded or skipped) so far
         self._yielded = 0
+        self._skipped: list[int] = []  # positions skipped since `skipped_images` last named them
         # Independent stateless key streams: (seed, 2 * process + 0) orders, (..+1) augments.
         # Random access draws one global order and keys augmentation by the global position:
         # every process uses process 0's keys.
@@ -430,6 +431,9 @@ class TrainIterator(Iterator):
             raise self._explain(e) from e
         positions = batch.pop("position")
         batch.pop("ok", None)
+        first = self._start_position + self._consumed
+        if self._skip_corrupt and int(positions[-1]) - first + 1 > len(positions):
+            self._skipped += sorted(set(range(first, int(positions[-1]) + 1)) - set(positions))
         self._consumed = int(positions[-1]) + 1 - self._start_position
         self._yielded += len(positions)
         self.step += 1
@@ -438,6 +442,13 @@ class TrainIterator(Iterator):
     def corrupt_count(self) -> int:
         """Images skipped as unreadable so far (always 0 unless skip_corrupt)."""
         return self._consumed - self._yielded
+
+    def skipped_images(self) -> list[str]:
+        """The names (file or record key) of the images skipped since the last call."""
+        names = [key.numpy().decode(errors="replace")
+                 for p in self._skipped for _, key, _, _ in self._positions(p).take(1)]
+        self._skipped = []
+        return names
 
     def _explain(self, error: Exception) -> Exception:
         """Finds the example that broke the batch at `self.step` and names it.

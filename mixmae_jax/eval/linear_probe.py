@@ -4,9 +4,11 @@ zero bias), LARS (momentum 0.9, trust coefficient 0.001, no weight decay; biases
 parameters skip the trust ratio), lr = base_lr x batch / 256 with base_lr 0.1, a per-iteration
 linear warmup then half-cosine to 0, 90 epochs with 10 of warmup, the last partial batch dropped.
 
-The official base lr assumes the official batch of 16,384 (thousands of steps at lr 6.4): with
-LARS's trust coefficient each step moves the head by lr x 0.001 of its norm, so a probe on a
-small dataset needs a larger `base_lr` (the tests use 50).
+The official base lr 0.1 is sized for ImageNet-1k (7,000 steps of batch 16,384 at lr 6.4): with
+LARS's trust coefficient each step moves the head by lr x 0.001 of its norm, so a probe of the
+same epochs on N images, which takes 1.28M / N times fewer steps, needs a base lr that much
+larger. That is the default (`default_base_lr`: 0.1 on ImageNet-1k, 107 on the 1,200 digits,
+where 0.1 gives 22% and 107 gives 95% top-1 on the suite's toy encoder).
 
 Deviation: the official probe re-encodes randomly resized and flipped crops every epoch; here the
 features of the centre crops are computed once and reused, so the probe trains in seconds (the
@@ -20,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+OFFICIAL_BASE_LR = 0.1  # main_linprobe.py, for ImageNet-1k
+IMAGENET_TRAIN = 1_281_167
 BN_EPS = 1e-6
 BN_MOMENTUM = 0.1  # torch BatchNorm1d: running = (1 - 0.1) running + 0.1 batch
 
@@ -42,10 +46,19 @@ def _normalize(x, mean, var):
     return (x - mean) / jnp.sqrt(var + BN_EPS)
 
 
+def default_base_lr(num_train: int) -> float:
+    """The official base lr scaled by ImageNet-1k's size over the training set's: the same
+    lr x steps over the same epochs (see the module docstring)."""
+    return OFFICIAL_BASE_LR * IMAGENET_TRAIN / num_train
+
+
 def linear_probe(train_x, train_y, test_x, test_y, *, num_classes: int, epochs: int = 90,
-                 warmup_epochs: int = 10, batch_size: int = 256, base_lr: float = 0.1,
+                 warmup_epochs: int = 10, batch_size: int = 256, base_lr: float | None = None,
                  seed: int = 0) -> dict[str, float]:
-    """Top-1 / top-5 test accuracy (and top-1 on the training features) of the probe."""
+    """Top-1 / top-5 test accuracy (and top-1 on the training features) of the probe;
+    base_lr None: `default_base_lr` of the training set."""
+    if base_lr is None:
+        base_lr = default_base_lr(len(train_x))
     train_x = jnp.asarray(train_x, jnp.float32)
     test_x = jnp.asarray(test_x, jnp.float32)
     train_y = jnp.asarray(train_y, jnp.int32)

@@ -66,6 +66,8 @@ class Method(abc.ABC):
     # -- mixmae-visualize ---------------------------------------------------------------------
 
     mask_help: str = ""
+    # The named arrays of an .npz mask (UM-MAE's two); () for one array (a .npy, or an .npz of one).
+    mask_arrays: tuple[str, ...] = ()
 
     @abc.abstractmethod
     def mask_from_file(self, mask: np.ndarray, batch_size: int, path: str) -> dict:

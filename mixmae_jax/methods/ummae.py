@@ -180,6 +180,7 @@ class Method(base.Method):
 
     name = "ummae"
     models = ("ummae_swin", "pvt", "vit")
+    mask_arrays = ("mask", "vis_mask")
     mask_help = ("UM-MAE: .npz with `mask` (B, G, G) on the unit grid (16x16 at 256 px, 14x14 "
                  "for ViT-B at 224), 1 = unit removed by uniform sampling, exactly one 0 per 2x2 "
                  "block; and `vis_mask` (B, G, G), 1 = kept unit replaced by secondary masking, "

@@ -64,7 +64,7 @@ def restore_params(workdir: str, step: int | None = None, *, best: bool = False,
                          "best checkpoint")
     exp = experiment.build(config, sharding.single_device_mesh(), task=for_config(config),
                            steps_per_epoch=1)
-    ckpt = ckpt_lib.Checkpointer(workdir, save_every=0, keep=0,
+    ckpt = ckpt_lib.Checkpointer(workdir, save_every=0, keep=0, read_only=True,
                                  subdir=ckpt_lib.BEST_DIR if best else ckpt_lib.CHECKPOINT_DIR)
     try:
         steps = ckpt.all_steps()
@@ -78,7 +78,7 @@ def restore_params(workdir: str, step: int | None = None, *, best: bool = False,
             params = ckpt.restore_params(step, exp.abstract_params)
         except Exception as e:  # noqa: BLE001 - any read failure: name the step and the others
             others = [s for s in steps if s != step]
-            reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+            reason = ckpt_lib.read_error_cause(e)
             raise ValueError(
                 f"checkpoint step {step} in {ckpt.directory / str(step)} cannot be read "
                 f"({reason}); other steps: {', '.join(map(str, others)) or 'none'} (--step N)"

@@ -33,6 +33,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from etils import epath
 
 from mixmae_jax import config as config_lib
@@ -66,22 +67,44 @@ class ClassifierObjective:
 # ---------------------------------------------------------------------------------------------
 
 
-def _summarise(error: Exception, init: str, config, limit: int = 4) -> ValueError:
-    """A load error's first few problems, naming --init and the config's model."""
+def _summarise(error: Exception, init: str, config, src_model=None, limit: int = 4) -> ValueError:
+    """A load error's first few problems, naming --init, the config's model and, for a workdir,
+    the model settings in which the two differ (what the user changes)."""
     lines = [ln.strip() for ln in str(error).splitlines()[1:] if ln.strip()] or [str(error)]
     more = f" (and {len(lines) - limit} more)" if len(lines) > limit else ""
-    return ValueError(f"--init {init}: {len(lines)} tensor(s) do not fit this config's "
-                      f"{config.method.name} {config.model.name} classifier: "
-                      f"{'; '.join(lines[:limit])}{more}")
+    differ = ""
+    if src_model is not None:
+        mine = ckpt_lib.config_to_dict(config.model)
+        keys = [k for k, v in ckpt_lib.config_to_dict(src_model).items()
+                if k in mine and mine[k] != v and k not in _RESIZED][:limit]
+        differ = "".join(f"; model.{k}: {src_model[k]} there, {config.model[k]} here"
+                         for k in keys)
+    return ValueError(f"--init {init}: its encoder does not fit this config's "
+                      f"{config.method.name} {config.model.name} classifier{differ}; "
+                      f"{len(lines)} tensor(s) differ: {'; '.join(lines[:limit])}{more}")
 
 
-def load_pretrained(init: str, config, template: dict, print_fn=print) -> dict:
+# Model settings in which a fine-tuning may differ from its pretraining (the loader resizes the
+# tables, the decoder is dropped, the rest computes the same tensors): not the cause of a misfit.
+_RESIZED = ("img_size", "window_sizes", "ape_grid", "shift_windows", "drop_path_rate", "remat",
+            "scan_blocks", "decoder_dim", "decoder_depth", "decoder_num_heads")
+
+
+def _zeros(abstract):
+    """Read-only zero arrays of an abstract tree's shapes, allocating nothing (a dry run)."""
+    return jax.tree.map(lambda a: np.broadcast_to(np.zeros((), a.dtype), a.shape), abstract)
+
+
+def load_pretrained(init: str, config, template: dict, print_fn=print, *,
+                    torch_cache: dict | None = None, dry_run: bool = False) -> dict:
     """The classifier's starting params: `template` (freshly initialised, host arrays) with every
     tensor the pretrained checkpoint provides, by the official loading rules.
 
     A mixmae-jax pretraining workdir (its newest intact step) loads natively, through the model's
     `load` (`models/loading.py`). An official `.pth` goes through the PyTorch interop, the only
-    path that imports torch."""
+    path that imports torch (its tensors kept in `torch_cache` for the load after a dry run).
+    dry_run: check that it fits with zero arrays of the right shapes (a workdir's files are not
+    read), before anything is written or compiled; raises ValueError naming --init."""
     from mixmae_jax.models import get_model_module, loading
     from mixmae_jax.tasks import restore_params
 
@@ -96,27 +119,49 @@ def load_pretrained(init: str, config, template: dict, print_fn=print) -> dict:
                 f"--init {init}: a {src.method.name} run of model.name={src.model.name!r}, but "
                 f"this config fine-tunes model.name={config.model.name!r} ({config.method.name}"
                 "); use a matching fine-tuning config")
-        src_config, source, step = restore_params(init)
-        where = f"{src.method.name} pretraining step {step} of {init}"
+        if dry_run:
+            from mixmae_jax.methods import get_method
+
+            source = _zeros(step_lib.graphdef_and_abstract_params(get_method(src))[1])
+            src_model, where = src.model, init
+            peek = ckpt_lib.Checkpointer(init, save_every=0, keep=0, read_only=True)
+            latest = peek.latest_step()
+            peek.close()
+            if latest is None:
+                raise FileNotFoundError(f"--init {init}: no checkpoint in that workdir")
+        else:
+            src_config, source, step = restore_params(init)
+            src_model = src_config.model
+            where = f"{src.method.name} pretraining step {step} of {init}"
         load = get_model_module(config.model.name).load
         try:
-            params, report = load(source, src_config.model, template, config.model)
+            params, report = load(source, src_model, template, config.model)
         except loading.LoadError as e:
-            raise _summarise(e, init, config) from e
+            raise _summarise(e, init, config, src_model) from e
         lines = list(report)
     elif os.path.isfile(init):
         from mixmae_jax.interop import from_torch
 
         where = init
-        state_dict = from_torch.load_torch_checkpoint(init, trust_pickle=config.init_trust_pickle)
+        cache = torch_cache if torch_cache is not None else {}
+        if init not in cache:
+            try:
+                cache[init] = from_torch.load_torch_checkpoint(
+                    init, trust_pickle=config.init_trust_pickle)
+            except from_torch.ConversionError as e:  # its advice names convert's flag
+                raise ValueError("--init " + str(e).replace(
+                    "--trust-pickle (trust_pickle=True)", "--config.init_trust_pickle=True")
+                ) from e
         try:
             params, report = from_torch.classifier_params(
-                state_dict, layout_for(config), template, config.num_classes)
+                cache[init], layout_for(config), template, config.num_classes)
         except from_torch.ConversionError as e:
             raise _summarise(e, init, config) from e
         lines = [f"{report.loaded} tensors loaded, fresh: {', '.join(report.kept_fresh) or 'none'}"]
     else:
         raise FileNotFoundError(f"--init {init}: no such workdir or file")
+    if dry_run:
+        return params
     print_fn(f"Initialised from {where}: {lines[0]}")
     for line in lines[1:]:
         print_fn(f"  {line}")
@@ -175,6 +220,7 @@ class FinetuneTask(Task):
         super().__init__(config)
         self._objective = ClassifierObjective(config)
         self._best = None  # checkpointer of the best params
+        self._torch_cache = {}  # an --init .pth read by check_init, for initial_params
 
     def check_config(self, num_devices: int, process_count: int) -> None:
         validate(self.config, num_devices=num_devices, process_count=process_count)
@@ -189,7 +235,8 @@ class FinetuneTask(Task):
         data = eval_pipeline.labelled_data(self.config.data)  # before compiling
         config_lib._check(data.num_classes == self.config.num_classes, "num_classes",
                           f"{self.config.num_classes}, but {data} has {data.num_classes} "
-                          f"classes; set --config.num_classes={data.num_classes}")
+                          f"class{'' if data.num_classes == 1 else 'es'}; set "
+                          f"--config.num_classes={data.num_classes}")
         splits = {"data.split": self.config.data.split}
         splits.update({f"evals.{name}.split": cfg.split for name, cfg in
                        self.config.evals.items() if cfg.type == "classification"})
@@ -221,6 +268,15 @@ class FinetuneTask(Task):
         return {"best_top1": lambda: jnp.full((), -1.0, jnp.float32),
                 "best_step": lambda: jnp.full((), -1, jnp.int32)}
 
+    def check_init(self) -> None:
+        """A dry run of the load of `--init`: refused here, naming it, before the run writes or
+        compiles anything (`initial_params` then loads it for real)."""
+        if self.config.init:
+            template = _zeros(jax.eval_shape(lambda: step_lib.init_params(
+                self.method, jax.random.PRNGKey(0), self.build_model)))
+            load_pretrained(self.config.init, self.config, template, dry_run=True,
+                            torch_cache=self._torch_cache)
+
     def initial_params(self, abstract_params, run):
         init = self.config.init
         if not init:
@@ -228,7 +284,10 @@ class FinetuneTask(Task):
             return None
         template = jax.device_get(jax.jit(lambda: step_lib.init_params(
             self.method, jax.random.PRNGKey(self.config.seed), self.build_model))())
-        return load_pretrained(init, self.config, template, print_fn=run.print_fn)
+        params = load_pretrained(init, self.config, template, print_fn=run.print_fn,
+                                 torch_cache=self._torch_cache)
+        self._torch_cache.clear()
+        return params
 
     # -- the best params ----------------------------------------------------------------------
 

@@ -30,6 +30,10 @@ class Task:
     def check_data(self) -> None:
         """Checks of the data set the config names, before anything compiles."""
 
+    def check_init(self) -> None:
+        """Checks of what a fresh run's params start from (`initial_params`), before anything
+        is written or compiled."""
+
     def input_options(self) -> dict:
         """Extra `create_train_iterator` arguments (fine-tuning: labels, RandAugment)."""
         return {}

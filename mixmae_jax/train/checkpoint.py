@@ -17,7 +17,7 @@ opens its workdir); remove them by hand if the disk space matters.
 Restores go into an abstract tree of `jax.ShapeDtypeStruct`s carrying shardings, so a run can
 resume on a different mesh (see `sharding.state_shardings` / `abstract_with_shardings`).
 
-Preemption, in the train loop (`install_preemption_handler` before the loop):
+Preemption and Ctrl-C, in the train loop (`install_preemption_handler` before the loop):
 
     preempt = install_preemption_handler()
     for step in ...:
@@ -28,10 +28,11 @@ Preemption, in the train loop (`install_preemption_handler` before the loop):
             break
     ckpt.close()                                        # waits for the async write
 
-On a single process SIGTERM only raises a flag; the step finishes, the state is saved and the
-loop ends cleanly. With several processes JAX's preemption service (started by
+On a single process SIGTERM and SIGINT (Ctrl-C) only raise a flag; the step finishes, the state
+is saved and the loop ends cleanly. With several processes JAX's preemption service (started by
 `jax.distributed.initialize`) catches SIGTERM itself and `should_stop` asks it for the step all
-processes agree on, so every process saves the same step.
+processes agree on, so every process saves the same step; a Ctrl-C is handed to that service as
+a SIGTERM of its own process. A second Ctrl-C ends the process at once, unsaved.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -79,7 +82,22 @@ def load_config_snapshot(workdir: str):
     path = epath.Path(workdir) / CONFIG_NAME
     if not path.exists():
         raise FileNotFoundError(f"{path}: no config snapshot; is {workdir!r} a mixmae workdir?")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    return ml_collections.ConfigDict(read_config_snapshot(path))
+
+
+def read_config_snapshot(path: epath.Path) -> dict:
+    """The dict in a config.json; a file that is not one is named with the cause."""
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        cause = "not text: was it overwritten by another file?"
+    except json.JSONDecodeError as e:
+        cause = f"not JSON: {e.msg} at line {e.lineno}"
+    else:
+        if isinstance(config, dict):
+            return config
+        cause = f"a JSON {type(config).__name__}, not the run's config"
+    raise ValueError(f"{path}: the run's config snapshot cannot be read ({cause})")
 
 
 def config_to_dict(config: Any) -> dict:
@@ -152,11 +170,12 @@ def check_config_compatible(old: Mapping, new: Mapping, where: str = CONFIG_NAME
 
     bad = {k: v for k, v in changes.items() if unsafe(k, *v)}
     if bad:
-        lines = "\n".join(f"  {k}: {o!r} -> {n!r}" for k, (o, n) in bad.items())
+        keys = "; ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in bad.items())
+        # No way around it is offered: the checkpoints hold the snapshot's model and optimizer.
         raise ConfigMismatchError(
             f"Refusing to resume: the config differs from the snapshot in {where} in "
-            f"{len(bad)} key(s) that change the model, method or optimiser:\n{lines}\n"
-            f"Use a new workdir, or delete {where} to resume anyway."
+            f"{len(bad)} key(s) that change the model, method or optimiser ({keys}); resume "
+            "with the snapshot's values, or use a new workdir for the new config"
         )
     return changes
 
@@ -180,15 +199,31 @@ class CheckpointReadError(ValueError):
     """No checkpoint step of a workdir can be read."""
 
 
+def read_error_cause(error: Exception, limit: int = 200) -> str:
+    """Why a step cannot be read, in plain words: the truncated file if that is it, else the
+    error's first clauses without TensorStore's specs and Python object reprs."""
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    truncated = re.search(r'file "([^"]+)": Requested byte range \[\d+, (\d+)\) is not valid for '
+                          r"value of size (\d+)", text)
+    if truncated:
+        path, want, size = truncated.groups()
+        return f"{path} is truncated: {size} of its {want} bytes"
+    text = re.sub(r"<[^<>]*>", "...", text.split(" [tensorstore_spec")[0])
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 class Checkpointer:
     """Async Orbax checkpoints of the train state every `save_every` steps, the last `keep` kept.
 
     Every process must call `save`/`restore` (they synchronise); only process 0 writes
     config.json. `save_every <= 0` saves only when forced; `keep <= 0` keeps everything.
+    `config`: refuse it if it cannot resume the run there (ConfigMismatchError, nothing written),
+    else write it as the snapshot; `config_changes` lists what it changes. `read_only`: a tool's
+    view of a run (nothing is created or written).
     """
 
     def __init__(self, workdir: str | os.PathLike, *, save_every: int, keep: int, config=None,
-                 subdir: str = CHECKPOINT_DIR):
+                 subdir: str = CHECKPOINT_DIR, read_only: bool = False):
         workdir = os.fspath(workdir)
         if "://" not in workdir:  # Orbax's tensorstore paths must be absolute
             workdir = os.path.abspath(workdir)
@@ -202,12 +237,14 @@ class Checkpointer:
             preservation_policy=ocp.checkpoint_managers.LatestN(keep if keep > 0 else None),
             enable_async_checkpointing=True,
             cleanup_tmp_directories=False,  # see the module docstring
-            create=True,
+            create=not read_only,
+            read_only=read_only,
         )
         self._manager = ocp.CheckpointManager(
             self.directory, item_names=("state",), options=options
         )
         self._pending: int | None = None  # the step of the last asynchronous save started
+        self.config_changes: dict[str, tuple[Any, Any]] = {}
         if config is not None:
             try:
                 self._snapshot_config(config)
@@ -219,9 +256,8 @@ class Checkpointer:
         path = self.workdir / CONFIG_NAME
         new = config_to_dict(config)
         if self.latest_step() is not None and path.exists():
-            changes = check_config_compatible(json.loads(path.read_text()), new, os.fspath(path))
-            for k, (old_value, new_value) in changes.items():
-                logging.warning("Resuming with config change %s: %r -> %r", k, old_value, new_value)
+            self.config_changes = check_config_compatible(read_config_snapshot(path), new,
+                                                          os.fspath(path))
         if jax.process_index() == 0:
             write_atomic(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
 
@@ -311,7 +347,7 @@ class Checkpointer:
             try:
                 state = self.restore(step, abstract_state)
             except Exception as e:  # noqa: BLE001 - any read failure: try an older step
-                failed.append((step, " ".join(f"{type(e).__name__}: {e}".split())[:300]))
+                failed.append((step, read_error_cause(e)))
                 continue
             for bad, reason in failed:
                 aside = self._move_aside(bad)
@@ -366,11 +402,23 @@ class Checkpointer:
 
 
 class PreemptionHandler:
-    """SIGTERM sets `requested`; `should_stop(step)` is what the train loop asks every step."""
+    """SIGTERM and SIGINT (Ctrl-C) set `requested`; `should_stop(step)` is what the train loop
+    asks every step. `stopped_by` names what asked ("SIGTERM" or "Ctrl-C").
 
-    def __init__(self):
+    The Python handlers only set flags (they run between bytecodes of the main thread, which
+    may be inside a print). A watcher thread reads the signals from Python's wakeup descriptor,
+    which the C handler writes at once even while the main thread waits on a compile or a step:
+    it says what will happen, and on a second Ctrl-C ends the process then and there.
+    """
+
+    def __init__(self, say=print):
         self.requested = False
-        self._previous: Any = None
+        self.stopped_by: str | None = None
+        self._say = say
+        self._previous: dict[int, Any] = {}
+        self._wakeup: tuple[int, int] | None = None  # (read end, write end) of the pipe
+        self._previous_wakeup = -1
+        self._watcher: threading.Thread | None = None
         # With several processes, JAX's preemption service owns SIGTERM and picks a common step;
         # replacing its C++ handler with ours would break that, so we only install ours otherwise.
         # (Several processes with that service disabled each see only their own SIGTERM: they
@@ -379,31 +427,77 @@ class PreemptionHandler:
 
     def _on_signal(self, signum, frame) -> None:
         del frame
-        logging.warning("Signal %d: the step in flight finishes, is saved, and the run exits",
-                        signum)
+        if signum == signal.SIGINT and self._use_jax_sync:
+            return  # the watcher hands it to JAX's service as a SIGTERM
         self.requested = True
+        self.stopped_by = self.stopped_by or _SIGNAL_NAMES[signum]
+
+    def _watch(self, fd: int) -> None:
+        interrupts = 0
+        while True:
+            try:
+                data = os.read(fd, 64)
+            except OSError:
+                return
+            if not data:  # uninstalled
+                return
+            for signum in data:
+                if signum == signal.SIGTERM:
+                    self._say("SIGTERM: the step in flight finishes and is saved, then the run "
+                              "exits")
+                elif signum == signal.SIGINT:
+                    interrupts += 1
+                    if interrupts > 1:
+                        self._say("Ctrl-C again: exiting at once; the steps since the last "
+                                  "saved checkpoint are lost")
+                        os._exit(130)
+                    self.stopped_by = "Ctrl-C"
+                    if self._use_jax_sync:  # every process stops at the step JAX agrees on
+                        os.kill(os.getpid(), signal.SIGTERM)
+                    self._say("Ctrl-C: the step in flight finishes and is saved, then the run "
+                              "exits (Ctrl-C again: exit at once, unsaved)")
 
     def install(self) -> PreemptionHandler:
-        if self._use_jax_sync:
-            return self
+        signals = [signal.SIGINT] + ([] if self._use_jax_sync else [signal.SIGTERM])
         try:
-            self._previous = signal.signal(signal.SIGTERM, self._on_signal)
-        except ValueError:  # not the main thread
-            logging.warning("SIGTERM handler not installed (not in the main thread)")
+            for signum in signals:
+                self._previous[signum] = signal.signal(signum, self._on_signal)
+        except ValueError:  # not the main thread: signals stay as they were
+            logging.warning("signal handlers not installed (not in the main thread)")
+            return self
+        read, write = os.pipe()
+        os.set_blocking(write, False)
+        self._previous_wakeup = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        self._wakeup = (read, write)
+        self._watcher = threading.Thread(target=self._watch, args=(read,), daemon=True,
+                                         name="mixmae-signals")
+        self._watcher.start()
         return self
 
     def uninstall(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
+        if self._wakeup is not None:
+            signal.set_wakeup_fd(self._previous_wakeup)
+            read, write = self._wakeup
+            os.close(write)  # the watcher reads the end of the pipe and returns
+            self._watcher.join(timeout=5)
+            os.close(read)
+            self._wakeup = None
 
     def should_stop(self, step: int) -> bool:
         """True when the loop should save `step` and exit. Call it on every process every step."""
         if self._use_jax_sync and multihost_utils.reached_preemption_sync_point(int(step)):
             self.requested = True
+            self.stopped_by = self.stopped_by or "SIGTERM"
         return self.requested
 
 
-def install_preemption_handler() -> PreemptionHandler:
-    """Catch SIGTERM (preemption notice) from now on; see the module docstring for the loop."""
-    return PreemptionHandler().install()
+_SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C"}
+
+
+def install_preemption_handler(say=print) -> PreemptionHandler:
+    """Catch SIGTERM (preemption notice) and Ctrl-C from now on; `say` tells the user what
+    happens. See the module docstring for the loop."""
+    return PreemptionHandler(say).install()

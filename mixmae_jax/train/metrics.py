@@ -3,9 +3,9 @@
 `create_writer` returns a `clu.metric_writers` writer: on process 0 a MultiWriter of a JSON-lines
 writer (`workdir/metrics.jsonl`, one object per logging step: {"step": 100, "loss": 0.81, ...})
 and clu's TensorBoard SummaryWriter (`workdir/tensorboard`); elsewhere one that writes nothing.
-The JSON-lines file is appended to; on resume the trainer first drops the lines past the restored
-step (`truncate_after`) and marks the restart for TensorBoard (`mark_restart`), so both read as
-one run. clu
+The JSON-lines file is appended to; on resume, or on a restart from step 0 after a run that
+saved no checkpoint, the trainer first drops the lines past the restored step (`truncate_after`)
+and marks the restart for TensorBoard (`mark_restart`), so both read as one run. clu
 imports TensorFlow, so it is imported only when a writer is made (the benchmark's import path
 stays free of it).
 """
@@ -64,6 +64,13 @@ def mark_restart(workdir: str | os.PathLike, step: int) -> None:
         # purge at the same step drops nothing more).
         f.write(start.SerializeToString())
         f.write(start.SerializeToString())
+
+
+def has_events(workdir: str | os.PathLike) -> bool:
+    """Whether an earlier run left TensorBoard events in the workdir."""
+    directory = os.path.join(workdir, TB_DIR)
+    return os.path.isdir(directory) and any(
+        name.startswith("events.out.tfevents.") for name in os.listdir(directory))
 
 
 def truncate_after(workdir: str | os.PathLike, step: int) -> int:
