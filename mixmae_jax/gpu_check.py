@@ -9,14 +9,14 @@ without TensorFlow or torch (the GPU image has neither).
     python -m mixmae_jax.gpu_check summary --out DIR           # gpu_check.json of all parts
 
 Parity is transitive: the suite proves the JAX step on the CPU equal to the plain torch references
-in float64 (tests/test_*parity*.py); `refs` saves, for the tiny variant of every pretraining
+in float64 (the methods' parity tests); `refs` saves, for the tiny variant of every pretraining
 config, the parameters, images, plan inputs, loss and every gradient of that CPU step; `parity`
 recomputes them on the default backend with the highest matmul precision and bounds the relative
-errors by the suite's acceptance limits (loss 1e-5, gradients 1e-4). `fit` compiles each bench
-config's step ahead of time for one GPU of the lent kind (`mixmae-bench --topology KIND:1 --fit`)
-and saves the largest batch that fits; `bench` runs `mixmae-bench` for each config and dtype at
-that batch (or, without one, a starting batch halved on out-of-memory) and writes
-`gpu_bench.json` and `gpu_bench.md`.
+errors by the suite's acceptance limits (mixmae_jax/numerics.py: the loss FWD_TOL = 1e-5, the
+gradients GRAD_TOL = 1e-4). `fit` compiles each bench config's step ahead of time for one GPU of
+the lent kind (`mixmae-bench --topology KIND:1 --fit`) and saves the largest batch that fits;
+`bench` runs `mixmae-bench` for each config and dtype at that batch (or, without one, a starting
+batch halved on out-of-memory) and writes `gpu_bench.json` and `gpu_bench.md`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ import time
 
 import numpy as np
 
+from mixmae_jax.numerics import FWD_TOL, GRAD_TOL, rel_err
+
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 # The tiny variant of every pretraining config: parity cases.
 PARITY_CASES = ("mixmim_b.py:tiny", "mae_vit_b.py:tiny", "simmim_swin_b.py:tiny",
@@ -36,7 +38,6 @@ PARITY_CASES = ("mixmim_b.py:tiny", "mae_vit_b.py:tiny", "simmim_swin_b.py:tiny"
 # Every pretraining recipe at B size (UM-MAE: its Swin-T recipe), with a batch to start from.
 BENCH_CONFIGS = {"mixmim_b.py": 128, "mae_vit_b.py": 256, "simmim_swin_b.py": 128,
                  "ummae_swin_t.py": 256, "mixedae_vit_b.py": 256}
-LOSS_TOL, GRAD_TOL = 1e-5, 1e-4  # the suite's acceptance limits (tests/parity.py)
 PARITY_BATCH = 4
 
 
@@ -95,11 +96,6 @@ def make_refs(out: str, cases=PARITY_CASES) -> None:
           f"{jax.default_backend()})")
 
 
-def _rel(a, b, floor: float = 0.0) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), floor, 1e-30))
-
-
 def parity(refs: str) -> list[dict]:
     """Every case of `refs` on the default backend: one row per case, `ok` False past a limit."""
     import jax
@@ -118,11 +114,11 @@ def parity(refs: str) -> list[dict]:
         largest = max(np.linalg.norm(g) for g in want.values())
         # A gradient that is exactly zero in theory (e.g. a bias under softmax) is bounded
         # against the largest gradient instead of its own rounding noise.
-        errs = {k: _rel(grads[k], want[k], 1e-3 * largest) for k in want}
+        errs = {k: rel_err(grads[k], want[k], 1e-3 * largest) for k in want}
         worst = max(errs, key=errs.get)
-        row = dict(case=case, loss_rel_err=_rel(loss, data[f"{case}|loss"]),
+        row = dict(case=case, loss_rel_err=rel_err(loss, data[f"{case}|loss"]),
                    worst_grad=worst, worst_grad_rel_err=errs[worst], gradients=len(errs))
-        row["ok"] = row["loss_rel_err"] <= LOSS_TOL and errs[worst] <= GRAD_TOL
+        row["ok"] = row["loss_rel_err"] <= FWD_TOL and errs[worst] <= GRAD_TOL
         rows.append(row)
         print(f"{'ok  ' if row['ok'] else 'FAIL'} {case:28s} loss {row['loss_rel_err']:.2e}  "
               f"worst gradient {errs[worst]:.2e} ({worst})", flush=True)

@@ -1,36 +1,26 @@
-"""Parity machinery shared by the per-method parity tests (test_parity.py for MixMIM,
-test_mae.py, test_simmim.py): random params, loading an export into a torch reference, and the
-tolerance rule comparing the JAX fp32 result with the float64 reference.
+"""Parity machinery shared by the methods' parity tests: random params, loading an export into a
+torch reference, and the rule comparing the JAX fp32 result with the float64 reference.
 
-Tolerances come from the numerics, not from one run: the torch reference also runs in float64
-(the exact answer, for these purposes), and the JAX float32 result must be no further from it
-than RATIO x the torch float32 result is (floor: a few fp32 roundings). Both fp32 results move
-with the CPU's kernels (AVX2 vs AVX-512), so the bound moves with them; a real bug (a constant,
-an eps, a loss weighting) moves only the JAX side. Errors are relative Frobenius errors
-||a - b|| / ||b||, printed per quantity (`pytest -s`).
+Tolerances come from the numerics (mixmae_jax/numerics.py, which the accelerator check imports
+too), not from one run: the torch reference also runs in float64 (the exact answer, for these
+purposes), and the JAX float32 result must be no further from it than RATIO x the torch float32
+result is (floor: a few fp32 roundings). Both fp32 results move with the CPU's kernels (AVX2 vs
+AVX-512), so the bound moves with them; a real bug (a constant, an eps, a loss weighting) moves
+only the JAX side. Errors are relative Frobenius errors ||a - b|| / ||b||, printed per quantity
+(`pytest -s`).
 """
 
 import numpy as np
 import torch
 from flax import nnx
-from numerics import U32, rel_err
 
 from mixmae_jax.interop import keymap as K
+from mixmae_jax.numerics import parity_limit, rel_err
 
-# JAX fp32 vs exact <= RATIO * max(torch fp32 vs exact, FLOOR). RATIO allows another summation
-# order (XLA fuses and tiles differently from ATen); FLOOR is 16 roundings, below which the
-# torch side's own error says little about the machine (measured: both sides 1e-7 to 9e-7 on
-# AVX-512). A LayerNorm eps of 1e-6 instead of 1e-5 moves gradients by 2e-5 to 7e-5, far above
-# RATIO * FLOOR = 3.8e-6 (and test_every_layer_norm_matches_the_references_own names it).
-RATIO = 4.0
-FLOOR = 16 * U32
-# Whatever the torch side does, fp32 forward values and gradients farther than these from exact
-# are wrong (the acceptance limits of the parity claim).
-FWD_TOL = 1e-5
-GRAD_TOL = 1e-4
 # Tiny graphs compile ~3x faster at LLVM -O0; the HLO and the fp semantics (no fast-math) are
-# unchanged. The full-size MixMIM-B test compiles with the default options.
+# unchanged. The full-size tests compile with the default options.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
 
 def abstract_model(build):
     """(graphdef, abstract params) without allocating."""
@@ -78,7 +68,7 @@ def check_against_exact(title, jax_values, torch32, torch64, limit):
     rows, failures = [], []
     for k, a in jax_values.items():
         e_jax, e_t32 = rel_err(a, torch64[k]), rel_err(torch32[k], torch64[k])
-        tol = min(RATIO * max(e_t32, FLOOR), limit)
+        tol = parity_limit(e_t32, limit)
         rows.append((k, e_jax, e_t32, tol))
         if e_jax > tol:
             failures.append(f"{k}: {e_jax:.3g} > {tol:.3g} (torch fp32: {e_t32:.3g})")

@@ -32,3 +32,18 @@ def override(config, overrides: dict):
             node = node[p]
         node[leaf] = value
     return config
+
+
+# The contract suite's cases (tests/test_methods.py): one tiny pretraining recipe per method of
+# `methods.NAMES`, and the other backbones a method runs (UM-MAE's PVT and ViT, the UM-MAE
+# paper's SimMIM baselines on its Swin and PVT) for the checks that compile nothing.
+METHOD_RECIPES = {"mixmim": "mixmim_b.py", "mae": "mae_vit_b.py", "simmim": "simmim_swin_b.py",
+                  "ummae": "ummae_swin_t.py", "mixedae": "mixedae_vit_b.py"}
+BACKBONE_RECIPES = {**METHOD_RECIPES, "ummae-pvt": "ummae_pvt_s.py",
+                    "ummae-vit": "ummae_vit_b.py", "simmim-ummae_swin": "simmim_ummae_swin_t.py",
+                    "simmim-pvt": "simmim_ummae_pvt_s.py"}
+
+
+def tiny(case: str, overrides=()):
+    """The `:tiny` variant of a contract case (a METHOD_RECIPES or BACKBONE_RECIPES key)."""
+    return load(BACKBONE_RECIPES[case], "tiny", list(overrides))

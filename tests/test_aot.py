@@ -2,7 +2,9 @@
 the parsing of the optimized program, the batch search, and the communication every method's
 step must have: a data-parallel step holds only its gradient all-reduce; an FSDP step gathers
 each weight where it is used and reduce-scatters its gradient, within a stated factor of the
-bytes its sharding implies (README, "Where each recipe runs").
+bytes its sharding implies (README, "Where each recipe runs"). That rule is part of the method
+contract: it runs for every method of `methods.NAMES` (the rest of the contract is
+test_methods.py).
 
 TPU steps compile in this process (libtpu loads on demand); a GPU step needs the CUDA plugin
 registered before JAX starts, so it compiles in a fresh process.
@@ -12,17 +14,16 @@ import json
 import os
 
 import pytest
+from recipes import METHOD_RECIPES
 
-from mixmae_jax import bench, tasks
+from mixmae_jax import bench, methods, tasks
 from mixmae_jax import config as config_lib
 from mixmae_jax.train import aot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
-# One tiny pretraining config per method.
-METHOD_CONFIGS = {"mixmim": "mixmim_b.py:tiny", "mae": "mae_vit_b.py:tiny",
-                  "simmim": "simmim_swin_b.py:tiny", "ummae": "ummae_swin_t.py:tiny",
-                  "mixedae": "mixedae_vit_b.py:tiny"}
+# Every method's tiny pretraining recipe (the contract suite's, tests/recipes.py).
+METHOD_CONFIGS = {name: f"{METHOD_RECIPES[name]}:tiny" for name in methods.NAMES}
 # What an FSDP step may move beyond what its sharding implies (aot.communication_theory):
 # README, "Where each recipe runs", derives it.
 FSDP_FACTOR = 1.3

@@ -18,7 +18,7 @@ LAYERS = (
     ("config", ("config",)),
     ("methods", ("methods",)),
     ("models", ("models",)),
-    ("foundations", ("data", "parallel", "imaging", "console", "outputs")),
+    ("foundations", ("data", "parallel", "imaging", "numerics", "console", "outputs")),
 )
 
 

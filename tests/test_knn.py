@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from mixmae_jax.eval import knn
+from mixmae_jax.numerics import SAME_MATH_RTOL, rel_err
 
 
 def brute_force(train, train_y, test, test_y, k, t, c):
@@ -39,6 +40,34 @@ def test_matches_a_brute_force_classifier_in_chunks():
     want = brute_force(train, train_y, test, test_y, 20, 0.07, 7)
     assert (got["top1"], got["top5"]) == pytest.approx(want)
     assert 0.2 < got["top1"] < 1.0  # a case where the votes decide, not a trivial one
+
+
+def test_votes_are_the_summed_exp_of_similarity_over_temperature():
+    """The votes themselves, not only the winner: each class sums exp(cos / T) over the query's k
+    nearest. float32 cosines are off by a few U32, which 1/T = 14 turns into ~1e-6 relative in
+    each weight: SAME_MATH_RTOL holds them, a wrong weight is off by far more."""
+    rng = np.random.default_rng(1)
+    train, train_y = rng.standard_normal((200, 8)), rng.integers(0, 5, 200)
+    test = rng.standard_normal((9, 8))
+    got = np.asarray(knn.votes(test, train, train_y, k=10, num_classes=5, temperature=0.07))
+    tn = train / np.linalg.norm(train, axis=1, keepdims=True)
+    want = np.zeros((9, 5))
+    for q in range(9):
+        sim = tn @ (test[q] / np.linalg.norm(test[q]))
+        for i in np.argsort(-sim)[:10]:
+            want[q, train_y[i]] += np.exp(sim[i] / 0.07)
+    assert rel_err(got, want) <= SAME_MATH_RTOL
+
+
+def test_the_temperature_lets_close_neighbours_outvote_many_far_ones():
+    """Two neighbours of class 0 at cosine 0.99 against three of class 1 at 0.6 (k = 5): at
+    T = 0.07 the close ones win (2 e^14.1 against 3 e^8.6); at T = 10 the vote is almost a head
+    count and class 1 wins."""
+    angle = lambda c: [c, np.sqrt(1 - c * c)]  # noqa: E731
+    train = np.array([angle(0.99), angle(0.99), angle(0.6), angle(0.6), angle(0.6)])
+    train_y, query, label = np.array([0, 0, 1, 1, 1]), np.array([[1.0, 0.0]]), np.array([0])
+    assert knn.knn_accuracy(train, train_y, query, label, k=5, temperature=0.07)["top1"] == 1.0
+    assert knn.knn_accuracy(train, train_y, query, label, k=5, temperature=10.0)["top1"] == 0.0
 
 
 def test_bad_input_names_the_argument():

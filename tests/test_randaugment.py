@@ -96,6 +96,46 @@ def test_geometric_ops_match_pil_bilinear(name, value):
         assert np.median(diff) <= 1 and (diff > 2).mean() < 0.08, (name, np.mean(diff))
 
 
+# timm auto_augment.py's argument of each op at magnitude m (its _LEVEL_DENOM = 10) with the
+# random sign s, the "increasing" variants of rand-m9-mstd0.5-inc1, written out from timm.
+TIMM_ARGUMENT = {
+    "AutoContrast": None, "Equalize": None, "Invert": None,
+    "Rotate": lambda m, s: s * m / 10 * 30.0,  # _rotate_level_to_arg
+    "Posterize": lambda m, s: 4 - int(m / 10 * 4),  # _posterize_increasing_level_to_arg
+    "Solarize": lambda m, s: 256 - int(m / 10 * 256),  # _solarize_increasing_level_to_arg
+    "SolarizeAdd": lambda m, s: int(m / 10 * 110),  # _solarize_add_level_to_arg
+    **{name: (lambda m, s: 1.0 + s * m / 10 * 0.9)  # _enhance_increasing_level_to_arg
+       for name in ("Color", "Contrast", "Brightness", "Sharpness")},
+    "ShearX": lambda m, s: s * m / 10 * 0.3, "ShearY": lambda m, s: s * m / 10 * 0.3,
+    "TranslateXRel": lambda m, s: s * m / 10 * 0.45,  # _translate_rel_level_to_arg
+    "TranslateYRel": lambda m, s: s * m / 10 * 0.45,
+}
+OP_FN = {"AutoContrast": ra.auto_contrast, "Equalize": ra.equalize,
+         "Invert": lambda image: 255 - image, "Rotate": ra.rotate, "Posterize": ra.posterize,
+         "Solarize": ra.solarize, "SolarizeAdd": ra.solarize_add, "Color": ra.color,
+         "Contrast": ra.contrast, "Brightness": ra.brightness, "Sharpness": ra.sharpness,
+         "ShearX": ra.shear_x, "ShearY": ra.shear_y, "TranslateXRel": ra.translate_x,
+         "TranslateYRel": ra.translate_y}
+
+
+@pytest.mark.parametrize("magnitude", [9.0, 3.7])
+def test_each_op_takes_timms_argument_at_a_magnitude(magnitude):
+    """The policy maps a magnitude (and the random sign) to each op's argument as timm does:
+    the op applied by the policy equals the op called with timm's argument (to one grey level)."""
+    assert set(TIMM_ARGUMENT) == set(ra.OPS) == set(OP_FN)
+    image = tf.constant(images(1)[0])
+    for index, name in enumerate(ra.OPS):
+        for negate in (False, True):
+            got = ra.apply_op(image, tf.constant(index), tf.constant(magnitude), negate)
+            args = () if TIMM_ARGUMENT[name] is None else (
+                TIMM_ARGUMENT[name](magnitude, -1.0 if negate else 1.0),)
+            want = OP_FN[name](image, *args)
+            # The policy computes the argument in float32, timm's formula here in float64: a
+            # blend factor one ulp apart truncates a few pixels one grey level apart.
+            diff = np.abs(np.asarray(got, np.int32) - np.asarray(want, np.int32))
+            assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (name, magnitude, negate)
+
+
 def test_policy_parsing_and_errors():
     assert ra.parse_policy("rand-m9-mstd0.5-inc1") == {"n": 2, "m": 9.0, "mstd": 0.5,
                                                        "inc": 1.0}

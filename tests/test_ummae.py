@@ -1,22 +1,47 @@
-"""UM-MAE (methods/ummae.py, models/ummae_swin.py, models/pvt.py): uniform sampling, secondary
-masking, compaction, the decoder position order, configs and masks from files.
+"""UM-MAE (methods/ummae.py, models/ummae_swin.py, models/pvt.py) and the UM-MAE paper's SimMIM
+baselines: uniform sampling, secondary masking, compaction, the decoder position order, the
+features' full-grid geometry, configs and masks from files; parity with the plain torch
+references of the official models (tests/references/ummae.py) and what is UM-MAE's own in the
+conversion (the fine-tuning geometry, its tables). What every method must do (conversion both
+ways, masks from files, training and resume) is the contract suite's (test_methods.py).
 
-Expectations are written out independently here (loops over units and blocks, numpy); the parity
-with the plain torch reference of the official models is in test_ummae_parity.py.
+Expectations are written out independently (loops over units and blocks, numpy). Parity as for
+the other methods (parity.py): random JAX params -> export -> strict load into the torch reference
+(which keeps its own sin-cos tables), the same images and the same plan (mask and secondary
+mask), torch in float32 and float64. With decoder_pos_order="official" the JAX model reproduces
+the official pairing of latents and decoder positions; "true" is checked against the reference's
+own "true" mode.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from flax import nnx
-from parity import FAST_COMPILE
+from parity import (
+    FAST_COMPILE,
+    abstract_model,
+    assert_exports_back_exactly,
+    check_against_exact,
+    load_with_own_constants,
+    nchw,
+    random_params,
+    random_torch_state_dict,
+)
 from recipes import load
+from references import ummae as R
 
 from mixmae_jax import config as config_lib
+from mixmae_jax.interop import from_torch, layout_for, to_torch
 from mixmae_jax.methods import get_method
 from mixmae_jax.methods import ummae as U
+from mixmae_jax.methods.ummae import removed_units
 from mixmae_jax.models import layers as L
+from mixmae_jax.models import pvt, ummae_swin
+from mixmae_jax.models.classifier import build_classifier
+from mixmae_jax.numerics import FWD_TOL, GRAD_TOL
+from mixmae_jax.train.step import bind
 
 BACKBONES = ("ummae_swin_t.py", "ummae_pvt_s.py", "ummae_vit_b.py")
 
@@ -238,14 +263,32 @@ def test_pvt_sr_ratio_must_divide_the_compact_grid():
         config_lib.validate(tiny("ummae_pvt_s.py", ["--config.model.sr_ratios=(3,1,1)"]))
 
 
-def test_the_method_runs_only_its_backbones():
-    c = load("ummae_swin_t.py")
-    c.model = load("mixmim_b.py").model
-    with pytest.raises(config_lib.ConfigError, match="cannot run model.name='swin'"):
-        config_lib.validate(c)
+# -- frozen features ----------------------------------------------------------------------------
 
 
-# -- masks from files ----------------------------------------------------------------------
+@pytest.mark.parametrize("name, kind", [("ummae_swin_t.py", "swin"), ("ummae_pvt_s.py", "pvt")])
+def test_ummae_features_use_the_full_grid_finetuning_geometry(name, kind):
+    """The pretraining encoder's weights in an encoder built for the full grid (Swin window x2,
+    PVT's full-grid sr ratios): the features equal that encoder's, computed independently."""
+    config = load(name, "tiny")
+    method = get_method(config)
+    model = method.build_model(nnx.Rngs(0))
+    m = config.model.copy_and_resolve_references()
+    if kind == "swin":
+        m.window_size *= 2
+        full = ummae_swin.encoder(m, vis_mask_token=True, rngs=nnx.Rngs(5))
+    else:
+        m.sr_ratios = m.full_sr_ratios
+        full = pvt.encoder(m, vis_mask_token=True, rngs=nnx.Rngs(5))
+    nnx.update(full, nnx.state(model.encoder))
+    images = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
+    want = jnp.mean(full(images), axis=1)
+    np.testing.assert_allclose(method.features(model, images), want, rtol=1e-6, atol=1e-6)
+    if kind == "swin":
+        assert [b.window for b in full.blocks][:2] == [8, 8] and full.blocks[1].shift == 4
+
+
+# -- masks from files ---------------------------------------------------------------------------
 
 
 def plan_to_arrays(method, plan):
@@ -257,26 +300,13 @@ def plan_to_arrays(method, plan):
     return mask, vis
 
 
-@pytest.mark.parametrize("name", ["ummae_swin_t.py", "ummae_vit_b.py"])
-def test_mask_from_file_round_trips_a_plan(name):
-    method = get_method(load(name))
-    plan = method.make_plan(jax.random.key(4), 3, 1)
-    mask, vis = plan_to_arrays(method, plan)
-    assert (vis * mask).sum() == 0
-    back = method.mask_from_file({"mask": mask, "vis_mask": vis}, 3, "m.npz")
-    np.testing.assert_array_equal(back["slot"], plan["slot"])
-    np.testing.assert_array_equal(back["sm"], plan["sm"])
-
-
 def test_mask_from_file_names_what_is_wrong():
     method = get_method(load("ummae_swin_t.py"))
     plan = method.make_plan(jax.random.key(4), 2, 1)
     mask, vis = plan_to_arrays(method, plan)
+    # The contract suite checks the wrong kind of file, shapes and values.
     cases = [
-        (np.zeros((2, 16, 16)), "one .npy array"),
         ({"mask": mask}, r"arrays `mask` and `vis_mask`"),
-        ({"mask": mask[:, :8], "vis_mask": vis}, r"`mask` must have shape \(2, 16, 16\)"),
-        ({"mask": mask * 2, "vis_mask": vis}, "values must be 0 or 1"),
         ({"mask": np.zeros_like(mask), "vis_mask": vis}, r"image 0, block \(0, 0\) keeps 4"),
         ({"mask": mask, "vis_mask": 1 - mask}, "16 secondary-masked"),
         ({"mask": mask, "vis_mask": np.roll(vis, 1, axis=2) * mask + vis * 0},
@@ -287,13 +317,194 @@ def test_mask_from_file_names_what_is_wrong():
             method.mask_from_file(arrays, 2, "m.npz")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", BACKBONES)
-def test_two_training_steps(tmp_path, name):
-    """The trainer runs UM-MAE end to end on each backbone."""
-    from mixmae_jax import tasks
+# ---------------------------------------------------------------------------------------------
+# Parity with the references of the official models, and the conversion
+# ---------------------------------------------------------------------------------------------
 
-    c = tiny(name)
-    c.total_steps = 2
-    out = tasks.train(c, str(tmp_path / "w"), print_fn=lambda s: None)
-    assert out["step"] == 2 and np.isfinite(out["loss"]) and 0.3 < out["loss"] < 3.0
+PRETRAIN = {"ummae_swin_t.py": R.UMSwinPretrainTorch, "ummae_pvt_s.py": R.UMPVTPretrainTorch,
+            "ummae_vit_b.py": R.UMViTPretrainTorch,
+            "simmim_ummae_swin_t.py": R.SimMIMUMSwinTorch,
+            "simmim_ummae_pvt_s.py": R.SimMIMPVTTorch}
+FINETUNE = {"ummae_swin": R.UMSwinFinetuneTorch, "pvt": R.UMPVTFinetuneTorch}
+
+
+def reference(name, config):
+    """The torch reference of a config's pretraining model (official pairing unless "true")."""
+    cls = PRETRAIN[name]
+    if config.method.name == "simmim":
+        return cls.from_model_config(config.model)
+    kw = dict(vis_mask_ratio=config.method.vis_mask_ratio)
+    if config.model.name != "vit":
+        kw["decoder_pos_order"] = config.method.decoder_pos_order
+    return cls.from_model_config(config.model, **kw)
+
+
+def torch_masks(method, plan):
+    """The plan in the official convention: (mask, vis_mask) (B, L) bool on the unit grid."""
+    if "slot" not in plan:  # SimMIM: one mask
+        return torch.from_numpy(np.asarray(plan["mask"]).reshape(len(plan["mask"]), -1) > 0),
+    b = plan["slot"].shape[0]
+    mask = np.asarray(removed_units(plan["slot"])).reshape(b, -1) > 0
+    vis = np.asarray(method.secondary_units(plan)) > 0
+    return torch.from_numpy(mask), torch.from_numpy(vis)
+
+
+def jax_run(method, graphdef, params, images, plan):
+    """Loss, masked-unit predictions and gradients of the JAX model (one compiled call)."""
+
+    def loss_fn(p):
+        model = bind(graphdef, p)
+        loss, _ = method.loss(model, {"image": images}, plan, 1)
+        if method.name == "simmim":
+            token_mask, _ = method.upsampled(plan["mask"], model)
+            pred = L.patchify(model(images, token_mask), model.unit)
+        else:
+            pred = method.predict(model, images, plan)[0]
+        return loss, pred
+
+    fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), compiler_options=FAST_COMPILE)
+    return fn(params)
+
+
+def torch_run(tmodel, images, masks, dtype, masked_only):
+    x = nchw(images).to(dtype)
+    loss, pred = tmodel(x, *masks)
+    loss.backward()
+    if masked_only:  # pretraining: the removed units' rows come last
+        pred = pred[:, int((~masks[0][0]).sum()):]
+    values = {"predictions": pred.detach().double().numpy(), "loss": loss.detach().double().numpy()}
+    grads = {k: p.grad.double().numpy() for k, p in tmodel.named_parameters() if p.requires_grad}
+    return values, grads
+
+
+def parity_run(config, name, batch=3, seed=1):
+    method = get_method(config)
+    layout = layout_for(method.config)
+    graphdef, abstract = abstract_model(lambda: method.build_model(nnx.Rngs(0)))
+    params = random_params(abstract, seed=seed)
+    state_dict = to_torch.params_to_state_dict(params, layout)
+    size = config.model.img_size
+    images = np.random.default_rng(seed + 1).standard_normal((batch, size, size, 3),
+                                                              dtype=np.float32)
+    plan = method.make_plan(jax.random.key(seed + 2), batch, 1)
+    (loss, pred), grads = jax_run(method, graphdef, params, images, plan)
+    values = {"predictions": pred, "loss": loss}
+    if method.name == "simmim":  # the reference's rows are the units, masked or not
+        values["predictions"] = pred
+    masks = torch_masks(method, plan)
+    torch_values, torch_grads = {}, {}
+    for dtype in (torch.float32, torch.float64):
+        tmodel = load_with_own_constants(reference(name, config), state_dict, layout)
+        tmodel = tmodel.to(dtype).eval()
+        torch_values[dtype], torch_grads[dtype] = torch_run(
+            tmodel, images, masks, dtype, masked_only=method.name == "ummae")
+    jax_grads = to_torch.params_to_state_dict(grads, layout)
+    return dict(values=values, grads=jax_grads, torch_values=torch_values,
+                torch_grads=torch_grads, layout=layout)
+
+
+def check_run(title, r):
+    check_against_exact(f"{title} forward", r["values"], r["torch_values"][torch.float32],
+                        r["torch_values"][torch.float64], FWD_TOL)
+    t32, t64 = r["torch_grads"][torch.float32], r["torch_grads"][torch.float64]
+    assert set(t64) == {k for k in r["grads"] if not r["layout"].is_constant_key(k)}
+    jax_grads = {k: r["grads"][k].numpy() for k in t64}
+    # The position-bias MLP's output bias adds one constant to every logit of a softmax row:
+    # its exact gradient is 0 (float64: ~1e-20), so a relative error means nothing; both fp32
+    # sides are rounding noise of a sum of zero-mean terms, far below the other gradients.
+    scale = max(float(np.abs(g).max()) for g in t64.values())
+    vanishing = [k for k in t64 if float(np.abs(t64[k]).max()) < 1e-12 * scale]
+    assert all(k.endswith("posmlp.2.bias") for k in vanishing), vanishing
+    for k in vanishing:
+        assert float(np.abs(jax_grads.pop(k)).max()) < 1e-6 * scale, k
+    check_against_exact(f"{title} gradients ({len(jax_grads)} tensors, {len(vanishing)} exactly "
+                        "0)", jax_grads, t32, t64, GRAD_TOL)
+
+
+@pytest.mark.parametrize("name, order", [
+    ("ummae_swin_t.py", "official"), ("ummae_swin_t.py", "true"),
+    ("ummae_pvt_s.py", "official"), ("ummae_vit_b.py", "official"),
+    ("simmim_ummae_swin_t.py", None), ("simmim_ummae_pvt_s.py", None)])
+def test_tiny_parity(name, order):
+    """Loss, predictions and every gradient against the float64 reference (tiny models: 64 px,
+    three stages, shifted windows on the compact grid; ViT 32 px)."""
+    overrides = [f"--config.method.decoder_pos_order={order}"] if order else []
+    config = load(name, "tiny", overrides)
+    check_run(f"{name} {order or ''} tiny", parity_run(config, name))
+
+
+@pytest.mark.slow
+def test_swin_t_full_size_parity():
+    """UM-MAE Swin-T at 256 px, batch 2, official pairing: loss and gradients."""
+    config = load("ummae_swin_t.py", None, ["--config.method.decoder_pos_order=official"])
+    check_run("UM-MAE Swin-T 256", parity_run(config, "ummae_swin_t.py", batch=2))
+
+
+@pytest.mark.parametrize("model_name, name", [("ummae_swin", "simmim_ummae_swin_t.py"),
+                                              ("pvt", "simmim_ummae_pvt_s.py")])
+def test_finetune_classifier_parity(model_name, name):
+    """The finetuning models (full grid: window 8 of a 16-token map, sr 4,2,1 in the tiny
+    geometry) give the reference's logits from the same exported params."""
+    cfg = load(name, "tiny").model
+    torch_cls = FINETUNE[model_name]
+    method = get_method(load(name, "tiny"))
+    layout = layout_for(method.config)
+    graphdef, abstract = abstract_model(lambda: build_classifier(cfg, 7, rngs=nnx.Rngs(0)))
+    params = random_params(abstract, seed=4)
+    sd = to_torch.params_to_state_dict(params, layout, format="finetune", num_classes=7)
+    images = np.random.default_rng(5).standard_normal((2, 64, 64, 3), dtype=np.float32)
+    logits = jax.jit(lambda p, x: bind(graphdef, p)(x), compiler_options=FAST_COMPILE)(
+        params, images)
+    out = {}
+    for dtype in (torch.float32, torch.float64):
+        tmodel = torch_cls.from_model_config(cfg, num_classes=7)
+        tmodel.load_state_dict(sd, strict=True)
+        with torch.no_grad():
+            out[dtype] = {"logits": tmodel.to(dtype).eval()(nchw(images).to(dtype)).double()
+                          .numpy()}
+    check_against_exact(f"{model_name} finetune logits", {"logits": logits},
+                        out[torch.float32], out[torch.float64], FWD_TOL)
+
+
+# -- conversion -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, window_or_sr", [
+    ("ummae_swin_t.py", ("window_size", 16)), ("ummae_pvt_s.py", ("sr_ratios", (8, 4, 2, 1)))])
+def test_pretraining_export_loads_strictly_into_the_finetune_geometry(name, window_or_sr):
+    """The finetuning model runs the full grid (Swin window 16, PVT sr 8,4,2,1): no weight
+    depends on them, so the pretraining params export to it with a fresh head, strictly, and a
+    fine-tuning file of that geometry imports into its classifier and exports back bit for bit
+    (the contract suite checks the recipe's own geometry)."""
+    config = load(name)
+    method = get_method(config)
+    layout = layout_for(method.config)
+    _, abstract = abstract_model(lambda: method.build_model(nnx.Rngs(0)))
+    sd = to_torch.params_to_state_dict(random_params(abstract, seed=3), layout,
+                                       format="finetune", num_classes=10)
+    key, value = window_or_sr
+    ft_cfg = config.model.copy_and_resolve_references()
+    ft_cfg[key] = value
+    torch_cls = FINETUNE[config.model.name]
+    tmodel = torch_cls.from_model_config(ft_cfg, num_classes=10)
+    tmodel.load_state_dict(sd, strict=True)
+    assert not any(k.startswith(("decoder", "mask_token", "vis_mask_token", "norm.")) for k in sd)
+    assert torch.equal(sd["fc_norm.weight"], torch.ones(sd["fc_norm.weight"].shape))
+    assert 0 < float(sd["head.weight"].std()) < 1e-4
+    if config.model.name == "pvt":  # the frozen table becomes the learned one's start
+        table = L.sincos_pos_embed_2d(64, 64, 64)
+        np.testing.assert_array_equal(sd["pos_embed"].numpy()[0], table)
+    _, template = abstract_model(lambda: build_classifier(ft_cfg, 10, rngs=nnx.Rngs(0)))
+    ft_sd = random_torch_state_dict(tmodel, seed=8)  # a fine-tuning file of that geometry
+    params, _ = from_torch.state_dict_to_params(ft_sd, layout, template)
+    assert_exports_back_exactly(params, ft_sd, layout, "finetune", 10)
+
+
+def test_exported_tables_equal_the_references_own():
+    for name in ("ummae_swin_t.py", "ummae_pvt_s.py", "ummae_vit_b.py", "simmim_ummae_pvt_s.py"):
+        config = load(name)
+        own = reference(name, config).state_dict()
+        entries = layout_for(config).constant_entries("pretrain")
+        assert entries, name
+        for k, v in entries.items():
+            np.testing.assert_array_equal(v, own[k].numpy(), err_msg=f"{name}: {k}")

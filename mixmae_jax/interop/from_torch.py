@@ -272,6 +272,9 @@ def state_dict_to_params(state_dict, layout: K.Layout, template_params, *,
                 problems.append(f"{name}: the template has no parameter for it")
             continue
         shape, dtype = _leaf_meta(flat_template[path])
+        if len(value.shape) != len(shape):  # not even the template's rank: nothing to transpose
+            problems.append(f"{name}: shape {tuple(value.shape)}, template {shape} (as {path})")
+            continue
         array = layout.from_torch(path, K.tensor_to_numpy(value))
         if array.shape != shape:
             resized = layout.resize(name, value, shape, report)

@@ -71,6 +71,10 @@ def params_to_state_dict(params, layout: K.Layout, *, format: str = "pretrain",
                             f"{name} (from {path}): not a key of the official {format} model")
             continue
         array = _to_numpy(value)
+        if array.ndim != len(reference[name][0]):  # not even the official rank: no transpose
+            problems.append(f"{name}: shape {array.shape} (as {path}), official "
+                            f"{reference[name][0]}")
+            continue
         out = layout.to_torch(path, array)
         if np.may_share_memory(out, array) or not out.flags.writeable:
             out = np.array(out)  # the tensor must own its memory, not alias the caller's params

@@ -74,6 +74,14 @@ class Method(abc.ABC):
         """A plan from a user's mask in the official code's convention (`mask_help`); raises
         ValueError naming `--mask` and the file when the array does not fit."""
 
+    @staticmethod
+    def one_array(mask, path: str) -> np.ndarray:
+        """The array of a --mask file that holds one (`.npy`); an `.npz` archive is refused."""
+        if isinstance(mask, dict):
+            raise ValueError(f"--mask {path}: expected one .npy array, got an .npz archive of "
+                             f"{len(mask)} arrays ({', '.join(sorted(mask))})")
+        return np.asarray(mask)
+
     @abc.abstractmethod
     def panels(self, model, images, plan) -> tuple[float, dict, dict]:
         """(loss, metrics, columns): columns are normalised (B, H, W, 3) images, one per panel,

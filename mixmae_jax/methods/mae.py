@@ -95,7 +95,7 @@ class Method(base.Method):
     def mask_from_file(self, mask, batch_size, path):
         grid = self.model_cfg.img_size // self.model_cfg.patch_size
         n, removed = grid * grid, self.num_patches() - self.num_keep()
-        mask = np.asarray(mask)
+        mask = self.one_array(mask, path)
         if mask.shape == (grid, grid):
             mask = np.broadcast_to(mask, (batch_size, grid, grid))
         if mask.shape != (batch_size, grid, grid):

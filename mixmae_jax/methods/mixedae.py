@@ -282,9 +282,7 @@ class Method(base.Method):
         s, n = self.cfg.num_sources, self.num_patches()
         grid = int(round(n**0.5))
         g = batch_size // s
-        if isinstance(mask, dict):
-            raise ValueError(f"--mask {path}: expected one .npy array, got an .npz archive")
-        mask = np.asarray(mask)
+        mask = self.one_array(mask, path)
         if batch_size % s:
             raise ValueError(f"--mask {path}: {batch_size} images do not form mixed samples of "
                              f"{s} (method.num_sources)")

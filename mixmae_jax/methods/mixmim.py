@@ -134,6 +134,7 @@ class Method(base.Method):
     def mask_from_file(self, mask, batch_size, path):
         cells = self.num_cells()
         grid = int(round(cells**0.5))
+        mask = self.one_array(mask, path)
         if mask.size != cells:
             raise ValueError(f"--mask {path}: expected {grid}x{grid} = {cells} values on the "
                              f"final-stage grid, got shape {mask.shape}")

@@ -191,10 +191,7 @@ class Method(base.Method):
 
     def mask_from_file(self, mask, batch_size, path):
         g, count = self.mask_grid(), self.num_masked()
-        if isinstance(mask, dict):
-            raise ValueError(f"--mask {path}: expected one .npy array, got an .npz archive of "
-                             f"{len(mask)} arrays ({', '.join(sorted(mask))})")
-        mask = np.asarray(mask)
+        mask = self.one_array(mask, path)
         if mask.shape == (g, g):
             mask = np.broadcast_to(mask, (batch_size, g, g))
         if mask.shape != (batch_size, g, g):

@@ -1,50 +1,48 @@
-"""Parity of the Flax MixMIM with the plain torch reference, through the checkpoint converter.
+"""MixMIM (methods/mixmim.py, methods/mixing.py): parity of the Flax model with the plain torch
+reference through the checkpoint converter, what is MixMIM's own in its exports (constants,
+LayerNorms, the fresh head), exact invariants, mask draws and parameter counts. What every method
+must do (conversion both ways, masks from files, training and resume) is the contract suite's
+(test_methods.py).
 
-Random JAX params -> `params_to_state_dict` -> strict `load_state_dict` into the torch reference;
-same images (NHWC / NCHW), same final-grid mask shared by the batch, JAX num_groups=1 so the
-partner of sample i is n-1-i (torch's x.flip(0)). The reference keeps the constants it computes
-itself (relative-position indices, sin-cos tables): the export's are checked against them, never
-loaded over them.
+Parity: random JAX params -> `params_to_state_dict` -> strict `load_state_dict` into the torch
+reference; same images (NHWC / NCHW), same final-grid mask shared by the batch, JAX num_groups=1
+so the partner of sample i is n-1-i (torch's x.flip(0)). The reference keeps the constants it
+computes itself (relative-position indices, sin-cos tables): the export's are checked against
+them, never loaded over them.
 
-Tolerances: see parity.py (the JAX fp32 error against the float64 reference, bounded by the
-torch fp32 error).
-
-Also: the converter's round trip, error paths, atomic writes and window resizing.
+Tolerances: see parity.py and mixmae_jax/numerics.py (the JAX fp32 error against the float64
+reference, bounded by the torch fp32 error).
 """
 
-import argparse
-import os
+import math
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from flax import nnx
-from numerics import rel_err
+from numerics import assert_tensors_close
 from parity import (
     FAST_COMPILE,
-    FLOOR,
-    FWD_TOL,
-    GRAD_TOL,
-    RATIO,
     abstract_model,
-    assert_exports_back_exactly,
     check_against_exact,
     load_with_own_constants,
     nchw,
     random_params,
-    random_torch_state_dict,
 )
-from recipes import mixmim_model
+from recipes import mixmim_config, mixmim_model
 from references import mixmim as R
 
-from mixmae_jax.interop import from_torch, to_torch
 from mixmae_jax.interop import keymap as K
+from mixmae_jax.interop import to_torch
 from mixmae_jax.interop.mixmim_layout import MixMIMLayout
+from mixmae_jax.methods import mixing
 from mixmae_jax.methods.mixmim import MixMIMModel, dual_reconstruction_loss
+from mixmae_jax.models import swin
 from mixmae_jax.models.classifier import build_classifier
+from mixmae_jax.numerics import FLOOR, FWD_TOL, GRAD_TOL, RATIO, SAME_MATH_RTOL, rel_err
 from mixmae_jax.train.step import bind
 
 # Which official keys are constants does not depend on the size.
@@ -227,7 +225,7 @@ def test_mixmim_b_loss_parity():
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Finetuning export.
+# 3. Finetuning export: features, norms, constants, the fresh head.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -339,226 +337,261 @@ def test_finetune_export_of_pretraining_params_has_fresh_head():
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Round trip torch -> JAX -> torch, bit-exact.
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("fmt", ["pretrain", "finetune"])
-@pytest.mark.parametrize("name", list(TINY))
-def test_round_trip_is_bit_exact(name, fmt):
-    cfg = tiny_cfg(name)
-    torch.manual_seed(0)
-    if fmt == "pretrain":
-        tmodel = R.MixMIMPretrainTorch.from_model_config(cfg)
-        build = lambda: MixMIMModel(cfg, rngs=nnx.Rngs(0))  # noqa: E731
-    else:
-        tmodel = R.MixMIMFinetuneTorch.from_model_config(cfg, num_classes=10)
-        build = lambda: build_classifier(cfg, 10, rngs=nnx.Rngs(0))  # noqa: E731
-    sd = random_torch_state_dict(tmodel, seed=11)
-    _, template = abstract_model(build)
-    params, rep = from_torch.state_dict_to_params(sd, MixMIMLayout(cfg), template)
-    assert rep.file_format == fmt and not rep.resized and not rep.skipped and not rep.kept_fresh
-    back = assert_exports_back_exactly(params, sd, MixMIMLayout(cfg), fmt, 10)
-    assert back[next(k for k in sd if k.endswith("relative_position_index"))].dtype == torch.int64
-
-
-# ---------------------------------------------------------------------------------------------
-# 5. Error paths.
+# 4. Exact invariants of the Flax model (no torch model involved): cross-source attention has
+#    exactly zero effect; an all-zero mask gives the finetuning encoder; mask draws, pairing and
+#    parameter counts match the official code.
 # ---------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def tiny_pretrain_sd():
-    cfg = tiny_cfg("2stage")
-    torch.manual_seed(0)
-    sd = R.MixMIMPretrainTorch.from_model_config(cfg).state_dict()
-    _, template = abstract_model(lambda: MixMIMModel(cfg, rngs=nnx.Rngs(0)))
-    return cfg, sd, template
+def tiny():
+    cfg = tiny_cfg("3stage")
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: MixMIMModel(cfg, rngs=nnx.Rngs(0))),
+                                   nnx.Param)
+    params = random_params(nnx.to_pure_dict(abstract), seed=0)
+
+    def encode(params, images, mask):
+        return bind(graphdef, params).encode_mixed(images, mask, 1)
+
+    encode = jax.jit(encode, compiler_options=FAST_COMPILE)
+    images = np.random.default_rng(1).standard_normal((4, 64, 64, 3), dtype=np.float32)
+    cells = np.zeros(16, np.float32)
+    cells[np.random.default_rng(2).permutation(16)[:8]] = 1.0
+    return dict(cfg=cfg, params=params, encode=encode, images=images, cells=cells.reshape(4, 4),
+                mask=np.tile(cells, (4, 1)))
 
 
-def _conversion_error(fn, *args, **kw) -> str:
-    with pytest.raises(K.ConversionError) as e:
-        fn(*args, **kw)
-    return str(e.value)
-
-
-def test_from_torch_unknown_missing_and_wrong_shape_keys_are_named(tiny_pretrain_sd):
-    cfg, sd, template = tiny_pretrain_sd
-    bad = dict(sd)
-    bad["layers.0.blocks.0.attn.extra_thing"] = torch.zeros(3)
-    del bad["layers.1.blocks.1.mlp.fc2.weight"]
-    del bad["decoder_norm.bias"]
-    bad["layers.0.blocks.1.norm1.weight"] = torch.ones(17)
-    bad["decoder_embed.weight"] = torch.ones(32, 31)
-    msg = _conversion_error(from_torch.state_dict_to_params, bad, MixMIMLayout(cfg), template)
-    print("\n" + msg)
-    for key in ("layers.0.blocks.0.attn.extra_thing", "layers.1.blocks.1.mlp.fc2.weight",
-                "decoder_norm.bias", "layers.0.blocks.1.norm1.weight", "decoder_embed.weight"):
-        assert key in msg
-
-
-def test_from_torch_checks_constants(tiny_pretrain_sd):
-    cfg, sd, template = tiny_pretrain_sd
-    bad = dict(sd)
-    index = bad["layers.0.blocks.1.attn.relative_position_index"].clone()
-    index[0, 0] += 1
-    bad["layers.0.blocks.1.attn.relative_position_index"] = index
-    msg = _conversion_error(from_torch.state_dict_to_params, bad, MixMIMLayout(cfg), template)
-    assert "layers.0.blocks.1.attn.relative_position_index" in msg
-
-    # An APE that is not sin-cos (e.g. bicubic-resized by the official finetune loader).
-    bad = dict(sd)
-    bad["absolute_pos_embed"] = sd["absolute_pos_embed"] + 1e-3
-    msg = _conversion_error(from_torch.state_dict_to_params, bad, MixMIMLayout(cfg), template)
-    assert "absolute_pos_embed" in msg and "allow_ape_mismatch" in msg
-    with pytest.warns(UserWarning, match="absolute_pos_embed"):
-        _, rep = from_torch.state_dict_to_params(bad, MixMIMLayout(cfg), template,
-                                                 allow_ape_mismatch=True)
-    assert any("absolute_pos_embed" in n for n in rep.notes)
-
-
-def test_to_torch_missing_extra_and_wrong_shape_params_are_named():
-    cfg = tiny_cfg("2stage")
-    _, abstract = abstract_model(lambda: MixMIMModel(cfg, rngs=nnx.Rngs(0)))
-    params = random_params(abstract, seed=0)
-    flat = K.flatten(params)
-    del flat["encoder.layers.1.blocks.0.mlp.fc1.bias"]
-    flat["encoder.layers.0.blocks.0.attn.qkv.kernel"] = np.zeros((16, 47), np.float32)
-    flat["encoder.layers.0.blocks.0.attn.gate.kernel"] = np.zeros((16, 16), np.float32)
-    msg = _conversion_error(to_torch.params_to_state_dict, K.unflatten(flat), MixMIMLayout(cfg))
-    print("\n" + msg)
-    for key in ("layers.1.blocks.0.mlp.fc1.bias", "layers.0.blocks.0.attn.qkv.weight",
-                "layers.0.blocks.0.attn.gate.weight"):
-        assert key in msg
-    # A classifier's params have no decoder: a pretraining export names every decoder key.
-    _, cls_abstract = abstract_model(lambda: build_classifier(cfg, 10, rngs=nnx.Rngs(0)))
-    msg = _conversion_error(to_torch.params_to_state_dict, random_params(cls_abstract, 0),
-                            MixMIMLayout(cfg))
-    assert "mask_token" in msg and "decoder_pred.weight" in msg and "head.weight" in msg
-
-
-def test_load_refuses_pickled_objects_without_trust(tmp_path, tiny_pretrain_sd):
-    _, sd, _ = tiny_pretrain_sd
-    official = tmp_path / "official.pth"
-    torch.save({"model": sd, "args": argparse.Namespace(lr=1e-3, model="mixmim_base"),
-                "epoch": 599}, official)
-    msg = _conversion_error(from_torch.load_torch_checkpoint, official)
-    assert "--trust-pickle" in msg
-    loaded = from_torch.load_torch_checkpoint(official, trust_pickle=True)
-    assert list(loaded) == list(sd) and all(torch.equal(loaded[k], sd[k]) for k in sd)
-
-    bare = tmp_path / "bare.pth"
-    torch.save(sd, bare)  # a bare state_dict loads with the safe loader
-    assert list(from_torch.load_torch_checkpoint(bare)) == list(sd)
-
-
-def test_save_is_atomic_and_loads_with_weights_only(tmp_path, monkeypatch, tiny_pretrain_sd):
-    _, sd, _ = tiny_pretrain_sd
-    path = tmp_path / "out.pth"
-    to_torch.save_torch_checkpoint(sd, path)
-    loaded = torch.load(path, weights_only=True)
-    assert list(loaded) == ["model"] and list(loaded["model"]) == list(sd)
-    assert all(torch.equal(loaded["model"][k], sd[k]) for k in sd)
-    before = path.read_bytes()
-
-    real_save = torch.save
-
-    def failing_save(obj, f, *a, **kw):  # writes half a file, then fails
-        real_save(obj, f, *a, **kw)
-        f.truncate(100)
-        raise OSError("disk full (simulated)")
-
-    monkeypatch.setattr(torch, "save", failing_save)
-    changed = {k: v + 1 if v.is_floating_point() else v for k, v in sd.items()}
-    with pytest.raises(OSError, match="simulated"):
-        to_torch.save_torch_checkpoint(changed, path)
-    assert path.read_bytes() == before
-    assert os.listdir(tmp_path) == ["out.pth"]
+def pixel_region(cells, value, stride=16):
+    """(H, W) bool: pixels of the final-grid cells whose mask equals `value`."""
+    return np.kron(cells == value, np.ones((stride, stride), bool))
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. Window resize and pretraining <-> finetuning templates.
+# Mixing: the other source has no influence at all.
 # ---------------------------------------------------------------------------------------------
 
 
-def test_bias_tables_are_resized_like_the_official_loader(tiny_pretrain_sd):
-    _, sd, _ = tiny_pretrain_sd  # img 32, windows (4, 4)
-    target = tiny_cfg("2stage", img_size=64, window_sizes=(8, 4))  # 16x16 map, window 8
-    _, template = abstract_model(lambda: MixMIMModel(target, rngs=nnx.Rngs(0)))
-    params, rep = from_torch.state_dict_to_params(sd, MixMIMLayout(target), template)
-    print("\n" + str(rep))
-    assert len(rep.resized) == 2 and all(k.startswith("layers.0.") for k in rep.resized)
-    assert any("absolute_pos_embed" in n for n in rep.notes)
-    for j in range(2):
-        src = sd[f"layers.0.blocks.{j}.attn.relative_position_bias_table"]  # [49, 2]
-        want = F.interpolate(src.T.reshape(1, 2, 7, 7), size=(15, 15), mode="bicubic",
-                             align_corners=False).reshape(2, 225).T
-        got = params["encoder"]["layers"][0]["blocks"][j]["attn"]["relative_position_bias_table"]
-        assert got.shape == (225, 2)
-        np.testing.assert_array_equal(got, want.numpy())
-        same = params["encoder"]["layers"][1]["blocks"][j]["attn"]["relative_position_bias_table"]
-        np.testing.assert_array_equal(
-            same, sd[f"layers.1.blocks.{j}.attn.relative_position_bias_table"].numpy())
+def test_partner_pixels_hidden_from_a_sample_have_exactly_no_effect(tiny):
+    images, mask, cells = tiny["images"], tiny["mask"], tiny["cells"]
+    z = np.asarray(tiny["encode"](tiny["params"], images, mask))
+    noise = 3.0 * np.random.default_rng(3).standard_normal(images.shape[1:], dtype=np.float32)
+    b = images.shape[0]
+    for i in range(b):
+        p = b - 1 - i  # partner of sample i (num_groups=1)
+        # Sample i takes its own image where m = 0: the partner's pixels there are hidden from it.
+        hidden = images.copy()
+        hidden[p] += np.where(pixel_region(cells, 0)[..., None], noise, 0.0)
+        z_hidden = np.asarray(tiny["encode"](tiny["params"], hidden, mask))
+        assert np.array_equal(z_hidden[i], z[i]), f"sample {i} saw hidden partner pixels"
+        assert not np.array_equal(z_hidden[p], z[p])  # the partner itself did change
+
+        # Partner pixels sample i does see (m = 1) change only its m = 1 tokens.
+        visible = images.copy()
+        visible[p] += np.where(pixel_region(cells, 1)[..., None], noise, 0.0)
+        z_visible = np.asarray(tiny["encode"](tiny["params"], visible, mask))
+        own = cells.reshape(-1) == 0
+        assert np.array_equal(z_visible[i][own], z[i][own])
+        assert not np.array_equal(z_visible[i][~own], z[i][~own])
 
 
-def test_finetune_file_into_pretraining_template_keeps_fresh_decoder():
-    cfg = tiny_cfg("2stage")
-    torch.manual_seed(0)
-    sd = R.MixMIMFinetuneTorch.from_model_config(cfg, num_classes=10).state_dict()
-    _, abstract = abstract_model(lambda: MixMIMModel(cfg, rngs=nnx.Rngs(0)))
-    template = random_params(abstract, seed=12)  # concrete: stands in for a fresh init
-    params, rep = from_torch.state_dict_to_params(sd, MixMIMLayout(cfg), template)
-    assert rep.file_format == "finetune" and rep.template_format == "pretrain"
-    assert sorted(rep.skipped) == sorted(
-        f"{k}: finetuning-only, the pretraining template has none" for k in ("head.weight",
-                                                                             "head.bias"))
-    fresh = {p for p in K.flatten(template) if p.startswith("decoder.")}
-    assert set(rep.kept_fresh) == fresh
-    flat = K.flatten(params)
-    for p in fresh:
-        np.testing.assert_array_equal(flat[p], K.flatten(template)[p])
-    np.testing.assert_array_equal(flat["encoder.norm.scale"], sd["norm.weight"].numpy())
-    # An abstract template cannot supply the fresh decoder: refused, naming the keys.
-    msg = _conversion_error(from_torch.state_dict_to_params, sd, MixMIMLayout(cfg), abstract)
-    assert "mask_token" in msg and "decoder_pred.weight" in msg
+def test_all_zero_mask_equals_the_finetuning_encoder(tiny):
+    cfg, params, images = tiny["cfg"], tiny["params"], tiny["images"]
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_classifier(cfg, 10,
+                                                                         rngs=nnx.Rngs(0))),
+                                   nnx.Param)
+    cls_params = {"encoder": params["encoder"],
+                  "head": random_params(nnx.to_pure_dict(abstract), 1)["head"]}
+    feats = jax.jit(lambda p, x: bind(graphdef, p).encoder(x),
+                    compiler_options=FAST_COMPILE)(cls_params, images)
+    z = tiny["encode"](params, images, np.zeros_like(tiny["mask"]))
+    err = rel_err(z, feats)  # two compiled programs: equal up to fp32 summation order
+    print(f"\nall-zero mask vs the classifier's encoder: rel. error {err:.3g}")
+    assert err <= SAME_MATH_RTOL
 
 
-def test_pretraining_file_into_finetuning_template(tiny_pretrain_sd):
-    cfg, sd, _ = tiny_pretrain_sd
-    template = random_params(abstract_model(lambda: build_classifier(cfg, 10, rngs=nnx.Rngs(0)))[1],
-                             seed=13)
-    params, rep = from_torch.state_dict_to_params(sd, MixMIMLayout(cfg), template)
-    assert rep.file_format == "pretrain" and set(rep.kept_fresh) == {"head.kernel", "head.bias"}
-    assert {s.split(":")[0] for s in rep.skipped} == {
-        k for k in sd if k.startswith(("mask_token", "decoder_"))}
-    np.testing.assert_array_equal(params["head"]["kernel"], template["head"]["kernel"])
-    lines = list(rep)
-    assert lines[0].startswith("pretrain checkpoint -> finetune params")
+# ---------------------------------------------------------------------------------------------
+# Mask draws and pairing.
+# ---------------------------------------------------------------------------------------------
 
 
-def test_finetune_head_with_another_number_of_classes():
-    cfg = tiny_cfg("2stage")
-    torch.manual_seed(0)
-    sd = R.MixMIMFinetuneTorch.from_model_config(cfg, num_classes=10).state_dict()
-    template = random_params(abstract_model(lambda: build_classifier(cfg, 5, rngs=nnx.Rngs(0)))[1],
-                             seed=14)
-    msg = _conversion_error(from_torch.state_dict_to_params, sd, MixMIMLayout(cfg), template)
-    assert "head.weight" in msg and "head.bias" in msg and "drop head.weight" in msg
-    no_head = {k: v for k, v in sd.items() if not k.startswith("head.")}
-    params, rep = from_torch.state_dict_to_params(no_head, MixMIMLayout(cfg), template,
-                                                  format="finetune")
-    assert set(rep.kept_fresh) == {"head.kernel", "head.bias"}
-    np.testing.assert_array_equal(params["head"]["kernel"], template["head"]["kernel"])
-    partial = dict(no_head, **{"head.weight": torch.zeros(5, 32)})  # weight without bias
-    assert "head.bias" in _conversion_error(from_torch.state_dict_to_params, partial,
-                                            MixMIMLayout(cfg), template)
+draw_mask = jax.jit(mixing.draw_mask, static_argnums=(1, 2, 3, 4, 5, 6),
+                    compiler_options=FAST_COMPILE)
 
 
-def test_load_rejects_files_that_are_not_checkpoints(tmp_path):
-    junk = tmp_path / "junk.pth"
-    junk.write_bytes(b"not a checkpoint at all")
-    msg = _conversion_error(from_torch.load_torch_checkpoint, junk, trust_pickle=True)
-    assert "junk.pth" in msg
-    not_sd = tmp_path / "list.pth"
-    torch.save([torch.zeros(1)], not_sd)
-    assert "state_dict" in _conversion_error(from_torch.load_torch_checkpoint, not_sd)
+@pytest.mark.parametrize("cells,ratio", [(49, 0.5), (16, 0.5), (49, 0.75), (64, 0.3), (10, 0.25),
+                                         (144, 0.5)])
+def test_draw_mask_counts_and_groups(cells, ratio):
+    batch, groups = 12, 3
+    for per_sample in (False, True):
+        m = np.asarray(draw_mask(jax.random.key(cells), batch, groups, cells, ratio,
+                                 per_sample=per_sample))
+        assert m.shape == (batch, cells) and m.dtype == np.float32
+        assert set(np.unique(m)) <= {0.0, 1.0}
+        assert (m.sum(axis=1) == int(cells * ratio)).all(), m.sum(axis=1)  # official int(L * r)
+        g = m.reshape(groups, batch // groups, cells)
+        if per_sample:
+            assert len({row.tobytes() for row in m}) > 1
+        else:  # the official shared mask: one per device-local group, identical rows inside
+            assert (g == g[:, :1]).all()
+            if math.comb(cells, int(cells * ratio)) > 10**6:  # groups draw their own masks
+                assert len({grp[0].tobytes() for grp in g}) == groups
+
+
+def test_draw_mask_with_a_ratio_range():
+    m = np.asarray(draw_mask(jax.random.key(0), 8, 2, 49, 0.5, range_mask_ratio=0.25))
+    counts = m.sum(axis=1)
+    assert ((counts >= int(49 * 0.5)) & (counts <= int(49 * 0.75))).all()
+    assert (m.reshape(2, 4, 49) == m.reshape(2, 4, 49)[:, :1]).all()
+
+
+def test_method_plan_draws_one_mask_per_device_group():
+    """The trainer's plan (base recipe, 7x7 final grid): each device group gets its own mask."""
+    from mixmae_jax.methods import get_method
+
+    method = get_method(mixmim_config())
+    m = np.asarray(jax.jit(method.make_plan, static_argnums=(1, 2))(jax.random.key(0), 32, 8)
+                   ["mask"])
+    assert m.shape == (32, 49) and (m.sum(axis=1) == 24).all()
+    groups = m.reshape(8, 4, 49)
+    assert (groups == groups[:, :1]).all()
+    assert len({g[0].tobytes() for g in groups}) == 8
+
+
+def test_groups_compute_what_separate_batches_compute(tiny):
+    """Loss and gradients of a batch in G groups equal the mean over G separate one-group batches:
+    pairing, masks and the loss never reach across a (device) group."""
+    from mixmae_jax.methods import get_method
+
+    config = mixmim_config()
+    config.model = tiny_cfg("3stage")
+    method = get_method(config)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: method.build_model(nnx.Rngs(0))), nnx.Param)
+    groups, per = 3, 2
+    images = np.random.default_rng(4).standard_normal((groups * per, 64, 64, 3), np.float32)
+    table = np.zeros((groups, 16), np.float32)
+    for g, count in enumerate((3, 8, 12)):  # a different mask and count per group
+        table[g, np.random.default_rng(5 + g).permutation(16)[:count]] = 1.0
+
+    @jax.jit
+    def loss_and_grads(params, images, mask):
+        n = images.shape[0] // per
+        def loss(p):
+            return method.loss(bind(graphdef, p), {"image": images}, {"mask": mask}, n)[0]
+
+        return jax.value_and_grad(loss)(params)
+
+    loss, grads = loss_and_grads(tiny["params"], images, np.repeat(table, per, axis=0))
+    parts = [loss_and_grads(tiny["params"], images[g * per:(g + 1) * per],
+                            np.repeat(table[g:g + 1], per, axis=0)) for g in range(groups)]
+    assert float(loss) == pytest.approx(np.mean([float(p[0]) for p in parts]), rel=SAME_MATH_RTOL)
+    mean = {k: np.mean([K.flatten(p[1])[k] for p in parts], axis=0, dtype=np.float64)
+            for k in K.flatten(grads)}
+    assert_tensors_close(K.flatten(grads), mean, SAME_MATH_RTOL, "grouped gradients")
+
+
+def test_partner_reverses_within_each_group_only():
+    b, groups = 12, 3
+    x = np.arange(b)
+    got = np.asarray(mixing.partner(jnp.asarray(x), groups))
+    n = b // groups
+    for i in range(b):
+        g, j = divmod(i, n)
+        assert got[i] == g * n + (n - 1 - j)
+        assert got[i] // n == g  # never across groups
+    assert np.array_equal(np.asarray(mixing.partner(jnp.asarray(x), 1)), x[::-1])
+    with pytest.raises(ValueError):
+        mixing.partner(jnp.asarray(x), 5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter counts against the official totals (frozen sin-cos tables included).
+# ---------------------------------------------------------------------------------------------
+
+PRETRAIN_TOTALS = {"B": 114_665_784, "L": 223_468_244, "H": 684_709_594}
+FINETUNE_TOTALS = {("B", 224): 88_344_352, ("L", 224): 197_396_668, ("H", 224): 659_262_658,
+                   ("B", 384): 89_577_440, ("L", 384): 199_246_300}
+
+
+def _numel(tree) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _tables(cfg, pretrain: bool) -> int:
+    """The frozen sin-cos parameters of the official model (the int64 buffers are not params)."""
+    fmt = "pretrain" if pretrain else "finetune"
+    return sum(v.size for k, v in MixMIMLayout(cfg).constant_entries(fmt).items()
+               if not k.endswith("relative_position_index"))
+
+
+@pytest.fixture(scope="module")
+def abstract_pretrain():
+    """Abstract MixMIMModel params per size (nnx.eval_shape: nothing is allocated)."""
+    cache = {}
+
+    def get(variant):
+        if variant not in cache:
+            cfg = mixmim_model(variant, 224)
+            model = nnx.eval_shape(lambda: MixMIMModel(cfg, rngs=nnx.Rngs(0)))
+            cache[variant] = nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
+        return cache[variant]
+
+    return get
+
+
+@pytest.mark.parametrize("variant", ["B", "L", "H"])
+def test_pretraining_parameter_counts(abstract_pretrain, variant):
+    params = abstract_pretrain(variant)
+    total = _numel(params) + _tables(mixmim_model(variant, 224), pretrain=True)
+    assert total == PRETRAIN_TOTALS[variant]
+
+
+@pytest.mark.parametrize("variant", ["B", "L", "H"])
+def test_finetuning_parameter_counts_224(abstract_pretrain, variant):
+    # The classifier = the same Swin encoder + a Linear(C_final -> 1000) head; the classifier
+    # itself is counted directly at 384 below.
+    encoder = abstract_pretrain(variant)["encoder"]
+    cfg = mixmim_model(variant, 224)
+    head = (cfg.embed_dim * 8 + 1) * 1000
+    assert _numel(encoder) + head + _tables(cfg, pretrain=False) == FINETUNE_TOTALS[(variant, 224)]
+
+
+@pytest.mark.parametrize("variant", ["B", "L"])
+def test_finetuning_parameter_counts_384(variant):
+    cfg = mixmim_model(variant, 384)
+    model = nnx.eval_shape(lambda: build_classifier(cfg, 1000, rngs=nnx.Rngs(0)))
+    params = nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
+    assert set(params) == {"encoder", "head"}
+    assert _numel(params) + _tables(cfg, pretrain=False) == FINETUNE_TOTALS[(variant, 384)]
+
+
+def test_encoder_is_the_same_module_in_both_models():
+    cfg = tiny_cfg("3stage")
+    pre = nnx.split(nnx.eval_shape(lambda: MixMIMModel(cfg, rngs=nnx.Rngs(0))), nnx.Param)[1]
+    enc = nnx.split(nnx.eval_shape(lambda: swin.encoder(cfg, rngs=nnx.Rngs(0))), nnx.Param)[1]
+    shapes = jax.tree_util.tree_map(lambda x: x.shape, nnx.to_pure_dict(pre)["encoder"])
+    assert shapes == jax.tree_util.tree_map(lambda x: x.shape, nnx.to_pure_dict(enc))
+
+
+def test_bf16_compute_keeps_fp32_params_and_close_loss(tiny):
+    """compute_dtype=bfloat16: bf16 matmuls, fp32 master weights, loss within bf16 precision."""
+    from mixmae_jax.methods import get_method
+
+    losses = {}
+    plan = {"mask": jnp.asarray(tiny["mask"])}
+    for dtype in ("float32", "bfloat16"):
+        config = mixmim_config()
+        config.model = tiny_cfg("3stage")
+        config.compute_dtype = dtype
+        method = get_method(config)
+        graphdef, abstract = nnx.split(nnx.eval_shape(lambda m=method: m.build_model(
+            nnx.Rngs(0))), nnx.Param)
+        dtypes = {x.dtype for x in jax.tree.leaves(nnx.to_pure_dict(abstract))}
+        assert dtypes == {jnp.dtype("float32")}
+        batch = {"image": tiny["images"]}
+        loss = jax.jit(lambda p, g=graphdef, m=method, x=batch: m.loss(bind(g, p), x, plan, 1)[0])(
+            tiny["params"])
+        losses[dtype] = float(loss)
+    assert losses["bfloat16"] != losses["float32"]  # bf16 really ran
+    assert abs(losses["bfloat16"] - losses["float32"]) < 2e-2 * abs(losses["float32"])
+
+
