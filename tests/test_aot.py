@@ -200,18 +200,18 @@ def test_fit_finds_the_largest_batch_that_fits(monkeypatch, fixed, per_image, us
 def test_a_config_that_cannot_run_on_the_target_is_one_error_line(capsys):
     tiny = os.path.join(CONFIGS, "mixmim_b.py:tiny")
     assert bench.main(["--config", tiny, "--topology", "v5e:2x2", "--batch", "6"]) == 2
-    out = capsys.readouterr().out.strip().splitlines()
+    out = capsys.readouterr().err.strip().splitlines()  # errors go to stderr
     assert out == ["error: batch_size: global batch 6 is not divisible by the 4 devices"]
     assert bench.main(["--config", tiny, "--topology", "v5e:2x2",
                        "--config.mesh.fsdp=3"]) == 2
-    assert capsys.readouterr().out.startswith("error: mesh.fsdp=3 does not divide the 4 devices")
+    assert capsys.readouterr().err.startswith("error: mesh.fsdp=3 does not divide the 4 devices")
     # 8 is no product of the v5p-128 torus's axes (4, 4, 4): jax refuses that mesh on the pod
     assert bench.main(["--config", tiny, "--topology", "v5p:4x4x4", "--batch", "64",
                        "--config.mesh.fsdp=8"]) == 2
-    assert capsys.readouterr().out.startswith(
+    assert capsys.readouterr().err.startswith(
         "error: mesh.data=8 x mesh.fsdp=8 cannot be laid out on the 4x4x4 mesh")
     assert bench.main(["--config", tiny, "--topology", "tpu9:2x2"]) == 2
-    assert "v5e:16x16" in capsys.readouterr().out  # the known targets, by example
+    assert "v5e:16x16" in capsys.readouterr().err  # the known targets, by example
     assert bench.main(["--list-topologies"]) == 0
     assert "h200:1x1x8" in capsys.readouterr().out
 
