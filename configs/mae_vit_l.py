@@ -4,7 +4,8 @@ ViT-L and ViT-H), FSDP over the `fsdp` mesh axis.
   mixmae-pretrain --config configs/mae_vit_l.py --workdir gs://BUCKET/mae_vit_l \
       --config.mesh.fsdp=8 --config.compute_dtype=bfloat16
 
-Sized for 64 GPUs or a TPU v4-128 (global batch 4096); 800 epochs. Finetuned top-1 after 1600
+Sized for 64 GPUs or a TPU v4-128 (global batch 4096; on its 4x4x4 torus mesh.fsdp=16: 8 spans
+no whole torus axes); 800 epochs. Finetuned top-1 after 1600
 epochs (official): 85.9.
 
 Variants: `:tiny` (CPU smoke run).
