@@ -139,6 +139,10 @@ def table(out: str) -> str:
                         f"error: {r['error']} | | | | |")
             continue
         mesh = " x ".join(f"{k} {v}" for k, v in r["mesh"].items() if v > 1)
+        # overrides beyond the row's dtype and mesh, e.g. --config.optim.grad_accum_steps=2
+        extra = [o.removeprefix("--config.") for o in row["overrides"] if o.startswith(
+            "--config.") and not o.startswith(("--config.compute_dtype", "--config.mesh."))]
+        recipe = row["recipe"] + "".join(f" `{o}`" for o in extra)
         batch = f"{r['batch']} ({r['per_device_batch']:g})"
         if "total_bytes" in r:
             memory = f"{_gib(r['total_bytes'])} / {_gib(r['usable_memory_bytes'])} GiB"
@@ -152,7 +156,7 @@ def table(out: str) -> str:
         est = (f"{r['estimated_step_s']:.3f} s ({100 * r['estimated_mfu']:.0f}% MFU)"
                if r.get("estimated_step_s") else "")
         coll = _collectives(r) if "collectives" in r else ""
-        body.append(f"| {row['recipe']} | {row['topology']} ({mesh}) | {row['dtype']} "
+        body.append(f"| {recipe} | {row['topology']} ({mesh}) | {row['dtype']} "
                     f"| {r.get('remat', '')} | {batch} "
                     f"| {memory} | {fits} | {coll} | {est} | {r['compile_s']:.0f} s |")
     return head + "\n".join(body) + "\n"

@@ -484,7 +484,8 @@ def test_aot_table_rows_and_the_extrapolated_batch(tmp_path):
           "fits": True, "compile_s": 12.0,
           "collectives": {"all-reduce": {"count": 3, "bytes": 5e8},
                           "all-to-all": {"count": 0, "bytes": 0}}}
-    row = {"recipe": "mae_vit_b", "topology": "v5e:2x2", "dtype": "bfloat16", "overrides": []}
+    row = {"recipe": "mae_vit_b", "topology": "v5e:2x2", "dtype": "bfloat16",
+           "overrides": ["--config.compute_dtype=bfloat16", "--no-estimate"]}
     out = tmp_path / "t.jsonl"
     out.write_text(json.dumps({"row": row, "wall_s": 1, "result": ok}) + "\n" + json.dumps(
         {"row": {**row, "dtype": "float32"}, "wall_s": 1, "result": {"error": "mesh.fsdp: x"}})
@@ -495,3 +496,7 @@ def test_aot_table_rows_and_the_extrapolated_batch(tmp_path):
     assert lines[2] == ("| mae_vit_b | v5e:2x2 (data 4) | bfloat16 | dots | 32 (8) | 3.0 / 16.0 "
                         "GiB | yes, ~60 per device | AR 0.50 GB |  | 12 s |")
     assert "error: mesh.fsdp: x" in lines[3]
+    # an override beyond dtype and mesh is named with the recipe
+    row["overrides"].append("--config.optim.grad_accum_steps=2")
+    out.write_text(json.dumps({"row": row, "wall_s": 1, "result": ok}) + "\n")
+    assert "| mae_vit_b `optim.grad_accum_steps=2` | v5e:2x2" in aot_table.table(str(out))
