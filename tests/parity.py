@@ -10,6 +10,7 @@ only the JAX side. Errors are relative Frobenius errors ||a - b|| / ||b||, print
 (`pytest -s`).
 """
 
+import jax
 import numpy as np
 import torch
 from flax import nnx
@@ -103,3 +104,25 @@ def assert_exports_back_exactly(params, state_dict, layout, fmt, num_classes):
         assert back[k].dtype == v.dtype, k
         assert torch.equal(back[k], v), k
     return back
+
+
+def mixmim_encode_case(cfg) -> dict:
+    """A random MixMIM model of `cfg`, its jitted mixed encoder (one group), 4 random 64-px
+    images and one final-grid mask (4 x 4 cells, 8 from the partner) tiled over the batch: the
+    exact-invariant tests' case."""
+    from mixmae_jax.methods.mixmim import MixMIMModel
+    from mixmae_jax.train.step import bind
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: MixMIMModel(cfg, rngs=nnx.Rngs(0))),
+                                   nnx.Param)
+    params = random_params(nnx.to_pure_dict(abstract), seed=0)
+
+    def encode(params, images, mask):
+        return bind(graphdef, params).encode_mixed(images, mask, 1)
+
+    encode = jax.jit(encode, compiler_options=FAST_COMPILE)
+    images = np.random.default_rng(1).standard_normal((4, 64, 64, 3), dtype=np.float32)
+    cells = np.zeros(16, np.float32)
+    cells[np.random.default_rng(2).permutation(16)[:8]] = 1.0
+    return dict(cfg=cfg, params=params, encode=encode, images=images, cells=cells.reshape(4, 4),
+                mask=np.tile(cells, (4, 1)))

@@ -29,6 +29,7 @@ from parity import (
     abstract_model,
     check_against_exact,
     load_with_own_constants,
+    mixmim_encode_case,
     nchw,
     random_params,
 )
@@ -345,20 +346,7 @@ def test_finetune_export_of_pretraining_params_has_fresh_head():
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = tiny_cfg("3stage")
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: MixMIMModel(cfg, rngs=nnx.Rngs(0))),
-                                   nnx.Param)
-    params = random_params(nnx.to_pure_dict(abstract), seed=0)
-
-    def encode(params, images, mask):
-        return bind(graphdef, params).encode_mixed(images, mask, 1)
-
-    encode = jax.jit(encode, compiler_options=FAST_COMPILE)
-    images = np.random.default_rng(1).standard_normal((4, 64, 64, 3), dtype=np.float32)
-    cells = np.zeros(16, np.float32)
-    cells[np.random.default_rng(2).permutation(16)[:8]] = 1.0
-    return dict(cfg=cfg, params=params, encode=encode, images=images, cells=cells.reshape(4, 4),
-                mask=np.tile(cells, (4, 1)))
+    return mixmim_encode_case(tiny_cfg("3stage"))
 
 
 def pixel_region(cells, value, stride=16):

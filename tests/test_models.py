@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from numerics import assert_tensors_close
-from parity import random_params
+from parity import mixmim_encode_case
 from recipes import mixmim_config, mixmim_model
 
 from mixmae_jax.interop import keymap as K
@@ -37,20 +37,7 @@ def tiny_cfg():
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = tiny_cfg()
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: MixMIMModel(cfg, rngs=nnx.Rngs(0))),
-                                   nnx.Param)
-    params = random_params(nnx.to_pure_dict(abstract), seed=0)
-
-    def encode(params, images, mask):
-        return bind(graphdef, params).encode_mixed(images, mask, 1)
-
-    encode = jax.jit(encode, compiler_options=FAST_COMPILE)
-    images = np.random.default_rng(1).standard_normal((4, 64, 64, 3), dtype=np.float32)
-    cells = np.zeros(16, np.float32)
-    cells[np.random.default_rng(2).permutation(16)[:8]] = 1.0
-    return dict(cfg=cfg, params=params, encode=encode, images=images, cells=cells.reshape(4, 4),
-                mask=np.tile(cells, (4, 1)))
+    return mixmim_encode_case(tiny_cfg())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -109,21 +109,28 @@ def test_nonfinite_loss_stops_and_keeps_last_good_state(tmp_path, image_folder):
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
-@pytest.mark.slow
-def test_sigterm_saves_and_exits_cleanly(tmp_path, image_folder):
+def _start_long_run(tmp_path, image_folder, stderr):
+    """A tiny mixmae-pretrain run far longer than the test, once it has logged its first step
+    (or given up: the caller checks it still runs): (workdir, process)."""
     workdir = str(tmp_path / "run")
     cmd = [os.path.join(os.path.dirname(sys.executable), "mixmae-pretrain"),
            "--config", os.path.join(REPO, "configs/mixmim_b.py") + ":tiny",
            "--workdir", workdir, "--config.data.source=folder",
            f"--config.data.folder={image_folder}", "--config.total_steps=100000",
            "--config.checkpoint_every=100000", "--config.log_every=1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True)
     deadline = time.time() + 240
     metrics = os.path.join(workdir, "metrics.jsonl")
     while time.time() < deadline and proc.poll() is None:
         if os.path.exists(metrics) and os.path.getsize(metrics) > 0:
             break
         time.sleep(0.5)
+    return workdir, proc
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly(tmp_path, image_folder):
+    workdir, proc = _start_long_run(tmp_path, image_folder, stderr=subprocess.STDOUT)
     assert proc.poll() is None, proc.stdout.read()
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
@@ -145,19 +152,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, image_folder):
 def test_ctrl_c_saves_the_step_in_flight_and_exits(tmp_path, image_folder):
     """Ctrl-C (SIGINT) as SIGTERM: the step in flight finishes and is saved, one line says so,
     no traceback; the exit status is 130, as after any Ctrl-C."""
-    workdir = str(tmp_path / "run")
-    cmd = [os.path.join(os.path.dirname(sys.executable), "mixmae-pretrain"),
-           "--config", os.path.join(REPO, "configs/mixmim_b.py") + ":tiny",
-           "--workdir", workdir, "--config.data.source=folder",
-           f"--config.data.folder={image_folder}", "--config.total_steps=100000",
-           "--config.checkpoint_every=100000", "--config.log_every=1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    metrics = os.path.join(workdir, "metrics.jsonl")
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(metrics) and os.path.getsize(metrics) > 0:
-            break
-        time.sleep(0.5)
+    workdir, proc = _start_long_run(tmp_path, image_folder, stderr=subprocess.PIPE)
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
