@@ -52,8 +52,12 @@ demo: setup
 experiment: setup
 	$(PY) -m mixmae_jax.digits_experiment --method $(METHOD) --workdir $(EXPERIMENT_DIR)
 
+# One pytest worker per core (TEST_WORKERS=0 runs in-process): compiling XLA programs, which is
+# most of the suite's time, uses one thread. --dist loadfile keeps each file's shared compiled
+# functions in one worker.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile
 
 lint: setup
 	$(BIN)/ruff check .
