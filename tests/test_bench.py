@@ -10,6 +10,7 @@ from mixmae_jax import bench
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config, flops_range", [
     # Forward + backward of a 1.1 GFLOP-per-step tiny model: XLA counts the unrolled blocks.
     ("mixmim_b.py:tiny", (0.5e9, 5e9)),
@@ -41,6 +42,7 @@ def test_bench_takes_and_names_config_overrides(capsys):
     assert "no_such_key" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_compilation_cache_makes_a_repeated_run_compile_nothing(tmp_path):
     """config.compilation_cache_dir: the first bench fills the cache, a second identical one
     (a fresh process) finds every compiled function there and adds no entry."""

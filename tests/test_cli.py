@@ -74,6 +74,7 @@ def imported(setup):
     return str(workdir)
 
 
+@pytest.mark.slow
 def test_from_torch_then_to_torch_is_bit_exact(setup, imported, tmp_path):
     out = tmp_path / "back.pth"
     _convert("to-torch", "--workdir", imported, "--step", 0, "--out", out)
@@ -203,6 +204,7 @@ def test_visualize_names_a_mask_file_that_is_no_array(imported, setup, tmp_path,
     assert "allow_pickle" not in err  # numpy's advice, about another problem
 
 
+@pytest.mark.slow
 def test_pretrain_resumes_from_an_imported_checkpoint(setup, imported):
     config = config_lib.load_config(setup["config"])
     lines = []
@@ -447,6 +449,7 @@ def _listing(folder) -> dict[str, int]:
             for d, _, files in os.walk(folder) for f in files}
 
 
+@pytest.mark.slow
 def test_read_only_places_are_one_line(setup, imported, tmp_path):
     """A read-only workdir (a resume), a new workdir, --out and from-torch's --workdir in a
     read-only folder: one line each naming the place and the cause, exit 2, before any

@@ -119,6 +119,7 @@ def test_embedded_source_batches(embedded_builder):
     assert images.reshape(16, -1).std(1).min() > 2.0
 
 
+@pytest.mark.slow
 def test_digits_are_the_real_scans_with_their_labels_in_a_fixed_split(tmp_path):
     """1,200 + 597 examples, every class in both splits, the images are sklearn's scans
     (upscaled), and the pretraining pipeline reads them (labels ignored)."""
@@ -390,6 +391,7 @@ def test_random_resized_crop_output_and_fused_jpeg_crop():
     assert 3 <= sum(flips) <= 17
 
 
+@pytest.mark.slow
 def test_labelled_stream_with_randaugment(monkeypatch):
     """Fine-tuning's stream: labels beside the images, RandAugment's policy parsed and applied
     after the crop (traced once), the same batches for the same seed."""

@@ -11,6 +11,7 @@ from mixmae_jax.methods import get_method
 from mixmae_jax.train import step as step_lib
 
 
+@pytest.mark.slow
 def test_frozen_accuracy_of_an_encoder_on_the_digits():
     """k-NN and linear probe of a (random) tiny encoder's features: accuracies in (0.1, 1]
     (even random Swin features keep digits apart better than chance)."""
@@ -26,6 +27,7 @@ def test_frozen_accuracy_of_an_encoder_on_the_digits():
 TOY_ENCODER = os.path.join(os.path.dirname(__file__), "data", "digits_toy_encoder.npz")
 
 
+@pytest.mark.slow
 def test_pretrained_encoder_beats_random_init_on_frozen_features():
     """The pretrained-vs-random toy: the encoder of configs/digits.py:toy after 1,000 MixMIM
     steps on the digits images without labels (shipped; 83.6% k-NN when made) against the same

@@ -63,6 +63,7 @@ def _scales_by_name(config_name, decay, rule):
     return {layout.torch_name(p, "finetune"): s for p, s in flat.items()}
 
 
+@pytest.mark.slow
 def test_mixmim_b_layer_decay_is_the_official_quirk():
     """MixMIM util/lr_decay.py for depths (2, 2, 18, 2): 25 layer ids, scale 0.7^(25 - id);
     the head and final norm share the last block's id 24; a stage's downsample takes the id of
@@ -119,6 +120,7 @@ def test_ummae_swin_t_layer_decay_puts_merges_in_their_block():
     assert by_name["head.weight"] == 1.0
 
 
+@pytest.mark.slow
 def test_simmim_swin_b_layer_decay_is_the_official_rule():
     """SimMIM optimizer.py get_swin_layer for depths (2, 2, 18, 2): 26 scales 0.8^(25 - id);
     patch_embed id 0; layers.s.blocks.j id sum(depths[:s]) + j + 1; a stage's downsample the id
@@ -280,6 +282,7 @@ def test_finetune_runs_resumes_exactly_and_keeps_the_best(tmp_path, pretrain_wor
     assert best_step == best["step"]
 
 
+@pytest.mark.slow
 def test_finetuned_export_loads_strictly_and_computes_the_same_logits(tmp_path,
                                                                       pretrain_workdir):
     """mixmae-convert to-torch of a fine-tuning workdir: the official models_mixmim_ft
@@ -307,6 +310,7 @@ def test_finetuned_export_loads_strictly_and_computes_the_same_logits(tmp_path,
     assert err < 1e-5, err
 
 
+@pytest.mark.slow
 def test_384_style_finetuning_adds_the_official_loaders_resized_ape(pretrain_workdir):
     """`finetune_mixmim_b.py:res=384` in small: a 32-px (8x8) pretraining fine-tuned at 48 px
     (12x12) with model.ape_grid=8. The official loader bicubic-resizes the 8x8 sin-cos table
@@ -458,6 +462,7 @@ def test_init_of_another_depth_is_refused_naming_the_tensors(tmp_path, pretrain_
     assert not os.path.exists(tmp_path / "ft")
 
 
+@pytest.mark.slow
 def test_evaluation_counts_every_example_once_on_8_devices():
     """`classification.evaluate` over an 8-device mesh: 597 test digits in padded batches of 200;
     the padding is masked out, and the figures equal those of one device."""
@@ -547,6 +552,7 @@ def test_shipped_finetune_configs_hold_the_official_recipes():
             finetune.validate(load("digits.py", f"method={method},{arg}"))
 
 
+@pytest.mark.slow
 def test_pretraining_tools_refuse_a_finetuning_workdir(tmp_path, pretrain_workdir, capsys):
     from mixmae_jax.cli import eval_main
 
@@ -564,6 +570,7 @@ def _no_build(*a, **k):
     raise AssertionError("built the experiment before refusing the input")
 
 
+@pytest.mark.slow
 def test_bad_init_and_data_are_refused_before_anything_is_written_or_built(
         tmp_path, pretrain_workdir, monkeypatch, capsys):
     """--init missing, of another family, of another depth, and class folders with an

@@ -38,6 +38,7 @@ def refs(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_parity_passes_its_own_references_and_names_a_wrong_gradient(refs, tmp_path):
     (row,) = gpu_check.parity(refs)
     assert row["ok"] and row["gradients"] == 48

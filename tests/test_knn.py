@@ -113,6 +113,7 @@ def test_mixmae_eval_knn_on_a_pretraining_workdir(tmp_path, capsys):
     assert "tfds dataset 'no_such_set': not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_pretraining_knn_monitor_equals_the_offline_tool(tmp_path, capsys):
     """`config.evals.knn` logs knn_top1/top5 beside the loss; at the last step they equal
     what `mixmae-eval knn` computes from the saved checkpoint."""

@@ -97,6 +97,7 @@ def tiny_run():
                 torch_values=torch_values, torch_grads=torch_grads, masks=masks, layout=layout)
 
 
+@pytest.mark.slow
 def test_tiny_forward_parity(tiny_run):
     r = tiny_run
     np.testing.assert_array_equal(np.asarray(r["plan"]["mask"]), r["masks"][torch.float32])

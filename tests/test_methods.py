@@ -283,6 +283,7 @@ def tiny_model(request):
                 plan=plan, run=lambda plan: fn(params, images, plan))
 
 
+@pytest.mark.slow
 def test_panels_show_the_training_loss(tiny_model):
     """`panels` (what mixmae-visualize prints and draws) computes the loss and metrics the
     method trains on, for the same plan; the first column is the original image."""
@@ -335,6 +336,7 @@ def test_a_mask_file_that_does_not_fit_is_refused_naming_it(tiny_model):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", [c for c in CASES if c != "simmim-ummae_swin"])
 def test_features_are_one_finite_vector_per_image_that_depends_on_it(case):
     """`Method.features` (k-NN, linear probe): whole unmasked images, one vector per image."""

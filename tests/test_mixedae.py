@@ -237,6 +237,7 @@ def test_naive_mixing_baseline_config():
     assert c.method.num_sources == 4 and get_method(c).topk() == 49
 
 
+@pytest.mark.slow
 def test_per_layer_attention_modes():
     c = tiny(["--config.method.attention=full,topk"])
     config_lib.validate(c)

@@ -155,6 +155,7 @@ def tiny_run(request):
                 torch_grads=torch_grads)
 
 
+@pytest.mark.slow
 def test_tiny_forward_parity(tiny_run):
     r = tiny_run
     check_against_exact(f"{r['name']} forward", r["values"], r["torch_values"][torch.float32],
@@ -258,6 +259,7 @@ def test_finetune_features_parity():
                         exact[torch.float32], exact[torch.float64], FWD_TOL)
 
 
+@pytest.mark.slow
 def test_every_layer_norm_matches_the_references_own():
     """Each LayerNorm of the Flax model, with random affine params, equals the reference's
     module of the same name on low-variance tokens, where eps dominates the denominator (an eps
@@ -445,6 +447,7 @@ def test_method_plan_draws_one_mask_per_device_group():
     assert len({g[0].tobytes() for g in groups}) == 8
 
 
+@pytest.mark.slow
 def test_groups_compute_what_separate_batches_compute(tiny):
     """Loss and gradients of a batch in G groups equal the mean over G separate one-group batches:
     pairing, masks and the loss never reach across a (device) group."""
@@ -560,6 +563,7 @@ def test_encoder_is_the_same_module_in_both_models():
     assert shapes == jax.tree_util.tree_map(lambda x: x.shape, nnx.to_pure_dict(enc))
 
 
+@pytest.mark.slow
 def test_bf16_compute_keeps_fp32_params_and_close_loss(tiny):
     """compute_dtype=bfloat16: bf16 matmuls, fp32 master weights, loss within bf16 precision."""
     from mixmae_jax.methods import get_method

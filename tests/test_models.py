@@ -79,6 +79,7 @@ def test_sincos_table_spot_checks():
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_remat_changes_memory_not_numbers(tiny):
     """config.model.remat recomputes parts ("dots": all but the weight matmuls) or all ("full")
     of each encoder block in the backward pass: the same loss and gradients as "none"."""
@@ -210,6 +211,7 @@ def test_shifted_windows_attend_within_their_region(shift, expected):
     assert (change[inside] > 1e-4).all(), change[inside]
 
 
+@pytest.mark.slow
 def test_alternating_shifted_blocks_scan_in_pairs_with_the_same_numbers():
     """A stage of 4 blocks alternating unshifted/shifted runs as a scan over 2 pairs: the same
     output and gradients as the unrolled blocks (two programs: fp32 summation order only)."""

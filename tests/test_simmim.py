@@ -125,6 +125,7 @@ def tiny_run():
                 torch_grads=torch_grads)
 
 
+@pytest.mark.slow
 def test_tiny_forward_parity(tiny_run):
     r = tiny_run
     assert len(r["values"]) == 3 + 1 + 3  # input, 3 stages, encoder output, x_rec, loss
@@ -338,6 +339,7 @@ def test_pretraining_export_to_finetune_format():
     np.testing.assert_array_equal(sd["norm.weight"].numpy(), params["encoder"]["norm"]["scale"])
 
 
+@pytest.mark.slow
 def test_odd_shifted_window_classifier_parity():
     """SimMIM fine-tunes Swin-B at window 7 (shift 3): an odd window, shifted. A 6x6 map with
     window 3 (shift 1) in stage 0 and a clamped 3x3 stage 1: the classifier's logits equal the
@@ -524,6 +526,7 @@ def test_check_config_names_the_key(key, value, match):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_classifier_starts_as_the_official_swin_init_pass():
     """The official SimMIM classifier runs `_init_weights` over every Linear, the head included
     (trunc-normal .02, zero bias), and never re-draws the head; MixMIM's re-draws it at 2e-5 and

@@ -196,6 +196,7 @@ def test_ummae_vit_loss_without_secondary_masking_and_vis_mask_token(tmp_path):
     _reads_back(folder, config, params, absent_paths=("vis_mask_token",))
 
 
+@pytest.mark.slow
 def test_mixedae_exports_maes_model_and_objective(tmp_path):
     """MixedAE's ViT and decoder are MAE's: ViTMAE with its weights computes MAE's loss."""
     import jax
@@ -246,6 +247,7 @@ def test_a_finetuned_vit_classifier_has_no_transformers_model(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_swinformaskedimagemodeling_loss_equals_simmims(tmp_path):
     import jax
 
@@ -266,6 +268,7 @@ def test_swinformaskedimagemodeling_loss_equals_simmims(tmp_path):
     _reads_back(folder, config, params)
 
 
+@pytest.mark.slow
 def test_swin_classifier_logits_in_transformers(tmp_path):
     config, _, params, model = _classifier("finetune_simmim_swin_b.py", SWIN_ONE_WINDOW)
     folder, _ = _export(tmp_path, config, params, "transformers", "finetune",
@@ -321,6 +324,7 @@ def _timm_model(folder, export):
     return model, by_name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["finetune_mae_vit_b.py", "finetune_simmim_swin_b.py"])
 def test_timm_classifier_logits(tmp_path, name):
     config, _, params, model = _classifier(name)

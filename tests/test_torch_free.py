@@ -103,6 +103,7 @@ print(len(names) - len(EDGE), "modules")
 '''
 
 
+@pytest.mark.slow
 def test_no_module_but_the_torch_edge_imports_torch(tmp_path):
     env, log = _env(tmp_path)
     out = _run(env, log, EVERY_MODULE)

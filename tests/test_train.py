@@ -55,6 +55,7 @@ def _jsonl(workdir):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_resume_after_a_corrupt_newest_checkpoint_redoes_its_steps(tmp_path, image_folder):
     """A finished run whose newest checkpoint (step 4) was cut short: the resume says which step
     and file, moves it aside, restores step 2 and redoes 2 steps. A tool's restore of a step
@@ -85,6 +86,7 @@ def test_resume_after_a_corrupt_newest_checkpoint_redoes_its_steps(tmp_path, ima
     assert tasks.restore_params(workdir, 4)[2] == 4
 
 
+@pytest.mark.slow
 def test_resume_refuses_incompatible_config(tmp_path, image_folder):
     config = tiny_config(**{"data.source": "folder", "data.folder": image_folder,
                             "total_steps": 2})
@@ -95,6 +97,7 @@ def test_resume_refuses_incompatible_config(tmp_path, image_folder):
         tasks.train(changed, str(tmp_path), print_fn=lambda s: None)
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_and_keeps_last_good_state(tmp_path, image_folder):
     # A huge learning rate: step 1 is finite, its update blows the weights up, a later step's
     # loss is not finite.
@@ -166,6 +169,7 @@ def test_ctrl_c_saves_the_step_in_flight_and_exits(tmp_path, image_folder):
                                         "the run exits (Ctrl-C again: exit at once, unsaved)"]
 
 
+@pytest.mark.slow
 def test_resume_and_restart_speak_plainly_and_keep_the_metrics_one_run(tmp_path, image_folder):
     """A resume prints its config changes on the run's own output (no `WARNING:root:`) and each
     progress line once; a restart from step 0 (the earlier run died before its first checkpoint)
@@ -222,6 +226,7 @@ def _tool(*args, **kwargs):
     return subprocess.run(cmd, capture_output=True, text=True, **kwargs)
 
 
+@pytest.mark.slow
 def test_library_output_stays_off_the_terminal(tmp_path, image_folder):
     """TensorFlow's start-up lines and deprecation warnings go to the log, not around the one
     error line (a refusal after TensorFlow started: too few images for a batch)."""

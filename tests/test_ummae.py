@@ -130,6 +130,7 @@ def test_ids_where_lists_positions_in_row_major_order():
 # -- the model ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_removed_units_do_not_change_the_encoder_output(tiny_setup):
     """Pixels of removed units never reach the encoder (only the kept units are gathered)."""
     method, model, images = tiny_setup
@@ -153,6 +154,7 @@ def test_removed_units_do_not_change_the_encoder_output(tiny_setup):
     assert not np.allclose(latent(images), latent(kept_noise))
 
 
+@pytest.mark.slow
 def test_secondary_masking_hides_the_kept_units_it_hits(tiny_setup):
     """The pixels of secondary-masked units do not reach the encoder; the others do."""
     method, model, images = tiny_setup
@@ -191,6 +193,7 @@ def test_decoder_orders_agree_exactly_when_every_block_keeps_the_same_slot():
     assert abs(a - b) > 1e-5 * abs(a), (a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, res, windows, shifts", [
     ("ummae_swin_t.py", 32, (8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 4, 4), (0, 4, 0, 4) + (0,) * 8),
     ("simmim_ummae_swin_t.py", 64, (16,) * 10 + (8, 8), (0, 8, 0, 8) + (0,) * 8)])
@@ -266,6 +269,7 @@ def test_pvt_sr_ratio_must_divide_the_compact_grid():
 # -- frozen features ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, kind", [("ummae_swin_t.py", "swin"), ("ummae_pvt_s.py", "pvt")])
 def test_ummae_features_use_the_full_grid_finetuning_geometry(name, kind):
     """The pretraining encoder's weights in an encoder built for the full grid (Swin window x2,
@@ -421,6 +425,7 @@ def check_run(title, r):
                         "0)", jax_grads, t32, t64, GRAD_TOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, order", [
     ("ummae_swin_t.py", "official"), ("ummae_swin_t.py", "true"),
     ("ummae_pvt_s.py", "official"), ("ummae_vit_b.py", "official"),
@@ -469,6 +474,7 @@ def test_finetune_classifier_parity(model_name, name):
 # -- conversion -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, window_or_sr", [
     ("ummae_swin_t.py", ("window_size", 16)), ("ummae_pvt_s.py", ("sr_ratios", (8, 4, 2, 1)))])
 def test_pretraining_export_loads_strictly_into_the_finetune_geometry(name, window_or_sr):
