@@ -10,7 +10,7 @@ EXPERIMENT_DIR ?= workdirs/experiment/$(METHOD)
 export TF_CPP_MIN_LOG_LEVEL := 2
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: setup demo experiment test lint clean
+.PHONY: setup demo experiment test test-quick lint clean
 
 setup: $(VENV)/.installed
 
@@ -56,8 +56,13 @@ experiment: setup
 # most of the suite's time, uses one thread. --dist loadfile keeps each file's shared compiled
 # functions in one worker.
 TEST_WORKERS ?= 2
+PYTEST = $(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile
 test: setup
-	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile
+	$(PYTEST)
+
+# The quick inner loop: every test over ~5 s is marked slow (pytest.ini).
+test-quick: setup
+	$(PYTEST) -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check .
