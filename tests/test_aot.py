@@ -303,3 +303,20 @@ def test_gpu_target_compiles_in_a_fresh_process():
             if isinstance(v, dict) and v["count"]} == {"all-reduce"}
     assert result["fits"] and result["estimated_step_s"] is None  # no cost model on GPU
     assert "collectives per step and device" in out and "fits" in out
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_a_tpu_target_gives_the_compilers_estimate_labelled_as_one(capsys):
+    """On TPU the report carries XLA's cost model of the unrolled step: a positive time no
+    shorter than the model FLOPs at the chip's peak (MFU <= 1; the cost model's -1 s per
+    `ConcatBitcast` once made it negative), labelled as the compiler's, never as a measurement."""
+    tiny = os.path.join(CONFIGS, "mae_vit_b.py:tiny")
+    assert bench.main(["--config", tiny, "--topology", "v5e:2x2"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["estimated_step_s"] > 0 and result["estimate_compile_s"] > 0
+    floor = result["flops_per_device"] / result["peak_flops_per_device"]
+    assert result["estimated_step_s"] >= floor and 0 < result["estimated_mfu"] <= 1
+    assert "not a measurement" in result["estimate_note"]
+    assert "XLA's estimated step time (the compiler's cost model, not a measurement)" in out

@@ -418,6 +418,7 @@ def test_init_from_a_workdir_with_fc_norm_loads_the_encoder(tmp_path):
         np.testing.assert_array_equal(flat[path], flat_pre[path], err_msg=path)
 
 
+@pytest.mark.slow
 def test_init_from_another_model_family_is_refused(tmp_path, monkeypatch):
     mae = load("mae_vit_b.py", "tiny")
     mae.data.update(source="digits", split="train")
@@ -447,6 +448,7 @@ def test_a_pickled_init_names_finetunes_own_switch(tmp_path):
     assert not os.path.exists(tmp_path / "ft")
 
 
+@pytest.mark.slow
 def test_init_of_another_depth_is_refused_naming_the_tensors(tmp_path, pretrain_workdir,
                                                            no_compiling):
     """A workdir of the same family but another depth: the native load names --init, the model

@@ -200,6 +200,7 @@ def test_resume_and_restart_speak_plainly_and_keep_the_metrics_one_run(tmp_path,
     assert [e.step for e in acc.Tensors("loss")] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_skipped_images_are_named_on_the_console(tmp_path, image_folder):
     """data.skip_corrupt: the run names (and counts) what it skipped, not only metrics.jsonl."""
     import shutil
