@@ -76,3 +76,18 @@ def import_transformers():
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     return transformers
+
+
+class Lazy:
+    """A module imported on first use (`Lazy(import_timm)`): collecting a test file, which every
+    pytest worker does for every file, then costs nothing (timm pulls in torch._dynamo: ~3 s)."""
+
+    def __init__(self, load):
+        self._load, self._module = load, None
+
+    def __getattr__(self, name):
+        if name.startswith("_") or name.startswith("pytest"):  # pytest's collection looks
+            raise AttributeError(name)
+        if self._module is None:
+            self._module = self._load()
+        return getattr(self._module, name)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from foreign import TorchvisionUsed, import_timm, import_transformers
+from foreign import Lazy, TorchvisionUsed, import_timm, import_transformers
 from recipes import load
 
 from mixmae_jax.interop import layout_for, targets, to_torch
@@ -21,8 +21,8 @@ from mixmae_jax.interop.keymap import ConversionError
 from mixmae_jax.methods import get_method
 from mixmae_jax.models.paths import flatten, unflatten
 
-T = import_transformers()
-timm = import_timm()
+T = Lazy(import_transformers)
+timm = Lazy(import_timm)
 TOL = 1e-5
 SWIN_ONE_WINDOW = ["--config.model.window_sizes=(4,4,4)"]  # transformers: one window per model
 
@@ -376,6 +376,7 @@ def test_timm_imports_without_torchvision():
     """The stand-ins are gone after the import, and using one fails loudly."""
     import sys
 
+    import_timm()
     assert "torchvision" not in sys.modules
     from timm.layers import create_norm
 
