@@ -19,7 +19,8 @@ from mixmae_jax.interop import keymap as K
 from mixmae_jax.numerics import parity_limit, rel_err
 
 # Tiny graphs compile ~3x faster at LLVM -O0; the HLO and the fp semantics (no fast-math) are
-# unchanged. The full-size tests compile with the default options.
+# unchanged. The whole suite already compiles at -O0 (conftest.py's XLA_FLAGS); this keeps the
+# tiny parity graphs there when TEST_XLA_DEFAULTS=1 gives the rest XLA's defaults.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
