@@ -159,6 +159,27 @@ def test_drop_path_is_per_sample_and_off_without_an_rng(tiny):
     assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3  # and which depends on the key
 
 
+@pytest.mark.parametrize("case", ["mixmim", "ummae-pvt", "mixedae"])
+def test_init_keys_give_the_weights_of_nnx_rngs(case):
+    """L.InitKeys, which the trainer and the abstract builds use, draws the keys of
+    nnx.Rngs(params=key): a model initialises to the same weights bit for bit (from a raw key as
+    the trainer passes it, and from an int seed). Swin, PVT with UM-MAE's secondary token, and
+    MixedAE's ViT with its own draws."""
+    from recipes import tiny as tiny_recipe
+
+    from mixmae_jax.methods import get_method
+
+    method = get_method(tiny_recipe(case))
+    raw = jax.random.fold_in(jax.random.PRNGKey(7), 0)
+    for ours, theirs in ((L.InitKeys(raw), nnx.Rngs(params=raw)), (L.InitKeys(3), nnx.Rngs(3))):
+        a = K.flatten(nnx.to_pure_dict(nnx.state(method.build_model(ours), nnx.Param)))
+        b = K.flatten(nnx.to_pure_dict(nnx.state(method.build_model(theirs), nnx.Param)))
+        assert a.keys() == b.keys()
+        assert all(np.array_equal(a[k], b[k]) for k in a), [k for k in a
+                                                            if not np.array_equal(a[k], b[k])]
+    assert len({float(np.asarray(v).ravel()[0]) for v in a.values() if v.ndim == 2}) > 5
+
+
 @pytest.mark.parametrize("rate", [0.25, jnp.float32(0.25)])  # a block's rate, python or traced
 def test_drop_path_keeps_the_expected_value(rate):
     """timm's drop_path: a sample is zeroed with probability `rate`, the others divided by

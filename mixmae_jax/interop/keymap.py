@@ -66,7 +66,7 @@ def _derived_layout(layout_cls, cfg_json: str, fmt: str, num_classes: int):
     """((key, shape, numpy dtype), ...) in the official order, from the JAX model's abstract
     params, the rename table and the constants (cached: tracing a model costs seconds)."""
     layout = layout_cls(ml_collections.ConfigDict(json.loads(cfg_json)))
-    model = nnx.eval_shape(lambda: layout.jax_model(fmt, num_classes, nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: layout.jax_model(fmt, num_classes, L.InitKeys(0)))
     entries = {}
     for path, leaf in flatten(nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])).items():
         axes = layout._torch_axes(path)

@@ -365,4 +365,4 @@ class Method(base.Method):
         module = {"ummae_swin": ummae_swin, "pvt": pvt}[m.name]
         secondary = self.cfg.vis_mask_ratio > 0
         return nnx.split(nnx.eval_shape(
-            lambda: module.encoder(m, vis_mask_token=secondary, rngs=nnx.Rngs(0))))[0]
+            lambda: module.encoder(m, vis_mask_token=secondary, rngs=L.InitKeys(0))))[0]

@@ -127,7 +127,9 @@ def build(config, mesh: jax.sharding.Mesh, *, task: Task, steps_per_epoch: int) 
     tx, lr_schedule = task.make_optimizer(abstract_params, steps_per_epoch)
     init_fn = step_lib.make_init_fn(task.method, tx, config.seed, build=task.build_model,
                                     extra=task.extra_state())
-    abstract = jax.eval_shape(init_fn)
+    # From the abstract params: the state's shapes without building the model a second time
+    # (a build under tracing costs seconds at full size).
+    abstract = jax.eval_shape(init_fn, abstract_params)
     shardings = sharding.state_shardings(abstract, mesh, tuple(config.sharding_rules))
     return Experiment(config=config, task=task, mesh=mesh, graphdef=graphdef, tx=tx,
                       lr_schedule=lr_schedule, init_fn=init_fn,

@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 
 from mixmae_jax import imaging
+from mixmae_jax.models.layers import InitKeys
 from mixmae_jax.models.paths import path_name
 
 
@@ -27,14 +28,14 @@ def graphdef_and_abstract_params(method, build=None):
     """The model's static structure and abstract params, without allocating anything.
     build(rngs) -> model: the model to build (default: the method's pretraining model)."""
     build = build or method.build_model
-    abstract = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: build(InitKeys(0)))
     graphdef, params = nnx.split(abstract, nnx.Param)
     return graphdef, nnx.to_pure_dict(params)
 
 
 def init_params(method, rng, build=None):
     """Freshly initialised params (pure dict) from a key; call under jit for sharded init."""
-    model = (build or method.build_model)(nnx.Rngs(params=rng))
+    model = (build or method.build_model)(InitKeys(rng))
     return nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
 
 
