@@ -298,6 +298,7 @@ def test_sigterm_requests_a_save_and_stop(tmp_path):
 def test_ctrl_c_requests_a_save_and_stop_as_sigterm_does(tmp_path):
     """SIGINT sets the flag (no KeyboardInterrupt in the step in flight) and names itself."""
     said = []
+    before = signal.getsignal(signal.SIGINT)  # Python's handler; SIG_IGN in a background job
     handler = checkpoint.install_preemption_handler(said.append)
     try:
         assert not handler.should_stop(0)
@@ -305,7 +306,7 @@ def test_ctrl_c_requests_a_save_and_stop_as_sigterm_does(tmp_path):
         assert handler.requested and handler.should_stop(1) and handler.stopped_by == "Ctrl-C"
     finally:
         handler.uninstall()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
     assert said == ["Ctrl-C: the step in flight finishes and is saved, then the run exits "
                     "(Ctrl-C again: exit at once, unsaved)"]
 
