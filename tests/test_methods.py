@@ -8,8 +8,8 @@ tiny recipe (tests/recipes.py; the conversion checks also on the other backbones
 * mixmae-visualize: a mask file in the official convention gives back the plan, a file that does
   not fit is refused naming --mask and the file; `panels` shows the training loss;
 * frozen features: one finite vector per image, that depends on the image;
-* training (slow): two steps give finite losses and move the params; a run stopped after step 2
-  and resumed equals the straight run bit for bit (params and logged losses), and
+* training (slow): two steps give finite losses and move the params; a run killed during step 4
+  and resumed from step 2 equals the straight run bit for bit (params and logged losses), and
   mixmae-visualize on it prints the loss the method trains on.
 
 What is particular to a method (parity with its reference, its invariants, its recipe) is in the
@@ -368,18 +368,25 @@ def _jsonl(workdir):
 
 @pytest.fixture(scope="module", params=NAMES)
 def trained(request, tmp_path_factory):
-    """A method's tiny recipe run 4 steps straight, and stopped after step 2 (its log then cut
-    short mid-line, as a kill leaves it) and resumed to step 4."""
+    """A method's tiny recipe run 4 steps straight; and the same run as a kill during step 4
+    leaves it (checkpoints of steps 2 and 4, the log of steps 3-4 written, step 4's save lost and
+    its log line cut short), then resumed to step 4."""
+    import shutil
+
     from mixmae_jax import tasks
 
     config = tiny(request.param)
     root = tmp_path_factory.mktemp(request.param)
     straight, interrupted = str(root / "straight"), str(root / "interrupted")
     tasks.train(config, straight, print_fn=lambda s: None)
-    tasks.train(config, interrupted, print_fn=lambda s: None, stop_at=2)
+    shutil.copytree(straight, interrupted)
+    shutil.rmtree(os.path.join(interrupted, "checkpoints", "4"))
     stopped_at = tasks.restore_params(interrupted)[2]
-    with open(os.path.join(interrupted, "metrics.jsonl"), "a") as f:  # logged, never saved,
-        f.write('{"step": 3, "loss": 99.0}\n{"step": 4, "lo')  # then killed mid-line
+    log = os.path.join(interrupted, "metrics.jsonl")
+    with open(log) as f:
+        text = f.read()
+    with open(log, "w") as f:  # killed mid-line
+        f.write(text[:text.rindex('"loss"')])
     lines = []
     tasks.train(config, interrupted, print_fn=lines.append)
     return dict(name=request.param, config=config, straight=straight, interrupted=interrupted,
@@ -412,8 +419,8 @@ def test_two_training_steps(trained):
 
 @pytest.mark.slow
 def test_resume_is_bit_exact(trained):
-    """Stopped after step 2 and resumed: the params of step 4 and the logged losses of steps 3
-    and 4 equal the straight run's bit for bit; the log reads as one run."""
+    """Killed during step 4 and resumed from step 2: the params of step 4 and the logged losses
+    of steps 3 and 4 equal the straight run's bit for bit; the log reads as one run."""
     from mixmae_jax import tasks
 
     assert trained["stopped_at"] == 2

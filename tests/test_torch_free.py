@@ -1,9 +1,10 @@
 """Torch only at the edge: the console path a JAX-only machine runs -- pretrain, fine-tune from
-that workdir, k-NN, linear probe, visualize -- in processes where `import torch` fails, and
+that workdir, k-NN, linear probe, visualize -- in a process where `import torch` fails, and
 every method's fine-tuning start (native load, layer decay on the official names, the derived
 official layout). Any attempt to import torch on that path fails the test, even one caught by
 the code that made it."""
 
+import json
 import os
 import subprocess
 import sys
@@ -110,8 +111,20 @@ def test_no_module_but_the_torch_edge_imports_torch(tmp_path):
     assert int(out.split()[0]) > 50
 
 
-def _tool(name):
-    return f"from mixmae_jax.cli import {name}; {name}()"
+# The console path, one tool after another in one torch-blocked process (as the console scripts
+# call them, with argv): the process start is paid once. Each tool's output follows a marker.
+TOOLS = '''
+import json, sys
+from mixmae_jax import cli
+
+for main, argv in json.loads(sys.argv[1]):
+    print(f"==== {main}", flush=True)
+    try:
+        getattr(cli, main)(argv)
+    except SystemExit as e:
+        if e.code:
+            sys.exit(f"{main} {argv} exited with {e.code}")
+''' + EVERY_METHOD
 
 
 @pytest.mark.slow
@@ -124,29 +137,31 @@ def test_pretrain_finetune_evaluate_and_visualize_without_torch(tmp_path):
     assert log.read_text().startswith("import torch\n")
     log.unlink()
 
-    pre, ft = tmp_path / "pre", tmp_path / "ft"
+    pre, ft = str(tmp_path / "pre"), str(tmp_path / "ft")
     small = ["--config.total_steps=2", "--config.batch_size=16", "--config.log_every=1",
              "--config.model.depths=(1,1)"]  # digits.py's Swin, one block a stage
-    out = _run(env, log, _tool("pretrain_main"), "--config", "configs/digits.py", "--workdir",
-               pre, *small, "--config.evals.knn.every_steps=0")
-    assert "steps 0 -> 2" in out
-    out = _run(env, log, _tool("finetune_main"), "--config", "configs/digits.py:finetune",
-               "--workdir", ft, "--init", pre, *small)
-    assert f"Initialised from mixmim pretraining step 2 of {pre}" in out
-    assert "eval step 2: top-1" in out
-    out = _run(env, log, _tool("eval_main"), "knn", "--workdir", pre, "--data", "digits")
-    assert "knn (mixmim, step 2, mixmae_digits train -> test" in out
-    out = _run(env, log, _tool("eval_main"), "linprobe", "--workdir", pre, "--data", "digits",
-               "--epochs", 1, "--warmup-epochs", 0)
-    assert "linprobe (mixmim, step 2" in out
     rng = np.random.default_rng(0)
     images = []
     for i in range(2):
-        images.append(tmp_path / f"{i}.png")
+        images.append(str(tmp_path / f"{i}.png"))
         Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(images[-1])
-    out = _run(env, log, _tool("visualize_main"), "--workdir", pre, "--images", *images,
-               "--out", tmp_path / "grid.png")
-    assert "loss: " in out and (tmp_path / "grid.png").stat().st_size > 0
-
-    out = _run(env, log, EVERY_METHOD)
+    tools = [
+        ("pretrain_main", ["--config", "configs/digits.py", "--workdir", pre, *small,
+                           "--config.evals.knn.every_steps=0"]),
+        ("finetune_main", ["--config", "configs/digits.py:finetune", "--workdir", ft,
+                           "--init", pre, *small]),
+        ("eval_main", ["knn", "--workdir", pre, "--data", "digits"]),
+        ("eval_main", ["linprobe", "--workdir", pre, "--data", "digits", "--epochs", "1",
+                       "--warmup-epochs", "0"]),
+        ("visualize_main", ["--workdir", pre, "--images", *images, "--out",
+                            str(tmp_path / "grid.png")]),
+    ]
+    out = _run(env, log, TOOLS, json.dumps(tools))
+    pretrain, finetune, knn, linprobe, visualize = out.split("==== ")[1:]
+    assert "steps 0 -> 2" in pretrain
+    assert f"Initialised from mixmim pretraining step 2 of {pre}" in finetune
+    assert "eval step 2: top-1" in finetune
+    assert "knn (mixmim, step 2, mixmae_digits train -> test" in knn
+    assert "linprobe (mixmim, step 2" in linprobe
+    assert "loss: " in visualize and (tmp_path / "grid.png").stat().st_size > 0
     assert out.strip().endswith("every method: no torch")
