@@ -16,6 +16,7 @@ import torch
 from flax import nnx
 
 from mixmae_jax.interop import keymap as K
+from mixmae_jax.models.layers import InitKeys
 from mixmae_jax.numerics import parity_limit, rel_err
 
 # Tiny graphs compile ~3x faster at LLVM -O0; the HLO and the fp semantics (no fast-math) are
@@ -114,7 +115,7 @@ def mixmim_encode_case(cfg) -> dict:
     from mixmae_jax.methods.mixmim import MixMIMModel
     from mixmae_jax.train.step import bind
 
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: MixMIMModel(cfg, rngs=nnx.Rngs(0))),
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: MixMIMModel(cfg, rngs=InitKeys(0))),
                                    nnx.Param)
     params = random_params(nnx.to_pure_dict(abstract), seed=0)
 

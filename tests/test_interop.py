@@ -14,7 +14,6 @@ import pytest
 import references
 import torch
 import torch.nn.functional as F
-from flax import nnx
 from parity import abstract_model, random_params
 from recipes import CONFIGS, load, mixmim_model
 from references import mixmim as R
@@ -24,6 +23,7 @@ from mixmae_jax.interop import keymap as K
 from mixmae_jax.interop.mixmim_layout import MixMIMLayout
 from mixmae_jax.methods.mixmim import MixMIMModel
 from mixmae_jax.models.classifier import build_classifier
+from mixmae_jax.models.layers import InitKeys
 
 
 def mixmim_2stage(**kw):
@@ -84,7 +84,7 @@ def tiny_pretrain_sd():
     cfg = mixmim_2stage()
     torch.manual_seed(0)
     sd = R.MixMIMPretrainTorch.from_model_config(cfg).state_dict()
-    _, template = abstract_model(lambda: MixMIMModel(cfg, rngs=nnx.Rngs(0)))
+    _, template = abstract_model(lambda: MixMIMModel(cfg, rngs=InitKeys(0)))
     return cfg, sd, template
 
 
@@ -156,7 +156,7 @@ def test_save_is_atomic_and_loads_with_weights_only(tmp_path, monkeypatch, tiny_
 def test_bias_tables_are_resized_like_the_official_loader(tiny_pretrain_sd):
     _, sd, _ = tiny_pretrain_sd  # img 32, windows (4, 4)
     target = mixmim_2stage(img_size=64, window_sizes=(8, 4))  # 16x16 map, window 8
-    _, template = abstract_model(lambda: MixMIMModel(target, rngs=nnx.Rngs(0)))
+    _, template = abstract_model(lambda: MixMIMModel(target, rngs=InitKeys(0)))
     params, rep = from_torch.state_dict_to_params(sd, MixMIMLayout(target), template)
     print("\n" + str(rep))
     assert len(rep.resized) == 2 and all(k.startswith("layers.0.") for k in rep.resized)
@@ -177,7 +177,7 @@ def test_finetune_head_with_another_number_of_classes():
     cfg = mixmim_2stage()
     torch.manual_seed(0)
     sd = R.MixMIMFinetuneTorch.from_model_config(cfg, num_classes=10).state_dict()
-    template = random_params(abstract_model(lambda: build_classifier(cfg, 5, rngs=nnx.Rngs(0)))[1],
+    template = random_params(abstract_model(lambda: build_classifier(cfg, 5, rngs=InitKeys(0)))[1],
                              seed=14)
     msg = _conversion_error(from_torch.state_dict_to_params, sd, MixMIMLayout(cfg), template)
     assert "head.weight" in msg and "head.bias" in msg and "drop head.weight" in msg

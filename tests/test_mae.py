@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 from parity import (
     FAST_COMPILE,
     abstract_model,
@@ -31,6 +30,7 @@ from mixmae_jax.interop.mae_layout import MAELayout
 from mixmae_jax.methods import get_method
 from mixmae_jax.methods.mae import MAEModel, plan_from_order
 from mixmae_jax.models.classifier import build_classifier
+from mixmae_jax.models.layers import InitKeys
 from mixmae_jax.models.vit import pos_embed_with_cls
 from mixmae_jax.numerics import FWD_TOL, GRAD_TOL
 from mixmae_jax.train.step import bind
@@ -78,7 +78,7 @@ def tiny_run():
     method = get_method(config)
     cfg = config.model
     layout = MAELayout(cfg)
-    graphdef, abstract = abstract_model(lambda: method.build_model(nnx.Rngs(0)))
+    graphdef, abstract = abstract_model(lambda: method.build_model(InitKeys(0)))
     params = random_params(abstract, seed=1)
     state_dict = to_torch.params_to_state_dict(params, layout)
     images = np.random.default_rng(2).standard_normal((3, 32, 32, 3), dtype=np.float32)
@@ -120,7 +120,7 @@ def test_vit_b_loss_parity():
     config = load("mae_vit_b.py")
     method = get_method(config)
     layout = MAELayout(config.model)
-    graphdef, abstract = abstract_model(lambda: method.build_model(nnx.Rngs(0)))
+    graphdef, abstract = abstract_model(lambda: method.build_model(InitKeys(0)))
     params = random_params(abstract, seed=4)
     state_dict = to_torch.params_to_state_dict(params, layout)
     assert len(state_dict) == 254
@@ -147,7 +147,7 @@ def test_finetune_features_parity():
     """The ViT classifier (global pool, fc_norm, learned pos_embed) against models_vit."""
     cfg = tiny_config().model
     layout = MAELayout(cfg)
-    graphdef, abstract = abstract_model(lambda: build_classifier(cfg, 10, rngs=nnx.Rngs(0)))
+    graphdef, abstract = abstract_model(lambda: build_classifier(cfg, 10, rngs=InitKeys(0)))
     params = random_params(abstract, seed=7)
     sd = to_torch.params_to_state_dict(params, layout, format="finetune", num_classes=10)
     assert list(sd)[:2] == ["cls_token", "pos_embed"] and list(sd)[-2:] == ["fc_norm.weight",
@@ -181,7 +181,7 @@ def test_a_pretraining_export_starts_models_vit_as_the_official_finetuning_does(
     the decoder are dropped (as the official finetune loader drops them)."""
     cfg = tiny_config().model
     layout = MAELayout(cfg)
-    params = random_params(abstract_model(lambda: MAEModel(cfg, rngs=nnx.Rngs(0)))[1], seed=9)
+    params = random_params(abstract_model(lambda: MAEModel(cfg, rngs=InitKeys(0)))[1], seed=9)
     sd = to_torch.params_to_state_dict(params, layout, format="finetune", num_classes=10)
     np.testing.assert_array_equal(sd["pos_embed"].numpy()[0], pos_embed_with_cls(32, 4))
     assert torch.equal(sd["fc_norm.weight"], torch.ones(32)) and 0 < sd["head.weight"].std() < 1e-4

@@ -27,7 +27,6 @@ import numpy as np
 import pytest
 import references
 import torch
-from flax import nnx
 from parity import (
     FAST_COMPILE,
     abstract_model,
@@ -43,6 +42,7 @@ from mixmae_jax.interop import from_torch, layout_for, to_torch
 from mixmae_jax.interop import keymap as K
 from mixmae_jax.methods import get_method
 from mixmae_jax.methods import ummae as U
+from mixmae_jax.models.layers import InitKeys
 from mixmae_jax.numerics import SAME_MATH_RTOL, rel_err
 from mixmae_jax.train.step import bind
 
@@ -61,9 +61,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _templates(method):
     """{format: abstract params of the JAX model that format's state_dict imports into}."""
-    return {"pretrain": abstract_model(lambda: method.build_model(nnx.Rngs(0)))[1],
+    return {"pretrain": abstract_model(lambda: method.build_model(InitKeys(0)))[1],
             "finetune": abstract_model(lambda: method.build_classifier(NUM_CLASSES,
-                                                                       nnx.Rngs(0)))[1]}
+                                                                       InitKeys(0)))[1]}
 
 
 @pytest.fixture(scope="module", params=CASES)
@@ -267,7 +267,7 @@ def tiny_model(request):
     once (the plan an argument)."""
     config = tiny(request.param)
     method = get_method(config)
-    graphdef, abstract = abstract_model(lambda: method.build_model(nnx.Rngs(0)))
+    graphdef, abstract = abstract_model(lambda: method.build_model(InitKeys(0)))
     params = random_params(abstract, seed=1)
     size = config.model.img_size
     images = jnp.asarray(np.random.default_rng(2).standard_normal((BATCH, size, size, 3)),
@@ -342,7 +342,7 @@ def test_features_are_one_finite_vector_per_image_that_depends_on_it(case):
     """`Method.features` (k-NN, linear probe): whole unmasked images, one vector per image."""
     config = tiny(case)
     method = get_method(config)
-    model = method.build_model(nnx.Rngs(0))
+    model = method.build_model(InitKeys(0))
     size = config.model.img_size
     images = jax.random.normal(jax.random.key(1), (4, size, size, 3))
     fn = jax.jit(lambda x: method.features(model, x), compiler_options=FAST_COMPILE)
@@ -469,7 +469,7 @@ def test_visualize_prints_the_loss_the_method_trains_on(trained, capsys):
     shown = float(printed[0].split()[1])
     assert np.asarray(Image.open(out)).std() > 10  # real pictures
 
-    graphdef, _ = abstract_model(lambda: method.build_model(nnx.Rngs(0)))
+    graphdef, _ = abstract_model(lambda: method.build_model(InitKeys(0)))
     params = tasks.restore_params(trained["straight"])[1]
     images = imaging.normalize(load_images(paths, config.model.img_size))
     loss, _ = jax.jit(lambda p, x: method.loss(bind(graphdef, p), {"image": x}, plan, 1))(

@@ -43,6 +43,7 @@ from mixmae_jax.methods import mixing
 from mixmae_jax.methods.mixmim import MixMIMModel, dual_reconstruction_loss
 from mixmae_jax.models import swin
 from mixmae_jax.models.classifier import build_classifier
+from mixmae_jax.models.layers import InitKeys
 from mixmae_jax.numerics import FLOOR, FWD_TOL, GRAD_TOL, RATIO, SAME_MATH_RTOL, rel_err
 from mixmae_jax.train.step import bind
 
@@ -128,7 +129,7 @@ def torch_run(tmodel, images, grid, n_stages, dtype):
 def tiny_run(request):
     name = request.param
     cfg = tiny_cfg(name)
-    graphdef, abstract = abstract_model(lambda: MixMIMModel(cfg, rngs=nnx.Rngs(0)))
+    graphdef, abstract = abstract_model(lambda: MixMIMModel(cfg, rngs=InitKeys(0)))
     params = random_params(abstract, seed=1)
     state_dict = to_torch.params_to_state_dict(params, MixMIMLayout(cfg))
 
@@ -188,7 +189,7 @@ def test_lopsided_mask_separates_the_dual_loss_from_the_mean_of_branches(tiny_ru
 def test_mixmim_b_loss_parity():
     t0 = time.perf_counter()
     cfg = mixmim_model("B", 224)
-    graphdef, abstract = abstract_model(lambda: MixMIMModel(cfg, rngs=nnx.Rngs(0)))
+    graphdef, abstract = abstract_model(lambda: MixMIMModel(cfg, rngs=InitKeys(0)))
     params = random_params(abstract, seed=4)
     state_dict = to_torch.params_to_state_dict(params, MixMIMLayout(cfg))
     assert len(state_dict) == 456
@@ -233,7 +234,7 @@ def test_mixmim_b_loss_parity():
 
 def test_finetune_features_parity():
     cfg = tiny_cfg("3stage")
-    graphdef, abstract = abstract_model(lambda: build_classifier(cfg, 10, rngs=nnx.Rngs(0)))
+    graphdef, abstract = abstract_model(lambda: build_classifier(cfg, 10, rngs=InitKeys(0)))
     params = random_params(abstract, seed=7)
     state_dict = to_torch.params_to_state_dict(params, MixMIMLayout(cfg), format="finetune",
                                                num_classes=10)
@@ -265,7 +266,7 @@ def test_every_layer_norm_matches_the_references_own():
     module of the same name on low-variance tokens, where eps dominates the denominator (an eps
     of 1e-6 instead of 1e-5 changes the output by ~2x here, by ~5e-6 at unit variance)."""
     cfg = tiny_cfg("2stage")
-    model = MixMIMModel(cfg, rngs=nnx.Rngs(0))
+    model = MixMIMModel(cfg, rngs=InitKeys(0))
     tmodel = R.MixMIMPretrainTorch.from_model_config(cfg)
     torch_modules = dict(tmodel.named_modules())
     rng = np.random.default_rng(0)
@@ -324,7 +325,7 @@ def test_exported_constants_equal_the_references_own(variant, res):
 
 def test_finetune_export_of_pretraining_params_has_fresh_head():
     cfg = tiny_cfg("2stage")
-    _, abstract = abstract_model(lambda: MixMIMModel(cfg, rngs=nnx.Rngs(0)))
+    _, abstract = abstract_model(lambda: MixMIMModel(cfg, rngs=InitKeys(0)))
     params = random_params(abstract, seed=9)
     sd = to_torch.params_to_state_dict(params, MixMIMLayout(cfg), format="finetune",
                                        num_classes=10, seed=3)
@@ -387,7 +388,7 @@ def test_partner_pixels_hidden_from_a_sample_have_exactly_no_effect(tiny):
 def test_all_zero_mask_equals_the_finetuning_encoder(tiny):
     cfg, params, images = tiny["cfg"], tiny["params"], tiny["images"]
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_classifier(cfg, 10,
-                                                                         rngs=nnx.Rngs(0))),
+                                                                         rngs=InitKeys(0))),
                                    nnx.Param)
     cls_params = {"encoder": params["encoder"],
                   "head": random_params(nnx.to_pure_dict(abstract), 1)["head"]}
@@ -456,7 +457,7 @@ def test_groups_compute_what_separate_batches_compute(tiny):
     config = mixmim_config()
     config.model = tiny_cfg("3stage")
     method = get_method(config)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: method.build_model(nnx.Rngs(0))), nnx.Param)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: method.build_model(InitKeys(0))), nnx.Param)
     groups, per = 3, 2
     images = np.random.default_rng(4).standard_normal((groups * per, 64, 64, 3), np.float32)
     table = np.zeros((groups, 16), np.float32)
@@ -522,7 +523,7 @@ def abstract_pretrain():
     def get(variant):
         if variant not in cache:
             cfg = mixmim_model(variant, 224)
-            model = nnx.eval_shape(lambda: MixMIMModel(cfg, rngs=nnx.Rngs(0)))
+            model = nnx.eval_shape(lambda: MixMIMModel(cfg, rngs=InitKeys(0)))
             cache[variant] = nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
         return cache[variant]
 
@@ -549,7 +550,7 @@ def test_finetuning_parameter_counts_224(abstract_pretrain, variant):
 @pytest.mark.parametrize("variant", ["B", "L"])
 def test_finetuning_parameter_counts_384(variant):
     cfg = mixmim_model(variant, 384)
-    model = nnx.eval_shape(lambda: build_classifier(cfg, 1000, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: build_classifier(cfg, 1000, rngs=InitKeys(0)))
     params = nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
     assert set(params) == {"encoder", "head"}
     assert _numel(params) + _tables(cfg, pretrain=False) == FINETUNE_TOTALS[(variant, 384)]
@@ -557,8 +558,8 @@ def test_finetuning_parameter_counts_384(variant):
 
 def test_encoder_is_the_same_module_in_both_models():
     cfg = tiny_cfg("3stage")
-    pre = nnx.split(nnx.eval_shape(lambda: MixMIMModel(cfg, rngs=nnx.Rngs(0))), nnx.Param)[1]
-    enc = nnx.split(nnx.eval_shape(lambda: swin.encoder(cfg, rngs=nnx.Rngs(0))), nnx.Param)[1]
+    pre = nnx.split(nnx.eval_shape(lambda: MixMIMModel(cfg, rngs=InitKeys(0))), nnx.Param)[1]
+    enc = nnx.split(nnx.eval_shape(lambda: swin.encoder(cfg, rngs=InitKeys(0))), nnx.Param)[1]
     shapes = jax.tree_util.tree_map(lambda x: x.shape, nnx.to_pure_dict(pre)["encoder"])
     assert shapes == jax.tree_util.tree_map(lambda x: x.shape, nnx.to_pure_dict(enc))
 
@@ -576,7 +577,7 @@ def test_bf16_compute_keeps_fp32_params_and_close_loss(tiny):
         config.compute_dtype = dtype
         method = get_method(config)
         graphdef, abstract = nnx.split(nnx.eval_shape(lambda m=method: m.build_model(
-            nnx.Rngs(0))), nnx.Param)
+            InitKeys(0))), nnx.Param)
         dtypes = {x.dtype for x in jax.tree.leaves(nnx.to_pure_dict(abstract))}
         assert dtypes == {jnp.dtype("float32")}
         batch = {"image": tiny["images"]}

@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 import references
 import torch
-from flax import nnx
 from parity import (
     FAST_COMPILE,
     abstract_model,
@@ -40,6 +39,7 @@ from mixmae_jax.interop.simmim_layout import SimMIMLayout
 from mixmae_jax.methods import get_method
 from mixmae_jax.methods.simmim import SimMIMModel, masked_l1_loss, masked_tokens
 from mixmae_jax.models.classifier import build_classifier
+from mixmae_jax.models.layers import InitKeys
 from mixmae_jax.numerics import FLOOR, FWD_TOL, GRAD_TOL, RATIO, rel_err
 from mixmae_jax.train import optim
 from mixmae_jax.train.step import bind, init_params
@@ -89,7 +89,7 @@ def tiny_run():
     config = tiny_config()
     method = get_method(config)
     cfg, layout = config.model, SimMIMLayout(config.model)
-    graphdef, abstract = abstract_model(lambda: SimMIMModel(cfg, rngs=nnx.Rngs(0)))
+    graphdef, abstract = abstract_model(lambda: SimMIMModel(cfg, rngs=InitKeys(0)))
     params = random_params(abstract, seed=1)
     state_dict = to_torch.params_to_state_dict(params, layout)
 
@@ -216,7 +216,7 @@ def test_swin_b_loss_parity():
     config = load("simmim_swin_b.py")
     method, cfg = get_method(config), config.model
     layout = SimMIMLayout(cfg)
-    graphdef, abstract = abstract_model(lambda: SimMIMModel(cfg, rngs=nnx.Rngs(0)))
+    graphdef, abstract = abstract_model(lambda: SimMIMModel(cfg, rngs=InitKeys(0)))
     params = random_params(abstract, seed=4)
     state_dict = to_torch.params_to_state_dict(params, layout)
     assert len(state_dict) == 365  # 330 params, 24 indices, 11 attn_masks
@@ -254,7 +254,7 @@ def tiny_pretrain_sd():
     cfg = tiny_config().model
     torch.manual_seed(0)
     sd = references.build(SimMIMLayout(cfg), "pretrain", 0).state_dict()
-    _, template = abstract_model(lambda: SimMIMModel(cfg, rngs=nnx.Rngs(0)))
+    _, template = abstract_model(lambda: SimMIMModel(cfg, rngs=InitKeys(0)))
     return cfg, sd, template
 
 
@@ -308,7 +308,7 @@ def test_window_change_resizes_tables_and_checks_masks_by_their_own_geometry(tin
     target = tiny_config().model
     target.window_sizes = (8, 4, 4)
     layout = SimMIMLayout(target)
-    _, template = abstract_model(lambda: SimMIMModel(target, rngs=nnx.Rngs(0)))
+    _, template = abstract_model(lambda: SimMIMModel(target, rngs=InitKeys(0)))
     params, rep = from_torch.state_dict_to_params(sd, layout, template)
     print("\n" + str(rep))
     assert [r.split(":")[0] for r in rep.resized] == [
@@ -328,7 +328,7 @@ def test_pretraining_export_to_finetune_format():
     init pass: trunc-normal .02, zero bias); the keys lose their `encoder.` prefix."""
     cfg = tiny_config().model
     layout = SimMIMLayout(cfg)
-    _, abstract = abstract_model(lambda: SimMIMModel(cfg, rngs=nnx.Rngs(0)))
+    _, abstract = abstract_model(lambda: SimMIMModel(cfg, rngs=InitKeys(0)))
     params = random_params(abstract, seed=9)
     sd = to_torch.params_to_state_dict(params, layout, format="finetune", num_classes=1000,
                                        seed=3)
@@ -347,7 +347,7 @@ def test_odd_shifted_window_classifier_parity():
     cfg = tiny_config().model
     cfg.update(img_size=24, depths=(2, 2), num_heads=(2, 4), window_sizes=(3, 3))
     layout = SimMIMLayout(cfg)
-    graphdef, abstract = abstract_model(lambda: build_classifier(cfg, 5, rngs=nnx.Rngs(0)))
+    graphdef, abstract = abstract_model(lambda: build_classifier(cfg, 5, rngs=InitKeys(0)))
     params = random_params(abstract, seed=4)
     sd = to_torch.params_to_state_dict(params, layout, format="finetune", num_classes=5)
     tmodel = R.SimMIMFinetuneTorch.from_model_config(dict(cfg.to_dict(), ape=False),
@@ -483,7 +483,7 @@ def test_swin_b_recipe_is_the_official_one():
     # optimizer.py: no decay on 1-D params and encoder.mask_token; bias tables and decoder
     # decayed (the skip keyword "encoder.relative_position_bias_table" never matches). The
     # tiny model has every kind of parameter Swin-B has.
-    _, abstract = abstract_model(lambda: SimMIMModel(tiny_config().model, rngs=nnx.Rngs(0)))
+    _, abstract = abstract_model(lambda: SimMIMModel(tiny_config().model, rngs=InitKeys(0)))
     decay = K.flatten(optim.decay_mask(abstract, tuple(o.no_decay)))
     assert not decay["encoder.mask_token"]
     assert decay["encoder.layers.1.blocks.1.attn.relative_position_bias_table"]

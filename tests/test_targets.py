@@ -19,6 +19,7 @@ from mixmae_jax.interop import layout_for, targets, to_torch
 from mixmae_jax.interop.from_torch import read_checkpoint, state_dict_to_params
 from mixmae_jax.interop.keymap import ConversionError
 from mixmae_jax.methods import get_method
+from mixmae_jax.models.layers import InitKeys
 from mixmae_jax.models.paths import flatten, unflatten
 
 T = Lazy(import_transformers)
@@ -36,7 +37,7 @@ def _noisy(params, seed):
 
 
 def _build(config, build, seed):
-    graph, state = nnx.split(build(nnx.Rngs(0)), nnx.Param)
+    graph, state = nnx.split(build(InitKeys(0)), nnx.Param)
     params = _noisy(nnx.to_pure_dict(state), seed)
     nnx.replace_by_pure_dict(state, params)
     return params, nnx.merge(graph, state)
@@ -205,7 +206,7 @@ def test_mixedae_exports_maes_model_and_objective(tmp_path):
     folder, _ = _export(tmp_path, config, params, "transformers", "pretrain")
     mae_config = load("mae_vit_b.py", "tiny")
     mae = get_method(mae_config)
-    graph, state = nnx.split(mae.build_model(nnx.Rngs(0)), nnx.Param)
+    graph, state = nnx.split(mae.build_model(InitKeys(0)), nnx.Param)
     nnx.replace_by_pure_dict(state, params)
     x, key = _images(config), jax.random.PRNGKey(7)
     ours = float(mae.panels(nnx.merge(graph, state), x, mae.make_plan(key, len(x), 1))[0])
