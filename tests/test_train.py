@@ -227,6 +227,15 @@ def _tool(*args, **kwargs):
     return subprocess.run(cmd, capture_output=True, text=True, **kwargs)
 
 
+def _in_process(*args):
+    """mixmae-pretrain's entry point with these arguments, in this process: the runs that set up
+    or check a fault test's workdir, which need not pay a process start (the tool process is the
+    one the fault happens to)."""
+    from mixmae_jax import cli
+
+    cli.pretrain_main([str(a) for a in args])
+
+
 @pytest.mark.slow
 def test_library_output_stays_off_the_terminal(tmp_path, image_folder):
     """TensorFlow's start-up lines and deprecation warnings go to the log, not around the one
@@ -256,7 +265,7 @@ def test_a_truncated_newest_checkpoint_is_reported_in_one_plain_line(tmp_path, i
     args = ["--config", os.path.join(REPO, "configs/mixmim_b.py") + ":tiny", "--workdir",
             workdir, "--config.data.source=folder", f"--config.data.folder={image_folder}",
             "--config.checkpoint_every=2", "--config.log_every=1"]
-    assert _tool(*args, "--config.total_steps=4").returncode == 0
+    _in_process(*args, "--config.total_steps=4")
     for d, _, files in os.walk(os.path.join(workdir, "checkpoints", "4")):
         for f in files:
             if os.path.basename(d) == "d":
@@ -335,7 +344,7 @@ def test_kill_9_during_checkpoint_writes_then_resume_logs_the_same_losses(tmp_pa
             "--config.log_every=1"]
     exe = os.path.join(os.path.dirname(sys.executable), "mixmae-pretrain")
     straight = str(tmp_path / "straight")
-    subprocess.run([exe, *args, "--workdir", straight], check=True, capture_output=True)
+    _in_process(*args, "--workdir", straight)  # the same program (flags, compilation cache)
     killed = str(tmp_path / "killed")
     rng = np.random.default_rng(0)
     path = os.path.join(killed, "metrics.jsonl")
@@ -376,11 +385,11 @@ def test_a_full_disk_during_a_save_ends_with_one_clear_error_and_an_intact_check
     import resource
 
     workdir = str(tmp_path / "run")
-    cmd = [os.path.join(os.path.dirname(sys.executable), "mixmae-pretrain"),
-           "--config", os.path.join(REPO, "configs/mixmim_b.py") + ":tiny",
-           "--workdir", workdir, "--config.data.source=folder",
-           f"--config.data.folder={image_folder}", "--config.checkpoint_every=2"]
-    subprocess.run([*cmd, "--config.total_steps=2"], check=True, capture_output=True)
+    args = ["--config", os.path.join(REPO, "configs/mixmim_b.py") + ":tiny",
+            "--workdir", workdir, "--config.data.source=folder",
+            f"--config.data.folder={image_folder}", "--config.checkpoint_every=2"]
+    _in_process(*args, "--config.total_steps=2")
+    cmd = [os.path.join(os.path.dirname(sys.executable), "mixmae-pretrain"), *args]
 
     def limit_file_size():
         resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
@@ -395,5 +404,5 @@ def test_a_full_disk_during_a_save_ends_with_one_clear_error_and_an_intact_check
     assert len(errors) == 1, proc.stderr[-3000:]
     assert "File too large" in errors[0] or "Failed to write" in errors[0], errors
     assert tasks.restore_params(workdir)[2] == 2
-    subprocess.run([*cmd, "--config.total_steps=8"], check=True, capture_output=True)
+    _in_process(*args, "--config.total_steps=8")
     assert tasks.restore_params(workdir)[2] == 8
