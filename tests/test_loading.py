@@ -17,7 +17,6 @@ from mixmae_jax.interop.keymap import ConversionError
 from mixmae_jax.methods import get_method
 from mixmae_jax.models import get_model_module
 from mixmae_jax.models import layers as L
-from mixmae_jax.models.layers import InitKeys
 from mixmae_jax.models.loading import LoadError
 from mixmae_jax.models.paths import flatten
 
@@ -60,7 +59,7 @@ def _classifier_template(config, seed):
     (test_finetune.py::test_init_from_a_workdir_with_fc_norm_loads_the_encoder runs the real
     init)."""
     method = get_method(config)
-    abstract = abstract_model(lambda: method.build_classifier(NUM_CLASSES, InitKeys(0)))[1]
+    abstract = abstract_model(lambda: method.build_classifier(NUM_CLASSES, L.InitKeys(0)))[1]
     template = random_params(abstract, seed)
     if "fc_norm" in template:
         template["fc_norm"] = {"scale": np.ones_like(template["fc_norm"]["scale"]),
@@ -70,7 +69,7 @@ def _classifier_template(config, seed):
 
 def _source_params(config, seed):
     method = get_method(config)
-    return random_params(abstract_model(lambda: method.build_model(InitKeys(0)))[1], seed)
+    return random_params(abstract_model(lambda: method.build_model(L.InitKeys(0)))[1], seed)
 
 
 def _torch_round_trip(source_params, source, target, template):

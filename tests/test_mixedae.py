@@ -23,7 +23,6 @@ from mixmae_jax.interop import layout_for, to_torch
 from mixmae_jax.methods import get_method
 from mixmae_jax.methods import mixedae as M
 from mixmae_jax.models import layers as L
-from mixmae_jax.models.layers import InitKeys
 from mixmae_jax.train.step import bind
 
 
@@ -35,7 +34,7 @@ def tiny(overrides=(), arg="tiny"):
 def setup(overrides=(), seed=0, batch=8):
     config = tiny(overrides)
     method = get_method(config)
-    graphdef, abstract = abstract_model(lambda: method.build_model(InitKeys(0)))
+    graphdef, abstract = abstract_model(lambda: method.build_model(L.InitKeys(0)))
     params = random_params(abstract, seed=seed)
     images = jax.random.normal(jax.random.key(seed + 1), (batch, 32, 32, 3))
     plan = method.make_plan(jax.random.key(seed + 2), batch, 1)
@@ -202,7 +201,7 @@ def test_exports_maes_pretraining_model_only_without_mixedaes_own_parts():
     config = tiny(["--config.method.contrast_projector=16"])
     method = get_method(config)
     layout = layout_for(method.config)
-    _, abstract = abstract_model(lambda: method.build_model(InitKeys(0)))
+    _, abstract = abstract_model(lambda: method.build_model(L.InitKeys(0)))
     params = random_params(abstract, seed=4)
     with pytest.raises(K.ConversionError, match="contrast_head"):
         to_torch.params_to_state_dict(params, layout)
@@ -211,7 +210,7 @@ def test_exports_maes_pretraining_model_only_without_mixedaes_own_parts():
                                                                                       strict=True)
     assert not any(k.startswith(("contrast_head", "segment_embed", "decoder")) for k in sd)
     plain = get_method(tiny())
-    _, abstract = abstract_model(lambda: plain.build_model(InitKeys(0)))
+    _, abstract = abstract_model(lambda: plain.build_model(L.InitKeys(0)))
     sd = to_torch.params_to_state_dict(random_params(abstract, seed=5), layout_for(plain.config))
     R.MAEPretrainTorch.from_model_config(config.model).load_state_dict(sd, strict=True)
 
@@ -243,7 +242,7 @@ def test_per_layer_attention_modes():
     config_lib.validate(c)
     method = get_method(c)
     assert method.layer_modes() == ("full", "topk")
-    model = method.build_model(InitKeys(0))
+    model = method.build_model(L.InitKeys(0))
     images = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
     loss, metrics = method.loss(model, {"image": images}, method.make_plan(
         jax.random.key(2), 8, 1), 1)

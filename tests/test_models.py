@@ -18,7 +18,6 @@ from mixmae_jax.interop import keymap as K
 from mixmae_jax.methods.mixmim import MixMIMModel
 from mixmae_jax.models import layers as L
 from mixmae_jax.models import swin
-from mixmae_jax.models.layers import InitKeys
 from mixmae_jax.numerics import SAME_MATH_RTOL, rel_err
 from mixmae_jax.train.step import bind
 
@@ -89,7 +88,7 @@ def test_remat_changes_memory_not_numbers(tiny):
     def loss_and_grad(remat):
         cfg = tiny_cfg()
         cfg.remat = remat
-        graphdef, _ = nnx.split(nnx.eval_shape(lambda: MixMIMModel(cfg, rngs=InitKeys(0))),
+        graphdef, _ = nnx.split(nnx.eval_shape(lambda: MixMIMModel(cfg, rngs=L.InitKeys(0))),
                                 nnx.Param)
 
         def loss(params):
@@ -136,7 +135,7 @@ def test_a_snapshot_older_than_a_model_key_builds_with_the_keys_default():
     assert all(filled[k] == config.model[k] for k in old.model)
 
     def shapes(c):
-        model = nnx.eval_shape(lambda: get_method(c).build_model(InitKeys(0)))
+        model = nnx.eval_shape(lambda: get_method(c).build_model(L.InitKeys(0)))
         return jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(nnx.split(model, nnx.Param)[1]))
 
     assert shapes(old) == shapes(config)
@@ -146,7 +145,7 @@ def test_drop_path_is_per_sample_and_off_without_an_rng(tiny):
     """Stochastic depth (finetuning) runs inside the scanned blocks with per-block rates."""
     cfg = tiny_cfg()
     cfg.drop_path_rate = 0.5
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: MixMIMModel(cfg, rngs=InitKeys(0))), nnx.Param)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: MixMIMModel(cfg, rngs=L.InitKeys(0))), nnx.Param)
 
     @jax.jit
     def encode(params, rng):
@@ -197,7 +196,7 @@ def test_a_bf16_linear_keeps_its_kernel_gradient_in_float32():
     """In bf16 compute a Linear multiplies bf16 operands, but its kernel's gradient is the
     float32 sum of the bf16 products (what the official fp32 .grad holds, and what devices then
     reduce): rounding it to bf16 first would be off by ~2^-9 relative."""
-    graphdef, params = nnx.split(L.dense(64, 48, dtype=jnp.bfloat16, rngs=InitKeys(0)))
+    graphdef, params = nnx.split(L.dense(64, 48, dtype=jnp.bfloat16, rngs=L.InitKeys(0)))
     x = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 64))
     w = jax.random.normal(jax.random.PRNGKey(2), (4, 32, 48))
 
@@ -222,7 +221,7 @@ def test_shifted_windows_attend_within_their_region(shift, expected):
     from mixmae_jax.models.swin import SwinBlock
 
     block = SwinBlock(8, 2, 4, (8, 8), shift=shift, mlp_ratio=4.0, qkv_bias=True,
-                      rngs=InitKeys(0))
+                      rngs=L.InitKeys(0))
     x = np.random.default_rng(0).standard_normal((1, 8, 8, 8), dtype=np.float32)
     y = x.copy()
     y[0, 0, 0, 0] += 5.0  # one channel (a shift of all channels would vanish in the LayerNorm)
@@ -241,7 +240,7 @@ def test_alternating_shifted_blocks_scan_in_pairs_with_the_same_numbers():
         cfg = mixmim_model("B")
         cfg.update(img_size=32, embed_dim=16, depths=(4,), num_heads=(2,), window_sizes=(4,),
                    shift_windows=True, scan_blocks=scan)
-        return nnx.split(swin.encoder(cfg, rngs=InitKeys(0)), nnx.Param)
+        return nnx.split(swin.encoder(cfg, rngs=L.InitKeys(0)), nnx.Param)
 
     (g_scan, params), (g_unrolled, _) = build(True), build(False)
     shifts = [b.shift for b in nnx.merge(g_scan, params).layers[0].blocks]

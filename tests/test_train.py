@@ -22,6 +22,7 @@ from mixmae_jax.config import ConfigError
 from mixmae_jax.train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRETRAIN = os.path.join(os.path.dirname(sys.executable), "mixmae-pretrain")  # the console tool
 
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
@@ -116,8 +117,7 @@ def _start_long_run(tmp_path, image_folder, stderr):
     """A tiny mixmae-pretrain run far longer than the test, once it has logged its first step
     (or given up: the caller checks it still runs): (workdir, process)."""
     workdir = str(tmp_path / "run")
-    cmd = [os.path.join(os.path.dirname(sys.executable), "mixmae-pretrain"),
-           "--config", os.path.join(REPO, "configs/mixmim_b.py") + ":tiny",
+    cmd = [PRETRAIN, "--config", os.path.join(REPO, "configs/mixmim_b.py") + ":tiny",
            "--workdir", workdir, "--config.data.source=folder",
            f"--config.data.folder={image_folder}", "--config.total_steps=100000",
            "--config.checkpoint_every=100000", "--config.log_every=1"]
@@ -223,8 +223,7 @@ def test_skipped_images_are_named_on_the_console(tmp_path, image_folder):
 
 
 def _tool(*args, **kwargs):
-    cmd = [os.path.join(os.path.dirname(sys.executable), "mixmae-pretrain"), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    return subprocess.run([PRETRAIN, *map(str, args)], capture_output=True, text=True, **kwargs)
 
 
 def _in_process(*args):
@@ -342,7 +341,6 @@ def test_kill_9_during_checkpoint_writes_then_resume_logs_the_same_losses(tmp_pa
             "--config.data.source=folder", f"--config.data.folder={image_folder}",
             f"--config.total_steps={total}", "--config.checkpoint_every=2",
             "--config.log_every=1"]
-    exe = os.path.join(os.path.dirname(sys.executable), "mixmae-pretrain")
     straight = str(tmp_path / "straight")
     _in_process(*args, "--workdir", straight)  # the same program (flags, compilation cache)
     killed = str(tmp_path / "killed")
@@ -354,7 +352,7 @@ def test_kill_9_during_checkpoint_writes_then_resume_logs_the_same_losses(tmp_pa
 
     kills = 0
     for _ in range(8):
-        proc = subprocess.Popen([exe, *args, "--workdir", killed], stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen([PRETRAIN, *args, "--workdir", killed], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         if kills < 3:
             # Kill a random number of logged steps into this attempt.
@@ -389,13 +387,11 @@ def test_a_full_disk_during_a_save_ends_with_one_clear_error_and_an_intact_check
             "--workdir", workdir, "--config.data.source=folder",
             f"--config.data.folder={image_folder}", "--config.checkpoint_every=2"]
     _in_process(*args, "--config.total_steps=2")
-    cmd = [os.path.join(os.path.dirname(sys.executable), "mixmae-pretrain"), *args]
 
     def limit_file_size():
         resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
 
-    proc = subprocess.run([*cmd, "--config.total_steps=8"], capture_output=True, text=True,
-                          preexec_fn=limit_file_size)
+    proc = _tool(*args, "--config.total_steps=8", preexec_fn=limit_file_size)
     assert proc.returncode == 2
     # Orbax's writer threads' tracebacks go to the run's log.txt: stderr holds our one line.
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]

@@ -40,7 +40,6 @@ from mixmae_jax.methods.ummae import removed_units
 from mixmae_jax.models import layers as L
 from mixmae_jax.models import pvt, ummae_swin
 from mixmae_jax.models.classifier import build_classifier
-from mixmae_jax.models.layers import InitKeys
 from mixmae_jax.numerics import FWD_TOL, GRAD_TOL
 from mixmae_jax.train.step import bind
 
@@ -56,7 +55,7 @@ def tiny_setup(request):
     """(method, model, images) of a tiny config per backbone."""
     config = tiny(request.param)
     method = get_method(config)
-    model = method.build_model(InitKeys(0))
+    model = method.build_model(L.InitKeys(0))
     size = config.model.img_size
     images = jax.random.normal(jax.random.key(1), (3, size, size, 3))
     return method, model, images
@@ -178,7 +177,7 @@ def test_decoder_orders_agree_exactly_when_every_block_keeps_the_same_slot():
     for order in ("true", "official"):
         c = tiny("ummae_swin_t.py", [f"--config.method.decoder_pos_order={order}"])
         methods[order] = get_method(c)
-    model = methods["true"].build_model(InitKeys(0))
+    model = methods["true"].build_model(L.InitKeys(0))
     size = base.model.img_size
     images = jax.random.normal(jax.random.key(1), (4, size, size, 3))
     plan = methods["true"].make_plan(jax.random.key(2), 4, 1)
@@ -203,7 +202,7 @@ def test_swin_window_geometry_of_the_official_configs(name, res, windows, shifts
     baseline window 16 on the 64x64 grid: a stage no larger than the window has one unshifted
     window of the whole map (official clipping)."""
     method = get_method(load(name))
-    model = nnx.eval_shape(lambda: method.build_model(InitKeys(0)))
+    model = nnx.eval_shape(lambda: method.build_model(L.InitKeys(0)))
     enc = model.encoder
     assert enc.run_grid == res
     assert tuple(b.window for b in enc.blocks) == windows
@@ -216,7 +215,7 @@ def test_continuous_bias_is_the_mlp_of_log_spaced_differences():
     """bias[m, h, i, j] = MLP(sign(d) log(1 + |d|))[h] with d = coords[j] - coords[i]."""
     from mixmae_jax.models.ummae_swin import WindowAttention
 
-    attn = WindowAttention(8, 2, 4, qkv_bias=True, rngs=InitKeys(0))
+    attn = WindowAttention(8, 2, 4, qkv_bias=True, rngs=L.InitKeys(0))
     rng = np.random.default_rng(0)
     coords = rng.integers(0, 20, (3, 5, 2)).astype(np.float32) / 2
     got = np.asarray(attn.position_bias(jnp.asarray(coords)))
@@ -277,14 +276,14 @@ def test_ummae_features_use_the_full_grid_finetuning_geometry(name, kind):
     PVT's full-grid sr ratios): the features equal that encoder's, computed independently."""
     config = load(name, "tiny")
     method = get_method(config)
-    model = method.build_model(InitKeys(0))
+    model = method.build_model(L.InitKeys(0))
     m = config.model.copy_and_resolve_references()
     if kind == "swin":
         m.window_size *= 2
-        full = ummae_swin.encoder(m, vis_mask_token=True, rngs=InitKeys(5))
+        full = ummae_swin.encoder(m, vis_mask_token=True, rngs=L.InitKeys(5))
     else:
         m.sr_ratios = m.full_sr_ratios
-        full = pvt.encoder(m, vis_mask_token=True, rngs=InitKeys(5))
+        full = pvt.encoder(m, vis_mask_token=True, rngs=L.InitKeys(5))
     nnx.update(full, nnx.state(model.encoder))
     images = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
     want = jnp.mean(full(images), axis=1)
@@ -385,7 +384,7 @@ def torch_run(tmodel, images, masks, dtype, masked_only):
 def parity_run(config, name, batch=3, seed=1):
     method = get_method(config)
     layout = layout_for(method.config)
-    graphdef, abstract = abstract_model(lambda: method.build_model(InitKeys(0)))
+    graphdef, abstract = abstract_model(lambda: method.build_model(L.InitKeys(0)))
     params = random_params(abstract, seed=seed)
     state_dict = to_torch.params_to_state_dict(params, layout)
     size = config.model.img_size
@@ -455,7 +454,7 @@ def test_finetune_classifier_parity(model_name, name):
     torch_cls = FINETUNE[model_name]
     method = get_method(load(name, "tiny"))
     layout = layout_for(method.config)
-    graphdef, abstract = abstract_model(lambda: build_classifier(cfg, 7, rngs=InitKeys(0)))
+    graphdef, abstract = abstract_model(lambda: build_classifier(cfg, 7, rngs=L.InitKeys(0)))
     params = random_params(abstract, seed=4)
     sd = to_torch.params_to_state_dict(params, layout, format="finetune", num_classes=7)
     images = np.random.default_rng(5).standard_normal((2, 64, 64, 3), dtype=np.float32)
@@ -486,7 +485,7 @@ def test_pretraining_export_loads_strictly_into_the_finetune_geometry(name, wind
     config = load(name)
     method = get_method(config)
     layout = layout_for(method.config)
-    _, abstract = abstract_model(lambda: method.build_model(InitKeys(0)))
+    _, abstract = abstract_model(lambda: method.build_model(L.InitKeys(0)))
     sd = to_torch.params_to_state_dict(random_params(abstract, seed=3), layout,
                                        format="finetune", num_classes=10)
     key, value = window_or_sr
@@ -501,7 +500,7 @@ def test_pretraining_export_loads_strictly_into_the_finetune_geometry(name, wind
     if config.model.name == "pvt":  # the frozen table becomes the learned one's start
         table = L.sincos_pos_embed_2d(64, 64, 64)
         np.testing.assert_array_equal(sd["pos_embed"].numpy()[0], table)
-    _, template = abstract_model(lambda: build_classifier(ft_cfg, 10, rngs=InitKeys(0)))
+    _, template = abstract_model(lambda: build_classifier(ft_cfg, 10, rngs=L.InitKeys(0)))
     ft_sd = random_torch_state_dict(tmodel, seed=8)  # a fine-tuning file of that geometry
     params, _ = from_torch.state_dict_to_params(ft_sd, layout, template)
     assert_exports_back_exactly(params, ft_sd, layout, "finetune", 10)
