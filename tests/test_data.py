@@ -217,6 +217,11 @@ def test_folder_lists_all_formats_and_layouts(folder):
         data_cfg(source="folder", folder=str(folder)), global_batch_size=24, seed=0
     )
     assert sorted(identify(next(it)["image"])) == list(range(24))  # one epoch, each file once
+    assert it in ip._OPEN  # until closed, the interpreter's exit closes it
+    it.close()  # the pipeline's threads stop now
+    assert it not in ip._OPEN
+    with pytest.raises(StopIteration):
+        next(it)
 
 
 def test_per_process_split_is_disjoint_and_covers(folder, embedded_builder):

@@ -111,6 +111,7 @@ def train(config, workdir: str, task, *, print_fn=print, stop_at: int | None = N
                 if start_step < latest else "")
         print_fn(f"Resumed from step {start_step} in {workdir}{redo}")
         if start_step != latest:  # an older step than the data stream was opened at
+            data.close()
             data, stream = open_data(start_step)
     if state is None:
         state = exp.init_state(task.initial_params(exp.abstract_params, run))
@@ -181,6 +182,7 @@ def train(config, workdir: str, task, *, print_fn=print, stop_at: int | None = N
         summary = task.finish(exp, state, evaluators, last_results, run)
     finally:
         preempt.uninstall()
+        data.close()
         writer.close()
         ckpt.close()
     # stopped_by: None (the end), "asked" (stop_at), "SIGTERM" or "Ctrl-C"
