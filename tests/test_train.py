@@ -4,6 +4,7 @@ validation (every method's two steps and exact resume are the contract suite's, 
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,19 +52,42 @@ def image_folder(tmp_path_factory):
     return str(folder)
 
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, image_folder):
+    """A finished tiny run on `image_folder` (steps 1-4, checkpoints 2 and 4), in this process:
+    the tests that resume, restart or break a run start from a copy of it."""
+    workdir = str(tmp_path_factory.mktemp("finished") / "run")
+    tasks.train(tiny_config(**{"data.source": "folder", "data.folder": image_folder}), workdir,
+                print_fn=lambda s: None)
+    return workdir
+
+
+def _copy(run, tmp_path) -> str:
+    return shutil.copytree(run, str(tmp_path / "run"))
+
+
 def _jsonl(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
 
 
 @pytest.mark.slow
-def test_resume_after_a_corrupt_newest_checkpoint_redoes_its_steps(tmp_path, image_folder):
+def test_resume_after_a_corrupt_newest_checkpoint_redoes_its_steps(tmp_path, image_folder,
+                                                                   finished_run, monkeypatch):
     """A finished run whose newest checkpoint (step 4) was cut short: the resume says which step
-    and file, moves it aside, restores step 2 and redoes 2 steps. A tool's restore of a step
-    without metadata names it and the steps that remain."""
+    and file, moves it aside, restores step 2 and redoes 2 steps (its input stream, opened at
+    step 4, is closed and opened again at step 2; both are closed when it returns). A tool's
+    restore of a step without metadata names it and the steps that remain."""
+    from mixmae_jax.data import input_pipeline
+
+    stream = input_pipeline.TrainIterator
+    opened, closed = [], []
+    real_init, real_close = stream.__init__, stream.close
+    monkeypatch.setattr(stream, "__init__",
+                        lambda self, *a, **k: (opened.append(self), real_init(self, *a, **k))[1])
+    monkeypatch.setattr(stream, "close", lambda self: (closed.append(self), real_close(self))[1])
     config = tiny_config(**{"data.source": "folder", "data.folder": image_folder})
-    workdir = str(tmp_path / "run")
-    tasks.train(config, workdir, print_fn=lambda s: None)
+    workdir = _copy(finished_run, tmp_path)
     step4 = os.path.join(workdir, "checkpoints", "4", "state")
     files = [os.path.join(d, f) for d, _, fs in os.walk(step4) for f in fs]
     biggest = max(files, key=os.path.getsize)
@@ -76,6 +100,8 @@ def test_resume_after_a_corrupt_newest_checkpoint_redoes_its_steps(tmp_path, ima
     assert any("Resumed from step 2" in s and "2 steps will be redone" in s for s in lines)
     assert out["step"] == 5 and os.path.isdir(os.path.join(workdir, "checkpoints", "4.unreadable"))
     assert [r["step"] for r in _jsonl(workdir)] == [1, 2, 3, 4, 5]
+    # A pipeline left open holds the process ~5 s at exit (TrainIterator.close).
+    assert len(opened) == 2 and set(map(id, closed)) == set(map(id, opened))
 
     for d, _, fs in os.walk(os.path.join(workdir, "checkpoints", "5")):
         for f in fs:
@@ -88,14 +114,13 @@ def test_resume_after_a_corrupt_newest_checkpoint_redoes_its_steps(tmp_path, ima
 
 
 @pytest.mark.slow
-def test_resume_refuses_incompatible_config(tmp_path, image_folder):
-    config = tiny_config(**{"data.source": "folder", "data.folder": image_folder,
-                            "total_steps": 2})
-    tasks.train(config, str(tmp_path), print_fn=lambda s: None)
+def test_resume_refuses_incompatible_config(tmp_path, image_folder, finished_run):
+    workdir = _copy(finished_run, tmp_path)
     changed = tiny_config(**{"data.source": "folder", "data.folder": image_folder,
-                             "model.embed_dim": 32})
+                             "model.embed_dim": 32, "total_steps": 6})
     with pytest.raises(ValueError, match="model.embed_dim"):
-        tasks.train(changed, str(tmp_path), print_fn=lambda s: None)
+        tasks.train(changed, workdir, print_fn=lambda s: None)
+    assert [r["step"] for r in _jsonl(workdir)] == [1, 2, 3, 4]  # nothing written
 
 
 @pytest.mark.slow
@@ -170,41 +195,37 @@ def test_ctrl_c_saves_the_step_in_flight_and_exits(tmp_path, image_folder):
 
 
 @pytest.mark.slow
-def test_resume_and_restart_speak_plainly_and_keep_the_metrics_one_run(tmp_path, image_folder):
+def test_resume_and_restart_speak_plainly_and_keep_the_metrics_one_run(tmp_path, image_folder,
+                                                                      finished_run):
     """A resume prints its config changes on the run's own output (no `WARNING:root:`) and each
     progress line once; a restart from step 0 (the earlier run died before its first checkpoint)
     drops the earlier metrics and marks the restart for TensorBoard, as a resume does."""
     from tensorboard.backend.event_processing import plugin_event_accumulator
 
     config = tiny_config(**{"data.source": "folder", "data.folder": image_folder,
-                            "total_steps": 2, "checkpoint_every": 2})
-    workdir = str(tmp_path)
-    tasks.train(config, workdir, print_fn=lambda s: None)
+                            "total_steps": 5})
+    workdir = _copy(finished_run, tmp_path)
     lines = []
-    config.total_steps = 3
     tasks.train(config, workdir, print_fn=lines.append)
-    assert "Resuming with config change total_steps: 2 -> 3" in lines, lines
-    assert [line.split(" |")[0] for line in lines if line.startswith("step ")] == ["step 3/3"]
-    assert any(", 1 device, global batch 8, 5 steps/epoch, steps 2 -> 3" in line
+    assert "Resuming with config change total_steps: 4 -> 5" in lines, lines
+    assert [line.split(" |")[0] for line in lines if line.startswith("step ")] == ["step 5/5"]
+    assert any(", 1 device, global batch 8, 5 steps/epoch, steps 4 -> 5" in line
                for line in lines), lines
-    import shutil
 
     shutil.rmtree(os.path.join(workdir, "checkpoints"))  # as if killed before its first save
     lines = []
     tasks.train(config, workdir, print_fn=lines.append)
-    assert "Dropped 3 lines of metrics.jsonl past step 0" in lines, lines
-    assert [r["step"] for r in _jsonl(workdir)] == [1, 2, 3]
+    assert "Dropped 5 lines of metrics.jsonl past step 0" in lines, lines
+    assert [r["step"] for r in _jsonl(workdir)] == [1, 2, 3, 4, 5]
     acc = plugin_event_accumulator.EventAccumulator(os.path.join(workdir, "tensorboard"),
                                                     purge_orphaned_data=True)
     acc.Reload()
-    assert [e.step for e in acc.Tensors("loss")] == [1, 2, 3]
+    assert [e.step for e in acc.Tensors("loss")] == [1, 2, 3, 4, 5]
 
 
 @pytest.mark.slow
 def test_skipped_images_are_named_on_the_console(tmp_path, image_folder):
     """data.skip_corrupt: the run names (and counts) what it skipped, not only metrics.jsonl."""
-    import shutil
-
     folder = tmp_path / "images"
     shutil.copytree(image_folder, folder)
     names = sorted(os.listdir(folder))
@@ -239,8 +260,6 @@ def _in_process(*args):
 def test_library_output_stays_off_the_terminal(tmp_path, image_folder):
     """TensorFlow's start-up lines and deprecation warnings go to the log, not around the one
     error line (a refusal after TensorFlow started: too few images for a batch)."""
-    import shutil
-
     folder = tmp_path / "few"
     folder.mkdir()
     for name in sorted(os.listdir(image_folder))[:3]:
@@ -255,16 +274,30 @@ def test_library_output_stays_off_the_terminal(tmp_path, image_folder):
     assert not os.path.exists(tmp_path / "run")
 
 
+def _tool_args(image_folder, workdir):
+    """A tiny MixMIM run of `mixmae-pretrain` on `image_folder`, checkpoints every 2 steps."""
+    return ["--config", os.path.join(REPO, "configs/mixmim_b.py") + ":tiny", "--workdir",
+            workdir, "--config.data.source=folder", f"--config.data.folder={image_folder}",
+            "--config.checkpoint_every=2", "--config.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def finished_tool_run(tmp_path_factory, image_folder):
+    """`_tool_args`'s run of steps 1-4 (checkpoints 2 and 4), through the tool's entry point in
+    this process: the fault tests start their tool process on a copy of it."""
+    workdir = str(tmp_path_factory.mktemp("finished_tool") / "run")
+    _in_process(*_tool_args(image_folder, workdir), "--config.total_steps=4")
+    return workdir
+
+
 @pytest.mark.slow
-def test_a_truncated_newest_checkpoint_is_reported_in_one_plain_line(tmp_path, image_folder):
+def test_a_truncated_newest_checkpoint_is_reported_in_one_plain_line(tmp_path, image_folder,
+                                                                     finished_tool_run):
     """The quarantine of an unreadable newest step says which file is truncated, in one line on
     the run's output; TensorStore's coroutine tracebacks and TensorFlow's lines go to log.txt,
     so stderr stays empty."""
-    workdir = str(tmp_path / "run")
-    args = ["--config", os.path.join(REPO, "configs/mixmim_b.py") + ":tiny", "--workdir",
-            workdir, "--config.data.source=folder", f"--config.data.folder={image_folder}",
-            "--config.checkpoint_every=2", "--config.log_every=1"]
-    _in_process(*args, "--config.total_steps=4")
+    workdir = _copy(finished_tool_run, tmp_path)
+    args = _tool_args(image_folder, workdir)
     for d, _, files in os.walk(os.path.join(workdir, "checkpoints", "4")):
         for f in files:
             if os.path.basename(d) == "d":
@@ -304,19 +337,16 @@ def test_validation_names_the_key(overrides, devices, key):
 
 
 @pytest.mark.slow
-def test_tensorboard_reads_a_resumed_run_as_one(tmp_path, image_folder):
-    """A run logs steps 1-3, dies before saving step 3 (its checkpoint is lost), resumes from
+def test_tensorboard_reads_a_resumed_run_as_one(tmp_path, image_folder, finished_run):
+    """A run logs steps 1-4, dies before saving step 4 (its checkpoint is lost), resumes from
     step 2 and runs 3-4: metrics.jsonl and TensorBoard (its loader, which drops the orphaned
-    step 3 when the steps restart) both hold one value per step, the resumed run's."""
+    steps 3-4 when the steps restart) both hold one value per step, the resumed run's."""
     from tensorboard.backend.event_processing import plugin_event_accumulator
     from tensorboard.util import tensor_util
 
     config = tiny_config(**{"data.source": "folder", "data.folder": image_folder})
-    workdir = str(tmp_path)
-    tasks.train(config, workdir, stop_at=3, **{"print_fn": lambda s: None})
-    import shutil
-
-    shutil.rmtree(os.path.join(workdir, "checkpoints", "3"))  # killed before step 3 was saved
+    workdir = _copy(finished_run, tmp_path)
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))  # killed before step 4 was saved
     tasks.train(config, workdir, print_fn=lambda s: None)
     rows = _jsonl(workdir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -376,17 +406,14 @@ def test_kill_9_during_checkpoint_writes_then_resume_logs_the_same_losses(tmp_pa
 
 @pytest.mark.slow
 def test_a_full_disk_during_a_save_ends_with_one_clear_error_and_an_intact_checkpoint(
-        tmp_path, image_folder):
+        tmp_path, image_folder, finished_tool_run):
     """A resumed run whose checkpoint write fails (the process may write files of at most
     256 KiB: RLIMIT_FSIZE, as a full disk) stops at its next checkpoint step with one `error:`
     line naming the step, the directory and the newest intact step; that step resumes."""
     import resource
 
-    workdir = str(tmp_path / "run")
-    args = ["--config", os.path.join(REPO, "configs/mixmim_b.py") + ":tiny",
-            "--workdir", workdir, "--config.data.source=folder",
-            f"--config.data.folder={image_folder}", "--config.checkpoint_every=2"]
-    _in_process(*args, "--config.total_steps=2")
+    workdir = _copy(finished_tool_run, tmp_path)
+    args = _tool_args(image_folder, workdir)
 
     def limit_file_size():
         resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
@@ -395,10 +422,10 @@ def test_a_full_disk_during_a_save_ends_with_one_clear_error_and_an_intact_check
     assert proc.returncode == 2
     # Orbax's writer threads' tracebacks go to the run's log.txt: stderr holds our one line.
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]
-    errors = re.findall(r"error: checkpoint step 4 could not be written in \S*checkpoints "
-                        r"\((.*?)\); the newest intact checkpoint is step 2", proc.stderr)
+    errors = re.findall(r"error: checkpoint step 6 could not be written in \S*checkpoints "
+                        r"\((.*?)\); the newest intact checkpoint is step 4", proc.stderr)
     assert len(errors) == 1, proc.stderr[-3000:]
     assert "File too large" in errors[0] or "Failed to write" in errors[0], errors
-    assert tasks.restore_params(workdir)[2] == 2
+    assert tasks.restore_params(workdir)[2] == 4
     _in_process(*args, "--config.total_steps=8")
     assert tasks.restore_params(workdir)[2] == 8
