@@ -254,12 +254,24 @@ def _jsonl(workdir):
         return [json.loads(line) for line in f]
 
 
+FINETUNE_OVERRIDES = {"evals.eval.every_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory, pretrain_workdir):
+    """`pretrain_workdir` fine-tuned 4 steps, evaluated at steps 2 and 4: (workdir, the run's
+    result, its lines). The tests read it and write nothing into it."""
+    workdir, lines = str(tmp_path_factory.mktemp("finetuned") / "ft"), []
+    out = tasks.train(finetune_config(init=pretrain_workdir, **FINETUNE_OVERRIDES), workdir,
+                      print_fn=lines.append)
+    return workdir, out, lines
+
+
 @pytest.mark.slow
-def test_finetune_runs_resumes_exactly_and_keeps_the_best(tmp_path, pretrain_workdir):
-    c = finetune_config(init=pretrain_workdir, **{"evals.eval.every_steps": 2})
-    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
-    lines = []
-    out = tasks.train(c, straight, print_fn=lines.append)
+def test_finetune_runs_resumes_exactly_and_keeps_the_best(tmp_path, pretrain_workdir,
+                                                          finetuned):
+    c = finetune_config(init=pretrain_workdir, **FINETUNE_OVERRIDES)
+    (straight, out, lines), interrupted = finetuned, str(tmp_path / "interrupted")
     assert any("Initialised from mixmim pretraining step 2" in s for s in lines)
     tasks.train(c, interrupted, stop_at=2, **QUIET)
     tasks.train(c, interrupted, **QUIET)
@@ -276,24 +288,22 @@ def test_finetune_runs_resumes_exactly_and_keeps_the_best(tmp_path, pretrain_wor
     assert out["best_top1"] == pytest.approx(max(evals), rel=1e-7)
     assert out["final_top1"] == evals[-1]
     # The best params are kept in best/ and export to the official fine-tuning layout.
-    best = json.loads((tmp_path / "straight" / "best" / "best.json").read_text())
+    with open(os.path.join(straight, "best", "best.json")) as f:
+        best = json.load(f)
     assert best["top1"] == max(evals)
     _, best_params, best_step = tasks.restore_params(straight, best=True)
     assert best_step == best["step"]
 
 
 @pytest.mark.slow
-def test_finetuned_export_loads_strictly_and_computes_the_same_logits(tmp_path,
-                                                                      pretrain_workdir):
+def test_finetuned_export_loads_strictly_and_computes_the_same_logits(tmp_path, finetuned):
     """mixmae-convert to-torch of a fine-tuning workdir: the official models_mixmim_ft
     state_dict, strict load into the plain torch reference, the same logits."""
     from references import mixmim as R
 
     from mixmae_jax.cli import convert_main
 
-    c = finetune_config(init=pretrain_workdir, total_steps=2)
-    workdir = str(tmp_path / "ft")
-    tasks.train(c, workdir, **QUIET)
+    workdir = finetuned[0]
     out = str(tmp_path / "ft.pth")
     convert_main(["to-torch", "--workdir", workdir, "--out", out, "--format", "finetune"])
     sd = torch.load(out, weights_only=True)["model"]
@@ -555,11 +565,10 @@ def test_shipped_finetune_configs_hold_the_official_recipes():
 
 
 @pytest.mark.slow
-def test_pretraining_tools_refuse_a_finetuning_workdir(tmp_path, pretrain_workdir, capsys):
+def test_pretraining_tools_refuse_a_finetuning_workdir(pretrain_workdir, finetuned, capsys):
     from mixmae_jax.cli import eval_main
 
-    workdir = str(tmp_path / "ft")
-    tasks.train(finetune_config(init=pretrain_workdir, total_steps=1), workdir, **QUIET)
+    workdir = finetuned[0]
     with pytest.raises(SystemExit) as e:
         eval_main(["knn", "--workdir", workdir])
     assert e.value.code == 2
