@@ -54,9 +54,10 @@ experiment: setup
 
 # One pytest worker per core (TEST_WORKERS=0 runs in-process): compiling XLA programs, which is
 # most of the suite's time, uses one thread. --dist loadfile keeps each file's shared compiled
-# functions in one worker.
+# functions in one worker; --no-loadscope-reorder hands out the files in the order
+# tests/conftest.py gives them (the longest first).
 TEST_WORKERS ?= 2
-PYTEST = $(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile
+PYTEST = $(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: setup
 	$(PYTEST)
 
