@@ -450,7 +450,7 @@ class TrainIterator(Iterator):
     def close(self) -> None:
         """Stops the pipeline and its threads now (then the stream is empty). Call it when done:
         the tf.data graph's functions hold this object (a reference cycle), and a pipeline left
-        for the interpreter's exit to destroy held the process ~5 s after its last line."""
+        for the interpreter's exit to destroy held the process 3-5 s after its last line."""
         self._iterator = iter(())
         _OPEN.discard(self)
 
