@@ -367,13 +367,9 @@ def test_kill_9_during_checkpoint_writes_then_resume_logs_the_same_losses(tmp_pa
     asynchronous, so kills land during writes too) and resumed each time logs exactly the
     losses of an uninterrupted run, step for step."""
     total = 16
-    args = ["--config", os.path.join(REPO, "configs/mixmim_b.py") + ":tiny",
-            "--config.data.source=folder", f"--config.data.folder={image_folder}",
-            f"--config.total_steps={total}", "--config.checkpoint_every=2",
-            "--config.log_every=1"]
-    straight = str(tmp_path / "straight")
-    _in_process(*args, "--workdir", straight)  # the same program (flags, compilation cache)
-    killed = str(tmp_path / "killed")
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    # the same program as the tool's (flags, compilation cache)
+    _in_process(*_tool_args(image_folder, straight), f"--config.total_steps={total}")
     rng = np.random.default_rng(0)
     path = os.path.join(killed, "metrics.jsonl")
 
@@ -382,7 +378,8 @@ def test_kill_9_during_checkpoint_writes_then_resume_logs_the_same_losses(tmp_pa
 
     kills = 0
     for _ in range(8):
-        proc = subprocess.Popen([PRETRAIN, *args, "--workdir", killed], stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen([PRETRAIN, *_tool_args(image_folder, killed),
+                                 f"--config.total_steps={total}"], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         if kills < 3:
             # Kill a random number of logged steps into this attempt.
