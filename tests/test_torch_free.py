@@ -100,6 +100,9 @@ for name in names:
 assert "torch" not in sys.modules
 # the PyTorch formats' libraries load only where a conversion uses them
 assert not {"safetensors", "transformers", "timm"} & set(sys.modules), sys.modules.keys()
+# TensorFlow loads through data/tf_setup.py, which keeps Keras from importing scikit-learn
+# (~1 s of every tool's start); the digits build imports it when it needs it
+assert "tensorflow" in sys.modules and "sklearn" not in sys.modules
 print(len(names) - len(EDGE), "modules")
 '''
 

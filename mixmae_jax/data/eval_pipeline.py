@@ -16,10 +16,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from mixmae_jax.data import tf_setup  # noqa: F401  (hides GPUs from TF before tfds uses it)
+from mixmae_jax.data.tf_setup import tf
 
 
 class LabelledData:

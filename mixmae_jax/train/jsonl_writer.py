@@ -7,6 +7,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+from mixmae_jax.data import tf_setup  # noqa: F401  (TensorFlow set up before clu imports it)
+
+# isort: split
 from clu.metric_writers import interface
 
 

@@ -28,7 +28,10 @@ TB_DIR = "tensorboard"
 
 def create_writer(workdir: str | os.PathLike, *, is_primary: bool = True):
     """The run's metric writer (clu interface: write_scalars, write_images, flush, close)."""
-    from clu import metric_writers  # imports TensorFlow
+    from mixmae_jax.data import tf_setup  # noqa: F401  (TensorFlow set up before clu imports it)
+
+    # isort: split
+    from clu import metric_writers
 
     from mixmae_jax.train.jsonl_writer import JsonLinesWriter
 
@@ -46,8 +49,9 @@ def mark_restart(workdir: str | os.PathLike, step: int) -> None:
     START at step + 1, named to sort after the earlier runs' files and before the resumed run's.
     TensorBoard's loader then drops the earlier events from step + 1 on (purge_orphaned_data),
     as the trainer drops those lines of metrics.jsonl."""
-    import tensorflow as tf
     from tensorboard.compat.proto import event_pb2
+
+    from mixmae_jax.data.tf_setup import tf
 
     directory = os.path.join(workdir, TB_DIR)
     os.makedirs(directory, exist_ok=True)
