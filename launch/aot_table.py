@@ -149,8 +149,10 @@ def table(out: str) -> str:
             fits = "yes" if r["fits"] else "**no**"
         else:
             memory, fits = "compiler: out of memory", "**no**"
-        if r.get("fit_per_device_batch"):
-            fits += f", up to {r['fit_per_device_batch']} per device"
+        if r.get("fit_per_device_batch") and r.get("fit_exact"):
+            fits += f", at most {r['fit_per_device_batch']} per device"
+        elif r.get("fit_per_device_batch"):  # --fit's compiles ran out before it knew
+            fits += f", {r['fit_per_device_batch']} per device or more"
         elif "total_bytes" in r:
             fits += f", ~{_extrapolated_fit(r)} per device"
         est = (f"{r['estimated_step_s']:.3f} s ({100 * r['estimated_mfu']:.0f}% MFU)"

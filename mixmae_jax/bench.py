@@ -287,48 +287,62 @@ def _compile_for_target(config, args) -> dict:
 
 def _fit(exp, usable: int, max_compiles: int = 8) -> dict:
     """The largest per-device batch whose step fits `usable` bytes, in steps of what each device
-    needs (MixMIM's pairs, the gradient-accumulation micro-batches). Each probe is a compile:
-    the first at the config's batch, then doubling until one does not fit (or, once two sizes
-    give the bytes per image, the linear prediction), then bisection of the bracket."""
+    needs (MixMIM's pairs, the gradient-accumulation micro-batches). Each probe is a compile: the
+    first at the config's batch, then where memory, taken as a line through the two compiled
+    sizes nearest the chip's memory, meets `usable` (a secant search), kept strictly inside the
+    bracket of sizes known to fit and not to, or the bracket's middle after three probes on one
+    side. A prediction one step off is thus followed by its neighbour, which closes the bracket:
+    `fit_exact` says the answer is the largest that fits, not the largest found within
+    `max_compiles`."""
     from mixmae_jax.train import aot
 
     n, config = exp.num_devices, exp.config
     grain = max(exp.method.min_images_per_group if exp.task.kind == "pretraining" else 1, 1)
     grain *= int(config.optim.grad_accum_steps)
-    total = {}  # per-device batch -> total bytes, None where the compiler ran out of memory
+    total, temp = {}, {}  # per-device batch -> bytes; None where the compiler ran out of memory
 
     def fits(per: int) -> bool:
-        if per not in total:
-            total[per] = aot.compile_step(exp, per * n)[0].get("total_bytes")
+        figures = aot.compile_step(exp, per * n)[0]
+        total[per], temp[per] = figures.get("total_bytes"), figures.get("temp_bytes")
         return total[per] is not None and total[per] <= usable
 
-    def predicted(lo: int) -> int:
-        sized = sorted(p for p, b in total.items() if b is not None)
-        if len(sized) < 2:
-            return 2 * lo
-        a, b = sized[-2], sized[-1]
+    def boundary() -> float | None:
+        """Where the line through the two compiled sizes whose memory is nearest `usable` (at
+        first, one size's temporaries in proportion to the batch) reaches it; None: no line."""
+        sized = [p for p, b in total.items() if b is not None]
+        if len(sized) >= 2:
+            a, b = sorted(sorted(sized, key=lambda p: abs(total[p] - usable))[:2])
+        elif sized and temp[sized[0]]:
+            a = sized[0]
+            return a + (usable - total[a]) / (temp[a] / a)
+        else:
+            return None
         per_image = (total[b] - total[a]) / (b - a)
-        return int(lo + (usable - total[lo]) / per_image) if per_image > 0 else 2 * lo
+        return a + (usable - total[a]) / per_image if per_image > 0 else None
 
     lo, hi = 0, None  # the largest size known to fit, the smallest known not to
     probe = max(config.batch_size // n // grain * grain, grain)
-    while len(total) < max_compiles:
-        if fits(probe):
+    sides = []  # fits or not, probe by probe
+    while True:
+        sides.append(fits(probe))
+        if sides[-1]:
             lo = probe
         else:
             hi = probe
-        if hi is not None and hi - lo <= grain:
+        if (hi is not None and hi - lo <= grain) or len(total) >= max_compiles:
             break
-        guess = predicted(lo) if lo else hi // 2
-        if hi is not None and not lo < guess < hi:
-            guess = (lo + hi) // 2
-        probe = guess // grain * grain
-        if probe <= lo or probe in total:
-            probe = lo + grain
-        if probe < grain or (hi is not None and probe >= hi):
-            break
+        guess = boundary()
+        # Three probes in a row on one side of a bracket: memory curves away from the line (or
+        # the compiler refuses below it); halve the bracket instead.
+        if guess is None or (hi is not None and len(sides) > 3 and len(set(sides[-3:])) == 1):
+            guess = 2 * lo if hi is None else (lo + hi) / 2
+        probe = int(guess) // grain * grain
+        probe = max(probe, lo + grain)  # strictly inside the bracket
+        if hi is not None:
+            probe = min(probe, hi - grain)
+    exact = hi is not None and hi - lo <= grain
     return {"fit_per_device_batch": lo or None, "fit_global_batch": lo * n or None,
-            "fit_first_failing_per_device_batch": hi, "fit_grain": grain,
+            "fit_first_failing_per_device_batch": hi, "fit_grain": grain, "fit_exact": exact,
             "fit_compiles": len(total),
             "fit_total_bytes": {str(p): b for p, b in sorted(total.items())}}
 
@@ -386,10 +400,17 @@ def _aot_report(r: dict) -> str:
         if r.get("estimate_compile_s") else ""))
     if "fit_compiles" in r:
         fit = r["fit_per_device_batch"]
-        lines.append(
-            f"largest per-device batch that fits: {fit} (global {r['fit_global_batch']}); "
-            f"{r['fit_first_failing_per_device_batch']} does not ({r['fit_compiles']} compiles)"
-            if fit else "no per-device batch fits")
+        failing = r["fit_first_failing_per_device_batch"]
+        if not fit:
+            lines.append(f"no per-device batch fits ({r['fit_compiles']} compiles)")
+        elif r["fit_exact"]:
+            lines.append(f"largest per-device batch that fits: {fit} (global "
+                         f"{r['fit_global_batch']}); {failing} does not ({r['fit_compiles']} "
+                         "compiles)")
+        else:
+            lines.append(f"per-device batch {fit} fits (global {r['fit_global_batch']}); the "
+                         f"search stopped after {r['fit_compiles']} compiles, "
+                         + (f"{failing} does not" if failing else "no larger one failed yet"))
     return "\n".join(lines)
 
 

@@ -170,15 +170,36 @@ class _FakeExperiment:
         self.task = type("T", (), {"kind": "pretraining"})()
 
 
-@pytest.mark.parametrize("fixed, per_image, usable, compiler_refuses_above, want", [
-    (1000, 100, 3050, None, 20),  # (3050 - 1000) / 100 = 20.5 -> 20, found by prediction
-    (1000, 100, 1150, None, 0),  # not even 2 per device fit
-    (1000, 100, 100_000, None, 990),  # far above the start
-    (1000, 100, 3050, 14, 14),  # a TPU compiler refuses above 14 (bytes unknown there)
-    (1000, 90, 5000, None, 44),  # a non-integer number of images
+# MAE-B's step on 8 H100s (bf16), as compiled: per-device batch -> bytes per GPU. Not a line:
+# XLA's buffer assignment changes with the batch (481 images take 62 MB more than 480, the mean
+# step is 133 MB).
+MAE_B_H100 = {256: 35020220016, 368: 49398913136, 424: 56587627632, 452: 60190507120,
+              466: 61908731760, 480: 63767952240, 481: 63829936752, 512: 67576363376}
+H100_USABLE = 63707234304  # 75% of 80 GB
+
+
+def _mae_b_h100(per):
+    """MAE_B_H100's bytes, linear between the compiled sizes; temporaries: all but 3 GB."""
+    sizes = sorted(MAE_B_H100)
+    a = max([p for p in sizes if p <= per] or sizes[:1])
+    b = min([p for p in sizes if p > a] or sizes[-1:])
+    return MAE_B_H100[a] + (per - a) * (MAE_B_H100[b] - MAE_B_H100[a]) / max(b - a, 1)
+
+
+@pytest.mark.parametrize("memory, usable, compiler_refuses_above, want, most_compiles", [
+    (lambda p: 1000 + 100 * p, 3050, None, 20, 3),  # 20.5 -> 20, predicted from one compile
+    (lambda p: 1000 + 100 * p, 1150, None, 0, 2),  # not even 2 per device fit
+    (lambda p: 1000 + 100 * p, 100_000, None, 990, 3),  # far above the start
+    (lambda p: 1000 + 100 * p, 3050, 14, 14, 6),  # a TPU compiler refuses above 14 (no bytes)
+    (lambda p: 1000 + 90 * p, 5000, None, 44, 3),  # a non-integer number of images
+    (lambda p: 1000 + 100 * p + p * p / 5, 100_000, None, 496, 7),  # grows faster than a line
+    (lambda p: 5000 + 100 * p - 400 * (p > 40), 9050, None, 44, 8),  # buffers laid out anew
+    (_mae_b_h100, H100_USABLE, None, 478, 3),  # as compiled (the grain 2 of the fake method)
 ])
-def test_fit_finds_the_largest_batch_that_fits(monkeypatch, fixed, per_image, usable,
-                                               compiler_refuses_above, want):
+def test_fit_finds_the_largest_batch_that_fits(monkeypatch, memory, usable,
+                                               compiler_refuses_above, want, most_compiles):
+    """The answer is the largest multiple of the grain whose memory fits (fit_exact), found in a
+    few compiles where memory is close to a line in the batch."""
     compiles = []
 
     def compile_step(exp, batch_size):
@@ -186,15 +207,26 @@ def test_fit_finds_the_largest_batch_that_fits(monkeypatch, fixed, per_image, us
         compiles.append(per)
         if compiler_refuses_above is not None and per > compiler_refuses_above:
             return {"fits": False, "out_of_memory": "Ran out of memory in memory space hbm"}, None
-        return {"total_bytes": fixed + per_image * per}, None
+        total = int(memory(per))
+        return {"total_bytes": total, "temp_bytes": total - int(memory(0))}, None
 
     monkeypatch.setattr(aot, "compile_step", compile_step)
     result = bench._fit(_FakeExperiment(), usable, max_compiles=12)
     assert (result["fit_per_device_batch"] or 0) == want
-    assert result["fit_compiles"] == len(set(compiles)) <= 12
+    assert memory(want) <= usable < memory(want + 2) or compiler_refuses_above == want
+    assert result["fit_exact"] and result["fit_compiles"] == len(set(compiles)) == len(compiles)
+    assert len(compiles) <= most_compiles, compiles
     if want:
         assert want % 2 == 0  # MixMIM pairs images on each device
         assert result["fit_first_failing_per_device_batch"] == want + 2
+
+
+def test_fit_says_when_its_compiles_ran_out_before_it_knew(monkeypatch):
+    monkeypatch.setattr(aot, "compile_step", lambda exp, batch: (
+        {"total_bytes": 1000 + 100 * batch // 4, "temp_bytes": 0}, None))
+    result = bench._fit(_FakeExperiment(), 10**9, max_compiles=2)  # 8, then (no slope yet) 16
+    assert result["fit_per_device_batch"] == 16 and not result["fit_exact"]
+    assert result["fit_first_failing_per_device_batch"] is None and result["fit_compiles"] == 2
 
 
 @needs_libtpu
