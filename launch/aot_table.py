@@ -114,7 +114,8 @@ def _collectives(r: dict) -> str:
 def _extrapolated_fit(r: dict) -> int:
     """The largest per-device batch if the temporaries grow in proportion to the batch and the
     rest (parameters, optimizer state, code) stays: one compile's estimate, where `--fit`
-    compiles until it knows. Temporaries have a part that does not grow, so this errs low."""
+    compiles until it knows. XLA lays buffers out anew for each batch, so it may miss either
+    way (MAE-B on 8 H100s: ~482 extrapolated, 479 exact)."""
     fixed = r["total_bytes"] - r["temp_bytes"]
     return int((r["usable_memory_bytes"] - fixed) // (r["temp_bytes"] / r["per_device_batch"]))
 
