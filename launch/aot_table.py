@@ -43,16 +43,18 @@ LARGE = ("_l", "_h")
 
 
 def rows(only=(), dtypes=("bfloat16", "float32"), targets=()):
-    """Every (recipe, target, dtype), the first dtype's rows first; `targets`: only these."""
+    """Every (recipe, target, dtype), the first dtype's rows first; `targets`: these instead of
+    each recipe's own (an L/H recipe needs its FSDP size in FSDP)."""
     for dtype in dtypes:
         for recipe, recipe_targets in RECIPES.items():
             if only and recipe not in only:
                 continue
-            for target in recipe_targets:
-                if targets and target not in targets:
-                    continue
+            for target in targets or recipe_targets:
                 overrides = [f"--config.compute_dtype={dtype}"]
                 if recipe.endswith(LARGE):
+                    if target not in FSDP:
+                        raise SystemExit(f"error: --targets {target}: no FSDP size for the L/H "
+                                         f"recipes on it (FSDP in {__file__})")
                     overrides.append(f"--config.mesh.fsdp={FSDP[target]}")
                 yield {"recipe": recipe, "topology": target, "dtype": dtype,
                        "overrides": overrides}
@@ -171,8 +173,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="the JSON lines file")
     p.add_argument("--only", nargs="*", default=(), help="recipes (default: all)")
     p.add_argument("--dtypes", nargs="*", default=("bfloat16", "float32"))
-    p.add_argument("--targets", nargs="*", default=(), help="topologies (default: each "
-                   "recipe's)")
+    p.add_argument("--targets", nargs="*", default=(), help="topologies, e.g. a100:1x1x8 "
+                   "(default: each recipe's own)")
     p.add_argument("--fit", action="store_true", help="also search the largest batch")
     args, extra = p.parse_known_args(argv)
     if args.command == "run":

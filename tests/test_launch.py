@@ -500,3 +500,15 @@ def test_aot_table_rows_and_the_extrapolated_batch(tmp_path):
     row["overrides"].append("--config.optim.grad_accum_steps=2")
     out.write_text(json.dumps({"row": row, "wall_s": 1, "result": ok}) + "\n")
     assert "| mae_vit_b `optim.grad_accum_steps=2` | v5e:2x2" in aot_table.table(str(out))
+    # --fit's answer where its search closed; where its compiles ran out, what it found
+    for exact, says in ((True, "yes, at most 58 per device"), (False, "yes, 58 per device or "
+                                                                      "more")):
+        fitted = {**ok, "fit_per_device_batch": 58, "fit_exact": exact}
+        out.write_text(json.dumps({"row": row, "wall_s": 1, "result": fitted}) + "\n")
+        assert f"| {says} |" in aot_table.table(str(out))
+    # --targets: any target for the recipes asked for; an L/H recipe needs its FSDP size there
+    a100 = list(aot_table.rows(only=("mae_vit_b",), targets=("a100:1x1x8",)))
+    assert [(r["topology"], r["dtype"]) for r in a100] == [("a100:1x1x8", "bfloat16"),
+                                                           ("a100:1x1x8", "float32")]
+    with pytest.raises(SystemExit, match="a100:1x1x8: no FSDP size"):
+        list(aot_table.rows(only=("mae_vit_l",), targets=("a100:1x1x8",)))
