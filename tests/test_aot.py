@@ -322,6 +322,27 @@ def test_an_fsdp_step_gathers_weights_and_reduces_gradients_once(v5e_2x2, method
     assert aot.total_bytes(c) <= FSDP_FACTOR * theory["total"], (c, theory)
 
 
+@needs_libtpu
+@pytest.mark.slow
+def test_a_targets_step_stays_out_of_the_persistent_cache(v5e_2x2):
+    """The suite runs with JAX's persistent cache on, as a user may: a program compiled for a
+    target that is not attached cannot be loaded back from it (no client), so the same step
+    compiled again must compile, not warn that the cache entry is unreadable."""
+    import warnings
+
+    assert jax.config.jax_compilation_cache_dir  # tests/conftest.py
+    config = config_lib.load_config(os.path.join(CONFIGS, "mae_vit_b.py:tiny"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # two experiments, as two runs of the tool (one experiment's step compiles once)
+        first, second = (aot.compile_step(tasks.build_experiment(config, v5e_2x2), 8)[0]
+                         for _ in range(2))
+    assert not [w for w in caught if "compilation cache" in str(w.message)], caught
+    assert first["total_bytes"] == second["total_bytes"] and first["collectives"] == second[
+        "collectives"]
+    assert jax.config.jax_enable_compilation_cache  # on again for what runs here
+
+
 @pytest.mark.slow
 def test_gpu_target_compiles_in_a_fresh_process():
     """h100:1x1x4 through the console tool: the CUDA plugin registers itself at JAX's start, so

@@ -415,7 +415,10 @@ def test_a_full_disk_during_a_save_ends_with_one_clear_error_and_an_intact_check
     def limit_file_size():
         resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
 
-    proc = _tool(*args, "--config.total_steps=8", preexec_fn=limit_file_size)
+    # It reads the suite's compilation cache but writes nothing there: an entry cut at 256 KiB
+    # would greet the next run with an unreadable-entry warning.
+    env = dict(os.environ, JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=str(1 << 40))
+    proc = _tool(*args, "--config.total_steps=8", preexec_fn=limit_file_size, env=env)
     assert proc.returncode == 2
     # Orbax's writer threads' tracebacks go to the run's log.txt: stderr holds our one line.
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]

@@ -381,7 +381,14 @@ def compile_step(exp, batch_size: int) -> tuple[dict, object]:
     """Compiles `exp`'s train step for a global batch and reads it: (figures, the compiled
     step). Figures: the memory (or `out_of_memory` with the compiler's words, and no compiled
     step), the collectives and the compile time."""
+    import jax
+
     t0 = time.perf_counter()
+    # Not through JAX's persistent cache: a program compiled for a target that is not attached
+    # cannot be loaded back from it (no client: a warning at the next compile of the same
+    # program, which compiles again), so writing it there is only disk.
+    cached = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
     try:  # the step as the trainer runs it: its state donated
         compiled = exp.train_step.lower(exp.abstract_state,
                                         exp.abstract_batch(batch_size)).compile()
@@ -391,6 +398,8 @@ def compile_step(exp, batch_size: int) -> tuple[dict, object]:
         message = " ".join(str(e).split())
         return {"fits": False, "out_of_memory": message[:400],
                 "compile_s": time.perf_counter() - t0}, None
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cached)
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     figures = {
