@@ -331,6 +331,7 @@ def test_a_targets_step_stays_out_of_the_persistent_cache(v5e_2x2):
     import warnings
 
     assert jax.config.jax_compilation_cache_dir  # tests/conftest.py
+    jax.jit(lambda x: x + 1.0)(jax.numpy.ones(3))  # the process uses the cache (decided once)
     config = config_lib.load_config(os.path.join(CONFIGS, "mae_vit_b.py:tiny"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -340,7 +341,14 @@ def test_a_targets_step_stays_out_of_the_persistent_cache(v5e_2x2):
     assert not [w for w in caught if "compilation cache" in str(w.message)], caught
     assert first["total_bytes"] == second["total_bytes"] and first["collectives"] == second[
         "collectives"]
-    assert jax.config.jax_enable_compilation_cache  # on again for what runs here
+
+    # ... and what this process compiles next for its own CPU goes through the cache as before
+    def after_a_targets_compile(x):
+        return x * 3.0 + 1.0
+
+    cache = jax.config.jax_compilation_cache_dir
+    jax.jit(after_a_targets_compile)(jax.numpy.ones(3))
+    assert [f for f in os.listdir(cache) if f.startswith("jit_after_a_targets_compile-")]
 
 
 @pytest.mark.slow

@@ -382,12 +382,15 @@ def compile_step(exp, batch_size: int) -> tuple[dict, object]:
     step). Figures: the memory (or `out_of_memory` with the compiler's words, and no compiled
     step), the collectives and the compile time."""
     import jax
+    from jax.experimental.compilation_cache import compilation_cache
 
     t0 = time.perf_counter()
     # Not through JAX's persistent cache: a program compiled for a target that is not attached
     # cannot be loaded back from it (no client: a warning at the next compile of the same
-    # program, which compiles again), so writing it there is only disk.
+    # program, which compiles again), so writing it there is only disk. JAX decides once per
+    # process whether it uses the cache: reset before and after, so the rest still does.
     cached = jax.config.jax_enable_compilation_cache
+    compilation_cache.reset_cache()
     jax.config.update("jax_enable_compilation_cache", False)
     try:  # the step as the trainer runs it: its state donated
         compiled = exp.train_step.lower(exp.abstract_state,
@@ -400,6 +403,7 @@ def compile_step(exp, batch_size: int) -> tuple[dict, object]:
                 "compile_s": time.perf_counter() - t0}, None
     finally:
         jax.config.update("jax_enable_compilation_cache", cached)
+        compilation_cache.reset_cache()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     figures = {
