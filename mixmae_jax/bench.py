@@ -272,9 +272,12 @@ def _compile_for_target(config, args) -> dict:
     if target.platform == "tpu" and not args.no_estimate and compiled is not None:
         unrolled = tasks.build_experiment(aot.unrolled(config), devices)
         est, compiled_unrolled = aot.compile_step(unrolled, b)
-        result["estimated_step_s"] = (aot.tpu_estimate_seconds(compiled_unrolled)
-                                      if compiled_unrolled is not None else None)
+        result["estimated_step_s"], why_not = (aot.tpu_estimate(compiled_unrolled)
+                                               if compiled_unrolled is not None else
+                                               (None, "the unrolled step does not fit"))
         result["estimate_compile_s"] = est["compile_s"]
+        if why_not:
+            result["estimate_note"] = why_not
     if result["estimated_step_s"]:
         result["estimated_mfu"] = (flops / n / result["estimated_step_s"]
                                    / target.peak_bf16_flops)
@@ -395,6 +398,8 @@ def _aot_report(r: dict) -> str:
     if r.get("estimated_step_s"):
         lines.append(f"XLA's estimated step time (the compiler's cost model, not a measurement):"
                      f" {r['estimated_step_s']:.4f} s, i.e. {100 * r['estimated_mfu']:.1f}% MFU")
+    elif r.get("estimate_note"):
+        lines.append(f"XLA's estimated step time: {r['estimate_note']}")
     lines.append(f"compile {r['compile_s']:.0f} s" + (
         f" (+ {r['estimate_compile_s']:.0f} s unrolled, for the estimate)"
         if r.get("estimate_compile_s") else ""))

@@ -14,7 +14,10 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from recipes import METHOD_RECIPES
 
 from mixmae_jax import bench, methods, tasks
@@ -151,6 +154,35 @@ def test_known_trip_count_wins_over_the_condition():
     hlo = HLO.replace("condition=%cond, body=%body",
                       'condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}')
     assert aot.collectives(hlo)["all-reduce"]["count"] == 5 + 1 + 1
+
+
+class _Compiled:
+    """What `aot.tpu_estimate` reads of a compiled step."""
+
+    def __init__(self, hlo: str, optimal_seconds: float):
+        self.hlo, self.seconds = hlo, optimal_seconds
+
+    def cost_analysis(self):
+        return {"optimal_seconds": self.seconds}
+
+    def as_text(self):
+        return self.hlo
+
+
+def test_loops_are_read_with_their_rounds_and_largest_array():
+    assert aot.loops(HLO) == [(18, 8 * 4), (None, 2 * 4)]
+
+
+def test_no_estimate_for_a_step_that_loops_over_large_arrays():
+    """XLA's cost model counts a loop's body once: a loop over large arrays (MixedAE's top-k
+    bisection, gradient accumulation) would make the estimate low, so there is none; loops over
+    a few scalars (HLO's) do not matter; each ConcatBitcast's -1 s is undone."""
+    assert aot.tpu_estimate(_Compiled(HLO, 0.25)) == (0.25, "")
+    bitcasts = HLO + '\n// custom_call_target="ConcatBitcast"\n' * 2
+    assert aot.tpu_estimate(_Compiled(bitcasts, -1.75)) == (0.25, "")
+    big = HLO.replace("f32[8]", f"f32[{aot.SMALL_LOOP_BYTES // 4 + 1}]")
+    seconds, why = aot.tpu_estimate(_Compiled(big, 0.25))
+    assert seconds is None and "1 loop(s)" in why and "rounds: 18" in why
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,6 +405,26 @@ def test_gpu_target_compiles_in_a_fresh_process():
             if isinstance(v, dict) and v["count"]} == {"all-reduce"}
     assert result["fits"] and result["estimated_step_s"] is None  # no cost model on GPU
     assert "collectives per step and device" in out and "fits" in out
+
+
+@needs_libtpu
+def test_the_tpu_compilers_loops_are_read(v5e_2x2):
+    """A loop as libtpu writes it: 32 halvings over a (256, 2048) array, as MixedAE's top-k
+    bisection does over its logits, get no estimate; the same loop over 64 floats does."""
+    mesh = Mesh(np.array(v5e_2x2), ("data",))
+
+    def bisect(x):
+        def halve(_, lo):
+            return jnp.where(jnp.sum(x >= lo, axis=-1, keepdims=True) >= 8, lo + 1.0, lo - 1.0)
+        return jax.lax.fori_loop(0, 32, halve, jnp.zeros((x.shape[0], 1), x.dtype))
+
+    for rows, cols, estimated in ((4 * 256, 2048, False), (4, 16, True)):
+        x = jax.ShapeDtypeStruct((rows, cols), jnp.float32,
+                                 sharding=NamedSharding(mesh, PartitionSpec("data")))
+        compiled = jax.jit(bisect).lower(x).compile()
+        assert [n for n, _ in aot.loops(compiled.as_text())] == [32]
+        seconds, why = aot.tpu_estimate(compiled)
+        assert (seconds is not None) == estimated, why
 
 
 @needs_libtpu

@@ -357,14 +357,42 @@ def total_bytes(collective_counts: dict) -> int:
     return sum(v["bytes"] for v in collective_counts.values() if isinstance(v, dict))
 
 
-def tpu_estimate_seconds(compiled) -> float | None:
-    """XLA's TPU cost model of a loop-free program, with its one known defect undone: each
-    `ConcatBitcast` custom call contributes -1 s."""
+def loops(hlo: str) -> list[tuple[int | None, int]]:
+    """(trip count, bytes of the largest array its body holds) of each while loop of an
+    optimized program, in the module's order, each loop once however often it runs. Trip count
+    None: data-dependent."""
+    computations, _ = _parse_module(hlo)
+    out = []
+    for body in computations.values():
+        for i in body:
+            if i.opcode == "while":
+                called = re.search(r"body=%?([\w.\-]+)", i.line)
+                held = [b for j in computations.get(called.group(1) if called else "", [])
+                        for b in _shapes_bytes(j.result)]
+                out.append((_trip_count(i, computations), max(held, default=0)))
+    return out
+
+
+SMALL_LOOP_BYTES = 1 << 20
+
+
+def tpu_estimate(compiled) -> tuple[float | None, str]:
+    """(seconds, why not): XLA's TPU cost model of a step, with its one known defect undone (each
+    `ConcatBitcast` custom call contributes -1 s). The model counts a loop's body once whatever
+    its trip count, so a step that still runs a loop after its blocks are unrolled (MixedAE's
+    top-k bisection, a gradient-accumulation scan) gets no estimate rather than a low one."""
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     if not cost or "optimal_seconds" not in cost:
-        return None
-    return float(cost["optimal_seconds"]) + compiled.as_text().count('"ConcatBitcast"')
+        return None, "the backend gives no cost model"
+    text = compiled.as_text()
+    # A loop over a few scalars (Mixup's Beta draw) costs nothing to speak of, however often.
+    counted_once = [n for n, held in loops(text) if n != 1 and held > SMALL_LOOP_BYTES]
+    if counted_once:
+        rounds = ", ".join("data-dependent" if n is None else str(n) for n in counted_once)
+        return None, (f"no estimate: the step runs {len(counted_once)} loop(s) over large arrays "
+                      f"(rounds: {rounds}), whose bodies XLA's cost model counts once")
+    return float(cost["optimal_seconds"]) + text.count('"ConcatBitcast"'), ""
 
 
 # ---------------------------------------------------------------------------------------------
