@@ -159,7 +159,8 @@ def table(out: str) -> str:
         elif "total_bytes" in r:
             fits += f", ~{_extrapolated_fit(r)} per device"
         est = (f"{r['estimated_step_s']:.3f} s ({100 * r['estimated_mfu']:.0f}% MFU)"
-               if r.get("estimated_step_s") else "")
+               if r.get("estimated_step_s") else
+               "none: a loop" if r.get("estimate_note", "").startswith("no estimate") else "")
         coll = _collectives(r) if "collectives" in r else ""
         body.append(f"| {recipe} | {row['topology']} ({mesh}) | {row['dtype']} "
                     f"| {r.get('remat', '')} | {batch} "
