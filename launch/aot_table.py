@@ -25,7 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # models shard over `fsdp` (their configs' FSDP rules), a chip's worth of model per shard group.
 B_TARGETS = ("v5e:16x16", "h100:1x2x8", "h100:1x1x8", "h200:1x2x8", "h200:1x1x8")
 LH_TARGETS = ("v5p:4x4x4", "v4:4x4x4", "h100:1x2x8", "h200:1x2x8")
-FSDP = {"v5p:4x4x4": 16, "v4:4x4x4": 16, "h100:1x2x8": 8, "h200:1x2x8": 8}  # a mesh axis spans whole torus axes
+# A mesh axis spans whole torus axes: 16 of a 4x4x4 torus; a host's 8 GPUs.
+FSDP = {"v5p:4x4x4": 16, "v4:4x4x4": 16, "h100:1x2x8": 8, "h200:1x2x8": 8}
 RECIPES = {
     # pretraining
     "mixmim_b": B_TARGETS, "mae_vit_b": B_TARGETS, "simmim_swin_b": B_TARGETS,
